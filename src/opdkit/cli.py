@@ -1,0 +1,90 @@
+"""The ``opd`` command: thin argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from rich.console import Console  # noqa: E402
+
+from .errors import OPDError  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="distil a student into a teacher from a YAML config")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config leaf, e.g. --set optim.steps=50 (repeatable)")
+
+    p = commands.add_parser("eval", help="measure a checkpoint the way the demo does")
+    p.add_argument("config")
+    p.add_argument("--checkpoint", required=True, help="a folder written by opd train (or any HF model folder)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = commands.add_parser("demo", help="the main job on the embedded default: OPD vs SeqKD, before and after")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--output-dir", default="runs/demo")
+
+    p = commands.add_parser("build", help="build a built-in scenario's models and data into the cache now")
+    p.add_argument("scenario", choices=["arith", "smollm2"])
+    return parser
+
+
+def _print_eval(console: Console, title: str, measured: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in measured.items():
+        table.add_row(key, "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "train":
+            from .config import load_config
+            from .train import setup, train
+
+            config = load_config(args.config, args.overrides)
+            result = train(setup(config), console)
+            _print_eval(console, "before", result["before"])
+            _print_eval(console, f"after {result['steps']} steps of {result['method']}", result["after"])
+            console.print(f"checkpoint: {result['checkpoint']}  (wall time {result['wall_s']:.0f} s)")
+        elif args.command == "eval":
+            from .config import load_config
+            from .train import setup
+
+            config = load_config(args.config, args.overrides)
+            run = setup(config, student_path=args.checkpoint)
+            measured = run.evaluator(run.student)
+            measured["teacher_accuracy"] = run.evaluator.teacher_metrics()["accuracy"]
+            _print_eval(console, f"{args.checkpoint}", measured)
+            print(json.dumps(measured))
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.overrides, args.output_dir, console)
+        elif args.command == "build":
+            from .scenarios import resolve_builtin
+
+            console.print(resolve_builtin(f"builtin:{args.scenario}/teacher").parent)
+    except OPDError as exc:
+        console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Held-out measurement of a student against its teacher, the same way everywhere (demo, train, eval).
+
+- ``accuracy``: greedy completions checked by the task verifier (when the dataset has a task);
+- ``reverse_kl``: mean per-token ``KL(pi_S || pi_T)`` over the full vocabulary, exact at every position of
+  student samples at temperature 1 (a fixed seed, so two checkpoints see comparable samples);
+- ``token_agreement``: the student's argmax equals the teacher's on the teacher's greedy answers;
+- ``greedy_match``: the student's whole greedy answer equals the teacher's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .data import Example
+from .models import autocast
+from .objectives.divergence import kl
+from .rollout import Rollouts, sample
+from .tasks import Verifier
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass
+class Evaluator:
+    teacher: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    examples: list[Example]
+    verifier: Verifier | None
+    max_completion_length: int
+    batch_size: int = 128
+    seed: int = 0
+    amp_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        self._teacher_greedy: list[Rollouts] | None = None
+
+    def _greedy(self, model) -> list[Rollouts]:
+        with autocast(next(model.parameters()).device, self.amp_dtype):
+            return [sample(model, self.tokenizer, batch, max_completion_length=self.max_completion_length, greedy=True)
+                    for batch in _batches(self.examples, self.batch_size)]
+
+    def _accuracy(self, rollouts: list[Rollouts]) -> float | None:
+        if self.verifier is None or any(e.answer is None for e in self.examples):
+            return None
+        texts = [t for r in rollouts for t in r.texts(self.tokenizer)]
+        return sum(self.verifier(t, e.answer) for t, e in zip(texts, self.examples)) / len(self.examples)
+
+    @property
+    def teacher_greedy(self) -> list[Rollouts]:
+        if self._teacher_greedy is None:
+            self._teacher_greedy = self._greedy(self.teacher)
+        return self._teacher_greedy
+
+    def teacher_metrics(self) -> dict:
+        return {"accuracy": self._accuracy(self.teacher_greedy)}
+
+    @torch.no_grad()
+    def __call__(self, student: PreTrainedModel) -> dict:
+        was_training = student.training
+        student.eval()
+        device = next(student.parameters()).device
+        greedy = self._greedy(student)
+        kl_sum = tokens = agree = 0.0
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            for batch in _batches(self.examples, self.batch_size):
+                with autocast(device, self.amp_dtype):
+                    rollouts = sample(student, self.tokenizer, batch, max_completion_length=self.max_completion_length)
+                    s_logits, t_logits = rollouts.completion_logits(student), rollouts.completion_logits(self.teacher)
+                per_token = kl(s_logits.float().log_softmax(-1), t_logits.float().log_softmax(-1))
+                kl_sum += float((per_token * rollouts.completion_mask).sum())
+                tokens += rollouts.num_tokens
+        greedy_match = 0
+        for mine, theirs in zip(greedy, self.teacher_greedy):
+            with autocast(device, self.amp_dtype):
+                argmax = theirs.completion_logits(student).argmax(-1)
+            agree += float(((argmax == theirs.completion_ids).float() * theirs.completion_mask).sum())
+            greedy_match += sum(a == b for a, b in zip(mine.texts(self.tokenizer), theirs.texts(self.tokenizer)))
+        teacher_tokens = sum(r.num_tokens for r in self.teacher_greedy)
+        student.train(was_training)
+        return {
+            "accuracy": self._accuracy(greedy),
+            "reverse_kl": kl_sum / max(tokens, 1),
+            "token_agreement": agree / max(teacher_tokens, 1),
+            "greedy_match": greedy_match / len(self.examples),
+            "mean_length": sum(float(r.lengths().sum()) for r in greedy) / len(self.examples),
+        }

@@ -1,0 +1,119 @@
+"""Loading students and teachers through ``transformers``, precision, and compatibility checks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import OPDError
+
+
+def resolve_model_path(path: str) -> str:
+    """A local folder as is; ``builtin:<scenario>/<name>`` is built into the cache on first use."""
+    if path.startswith("builtin:"):
+        from .scenarios import resolve_builtin
+
+        return str(resolve_builtin(path))
+    if not Path(path).is_dir():
+        raise OPDError(
+            f"model folder {path!r} not found: give a local folder written by save_pretrained "
+            "(config.json and weights), or a built-in such as 'builtin:arith/teacher'"
+        )
+    if not (Path(path) / "config.json").is_file():
+        raise OPDError(f"model folder {path!r} has no config.json: it must be written by save_pretrained")
+    return path
+
+
+def load_model(path: str, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """float32 master weights, eval mode; training code switches to train mode itself."""
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=torch.float32)
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def check_tokenizers_match(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
+    """Same vocabulary (token -> id), same end-of-sequence token, same chat rendering.
+
+    A mismatch silently corrupts the per-token signal (different ids mean different tokens) or makes
+    lengths blow up (a student that never emits the teacher's end token), so it stops training here.
+    """
+    s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
+    if s_vocab != t_vocab:
+        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+        moved = sorted(k for k in set(s_vocab) & set(t_vocab) if s_vocab[k] != t_vocab[k])[:5]
+        raise OPDError(
+            "student and teacher tokenizers differ, so per-token log-probs cannot be compared: "
+            f"{len(s_vocab)} vs {len(t_vocab)} tokens; only in student {only_s}, only in teacher {only_t}, "
+            f"different ids for {moved}. Use a student built on the teacher's tokenizer "
+            "(same vocabulary and ids), or a cross-tokenizer method."
+        )
+    if student.eos_token_id != teacher.eos_token_id:
+        raise OPDError(
+            f"student end-of-sequence token {student.eos_token!r} differs from the teacher's {teacher.eos_token!r}: "
+            "a student that never emits the teacher's end token produces runaway lengths. Save the student's "
+            "tokenizer with the teacher's eos_token."
+        )
+    probe = [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
+    if student.chat_template is not None or teacher.chat_template is not None:
+        try:
+            s_ids = student.apply_chat_template(probe, tokenize=True)
+            t_ids = teacher.apply_chat_template(probe, tokenize=True)
+        except Exception as exc:  # a missing template on one side
+            raise OPDError(f"chat templates cannot both render a conversation ({exc}); give both the same template") from None
+        if list(_ids(s_ids)) != list(_ids(t_ids)):
+            raise OPDError(
+                "student and teacher chat templates render the same conversation differently, so the teacher "
+                "would score the student's tokens in a context it never sees. Copy the teacher's chat_template "
+                "into the student's tokenizer_config.json."
+            )
+
+
+def _ids(encoded) -> list[int]:
+    return encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+
+
+def context_length(model: PreTrainedModel) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 10**9))
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def amx_available() -> bool:
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 autocast on CUDA and on CPUs with AMX tiles (6x faster matmuls), else fp32."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32":
+        return torch.float32
+    if device.type == "cuda" or (device.type == "cpu" and amx_available()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16 autocast for matmuls; a no-op for fp32. Log-softmax is always taken in fp32 by callers."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def set_threads(threads: int | None) -> None:
+    """Never more threads than cores: two oversubscribed processes slow each other by 10x."""
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))

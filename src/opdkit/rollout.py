@@ -1,0 +1,122 @@
+"""Rollouts: who produced the completion tokens, and the tensors every later stage reads.
+
+Layout: ``prompt_ids`` are left-padded ``[B, P]``; ``completion_ids`` are right-padded ``[B, C]``; the
+completion mask covers every generated token up to and including the first end-of-sequence token.
+``sampler_logprobs[b, t] = log mu(y_t | s_t)`` is the behaviour policy's log-prob of each sampled token
+(after temperature and top-p), so that an importance ratio ``pi_theta / mu`` is exactly 1 when sampling
+is synchronous at temperature 1 with no truncation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from .data import Example, left_pad, render_completion, render_prompt, right_pad
+
+
+@dataclass
+class Rollouts:
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    completion_ids: torch.Tensor  # [B, C] right-padded
+    completion_mask: torch.Tensor  # [B, C] float, 1 on tokens that count
+    truncated: torch.Tensor  # [B] bool: no end-of-sequence token within the budget
+    examples: list[Example]
+    source: str  # "student", "teacher" or "dataset"
+    sampler_logprobs: torch.Tensor | None = None  # [B, C] log mu(y_t); None when not sampled by the student
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask.long()], dim=1)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(dim=1)
+
+    def texts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        return [
+            tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+            for ids, mask in zip(self.completion_ids, self.completion_mask)
+        ]
+
+    def completion_logits(self, model: PreTrainedModel) -> torch.Tensor:
+        """``[B, C, V]`` logits that predict each completion token, from one forward pass.
+
+        Position ids follow the attention mask, exactly as ``generate`` assigns them with left padding.
+        Only the last ``C + 1`` positions go through the LM head.
+        """
+        mask = self.attention_mask
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        width = self.completion_ids.shape[1]
+        out = model(input_ids=self.input_ids, attention_mask=mask, position_ids=position_ids,
+                    logits_to_keep=width + 1, use_cache=False)
+        return out.logits[:, :-1]
+
+
+def _completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask through the first end token, and whether each row ran out of budget before one."""
+    is_eos = completion_ids == eos_id
+    ended = is_eos.any(dim=1)
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first eos
+    return (~after_eos).float(), ~ended
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    *,
+    max_completion_length: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    source: str = "student",
+) -> Rollouts:
+    """Batched sampling with the HF KV cache from left-padded prompts."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = left_pad([render_prompt(tokenizer, e.messages) for e in examples], tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    generation = GenerationConfig(
+        max_new_tokens=max_completion_length,
+        do_sample=not greedy,
+        temperature=None if greedy else temperature,
+        top_p=None if greedy else top_p,
+        top_k=None if greedy else 0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        return_dict_in_generate=True,
+        output_scores=not greedy,
+    )
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation)
+    model.train(was_training)
+    completion_ids = out.sequences[:, prompt_ids.shape[1]:]
+    completion_mask, truncated = _completion_mask(completion_ids, tokenizer.eos_token_id)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    sampler_logprobs = None
+    if not greedy:
+        scores = torch.stack(out.scores, dim=1).float()  # [B, C, V] processed (tempered, truncated) logits
+        sampler_logprobs = scores.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        sampler_logprobs = sampler_logprobs * completion_mask
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, examples, source, sampler_logprobs)
+
+
+def from_dataset(tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_completion_length: int) -> Rollouts:
+    """Rollouts whose completions are the dataset's reference completions (off-policy states)."""
+    prompt_ids, prompt_mask = left_pad([render_prompt(tokenizer, e.messages) for e in examples], tokenizer.pad_token_id)
+    completions = [render_completion(tokenizer, e.messages, e.completion)[:max_completion_length] for e in examples]
+    completion_ids, completion_mask = right_pad(completions, tokenizer.pad_token_id)
+    truncated = torch.tensor([tokenizer.eos_token_id not in c for c in completions])
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask.float(), truncated, examples, "dataset")

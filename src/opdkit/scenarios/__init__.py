@@ -1,0 +1,36 @@
+"""Built-in scenarios: models and datasets built once into a cache, then loaded like any user's.
+
+``builtin:<scenario>/<name>`` names a folder (a model) or a JSONL split inside the scenario's cache
+folder, ``$OPDKIT_CACHE`` or ``~/.cache/opdkit``. The first use builds the whole scenario.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from ..errors import OPDError, closest
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OPDKIT_CACHE", Path.home() / ".cache" / "opdkit"))
+
+
+SCENARIOS = ("arith", "smollm2")
+
+
+def resolve_builtin(spec: str) -> Path:
+    """``builtin:arith/teacher`` -> the cached folder, building the scenario if needed."""
+    scenario, _, name = spec.removeprefix("builtin:").partition("/")
+    if scenario not in SCENARIOS:
+        raise OPDError(f"unknown built-in scenario {scenario!r}{closest(scenario, SCENARIOS)}; known: {list(SCENARIOS)}")
+    module = importlib.import_module(f".{scenario}", __name__)
+    if name not in module.ARTIFACTS:
+        raise OPDError(f"{spec!r}: scenario {scenario!r} has no {name!r}{closest(name, module.ARTIFACTS)}; "
+                       f"it provides {sorted(module.ARTIFACTS)}")
+    folder = cache_root() / module.FOLDER
+    target = folder / module.ARTIFACTS[name]
+    if not target.exists():
+        module.build(folder)
+    return target

@@ -1,0 +1,155 @@
+"""The embedded default: 4-digit addition with a carry scratchpad, a strong teacher and a weak student.
+
+Built once (about two minutes on 2 CPU cores) by our own code, saved with ``save_pretrained``:
+
+1. a character-level tokenizer (``tokenizers`` WordLevel, one token per character, chat markers as
+   special tokens) with a chat template, saved as a normal HF tokenizer;
+2. disjoint seeded splits: ``train`` (prompts + reference completions), ``validation`` (used only to stop
+   the student's warm-up) and ``heldout`` (every reported number);
+3. a teacher (Llama, d=128, 2 layers) trained from scratch on the reference completions until its
+   validation accuracy reaches ``TEACHER_TARGET``;
+4. a student (Llama, d=64, 2 layers) warmed up on the same data only until its validation accuracy first
+   reaches ``STUDENT_TARGET``: it knows the format but is weak. Learning this task has a long plateau and
+   a sudden jump, so the stop is set by a measured accuracy, not by a step count.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from ..data import Example, render_completion, render_prompt
+from ..rollout import sample
+from ..tasks import arithmetic
+
+FOLDER = "arith-v1"
+ARTIFACTS = {"teacher": "teacher", "student": "student", "train": "train.jsonl",
+             "validation": "validation.jsonl", "heldout": "heldout.jsonl"}
+SPLITS = {"train": 20000, "validation": 256, "heldout": 512}
+SEED = 0
+TEACHER = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512)
+STUDENT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+TEACHER_TARGET = 0.97
+STUDENT_TARGET = 0.20
+SPECIAL = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<unk>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}<|end|>"
+    "{% else %}<|user|>{{ message['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character of the task alphabet, plus chat markers as special tokens."""
+    vocab = {token: i for i, token in enumerate(SPECIAL + list(arithmetic.CHARACTERS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(SPECIAL)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|pad|>", eos_token="<|end|>",
+                                 unk_token="<unk>", padding_side="left")
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def new_model(tokenizer, shape: dict, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=64, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=None, **shape)
+    return LlamaForCausalLM(config)
+
+
+def _encode(tokenizer, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``prompt + completion`` ids and a mask that is 1 on completion tokens only."""
+    rows, loss_rows = [], []
+    for e in examples:
+        prompt = render_prompt(tokenizer, e.messages)
+        completion = render_completion(tokenizer, e.messages, e.completion)
+        rows.append(prompt + completion)
+        loss_rows.append([0] * len(prompt) + [1] * len(completion))
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    loss_mask = torch.tensor([m + [0] * (width - len(m)) for m in loss_rows], dtype=torch.float)
+    return ids, loss_mask
+
+
+def accuracy(model, tokenizer, examples: list[Example], batch_size: int = 256) -> float:
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        texts = sample(model, tokenizer, batch, max_completion_length=32, greedy=True).texts(tokenizer)
+        correct += sum(arithmetic.is_correct(t, e.answer) for t, e in zip(texts, batch))
+    return correct / len(examples)
+
+
+def supervised(model, tokenizer, train: list[Example], validation: list[Example], *, target: float, max_steps: int,
+               lr: float, check_every: int, seed: int, console: Console, label: str, batch_size: int = 64) -> float:
+    """Next-token cross-entropy on completion tokens until validation accuracy >= ``target``."""
+    ids, loss_mask = _encode(tokenizer, train)
+    attention = (ids != tokenizer.pad_token_id).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = 100
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    generator = torch.Generator().manual_seed(seed)
+    acc, started = 0.0, time.perf_counter()
+    for step in range(1, max_steps + 1):
+        model.train()
+        rows = torch.randint(len(ids), (batch_size,), generator=generator)
+        logits = model(input_ids=ids[rows], attention_mask=attention[rows]).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[rows, 1:], reduction="none")
+        loss = (nll * loss_mask[rows, 1:]).sum() / loss_mask[rows, 1:].sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % check_every == 0:
+            acc = accuracy(model, tokenizer, validation)
+            console.print(f"  {label}: step {step:5d}  loss {float(loss.detach()):.3f}  validation accuracy {acc:.1%}  "
+                          f"({time.perf_counter() - started:.0f} s)")
+            if acc >= target:
+                return acc
+    raise RuntimeError(f"{label} did not reach {target:.0%} validation accuracy in {max_steps} steps (last {acc:.1%})")
+
+
+def build(folder: Path, console: Console | None = None) -> None:
+    """Write the tokenizer, splits, teacher and student into ``folder`` (atomically, via a temp folder)."""
+    console = console or Console(stderr=True)
+    console.print(f"[bold]Building the embedded arithmetic scenario[/] into {folder} (once; cached afterwards)")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    splits = arithmetic.make_splits(SPLITS, seed=SEED)
+    for name, problems in splits.items():
+        with (tmp / f"{name}.jsonl").open("w") as f:
+            for p in problems:
+                f.write(json.dumps(p.record()) + "\n")
+    examples = {name: [Example([{"role": "user", "content": p.prompt}], p.completion, p.answer) for p in problems]
+                for name, problems in splits.items()}
+    tokenizer = build_tokenizer()
+
+    teacher = new_model(tokenizer, TEACHER, SEED)
+    acc = supervised(teacher, tokenizer, examples["train"], examples["validation"], target=TEACHER_TARGET,
+                     max_steps=4000, lr=1e-3, check_every=200, seed=SEED, console=console, label="teacher")
+    teacher.save_pretrained(tmp / "teacher")
+    tokenizer.save_pretrained(tmp / "teacher")
+
+    student = new_model(tokenizer, STUDENT, SEED + 1)
+    acc_s = supervised(student, tokenizer, examples["train"], examples["validation"], target=STUDENT_TARGET,
+                       max_steps=6000, lr=1e-3, check_every=10, seed=SEED + 1, console=console, label="student warm-up")
+    student.save_pretrained(tmp / "student")
+    tokenizer.save_pretrained(tmp / "student")
+    (tmp / "build.json").write_text(json.dumps({"teacher_validation_accuracy": acc, "student_validation_accuracy": acc_s,
+                                                "teacher": TEACHER, "student": STUDENT, "splits": SPLITS}, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)

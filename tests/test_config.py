@@ -1,0 +1,58 @@
+import pytest
+
+from opdkit.config import load_config
+from opdkit.errors import OPDError
+
+BASE = {"student": {"path": "s"}, "teacher": {"path": "t"}, "data": {"train": "d.jsonl"}}
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_overrides(tmp_path):
+    config = load_config(base=BASE, overrides=["optim.steps=7", "objective.method=gkd", "objective.lmbda=0.5",
+                                               "rollout.max_completion_length=9"])
+    assert config.optim.steps == 7 and config.objective.method == "gkd" and config.objective.lmbda == 0.5
+    assert config.rollout.max_completion_length == 9 and config.rollout.temperature == 1.0
+
+
+def test_unknown_key_names_the_closest_valid_one(tmp_path):
+    path = write(tmp_path, "student: {path: s}\nteacher: {path: t}\ndata: {train: d}\noptim: {learnig_rate: 0.1}\n")
+    with pytest.raises(OPDError, match=r"unknown key 'optim.learnig_rate' \(did you mean 'learning_rate'\?\)"):
+        load_config(path)
+    with pytest.raises(OPDError, match=r"unknown key 'rollout.max_new_tokens'"):
+        load_config(base=BASE, overrides=["rollout.max_new_tokens=3"])
+    with pytest.raises(OPDError, match=r"did you mean 'temperature'"):
+        load_config(base=BASE, overrides=["rollout.temprature=0.5"])
+
+
+def test_bad_values_are_named():
+    with pytest.raises(OPDError, match=r"objective.beta"):
+        load_config(base=BASE, overrides=["objective.beta=1.5"])
+    with pytest.raises(OPDError, match=r"optim.steps"):
+        load_config(base=BASE, overrides=["optim.steps=0"])
+    with pytest.raises(OPDError, match=r"lmbda applies to method 'gkd' only"):
+        load_config(base=BASE, overrides=["objective.lmbda=0.5"])
+    with pytest.raises(OPDError, match=r"student"):
+        load_config(base={"teacher": {"path": "t"}, "data": {"train": "d"}})
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(OPDError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(OPDError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1, 2"))
+    with pytest.raises(OPDError, match="must hold a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(OPDError, match="key=value"):
+        load_config(base=BASE, overrides=["optim.steps"])
+
+
+def test_shipped_configs_validate():
+    from opdkit.demo import shipped_config
+
+    for name in ("arith-opd.yaml", "smollm2-compress.yaml"):
+        load_config(shipped_config(name))
