@@ -28,13 +28,12 @@ from .data import PromptSampler, load_examples, validate_lengths
 from .errors import OPDError
 from .evaluate import Evaluator
 from .methods import Method, build_method
-from .models import (autocast, check_tokenizers_match, context_length, load_model, load_tokenizer, pick_device,
-                     resolve_precision, set_threads)
+from .models import autocast, context_length, load_model, load_tokenizer, pick_device, resolve_precision, set_threads
 from .objectives.divergence import entropy
 from .objectives.reduce import token_sum
 from .rollout import Rollouts, from_dataset, sample
 from .tasks import get_verifier
-from .teachers import LocalTeacher
+from .teachers import Teacher, build_teacher
 
 
 @dataclass
@@ -43,7 +42,7 @@ class Run:
 
     config: Config
     student: torch.nn.Module
-    teacher: LocalTeacher
+    teacher: Teacher
     tokenizer: object
     method: Method
     prompts: PromptSampler
@@ -64,7 +63,6 @@ def setup(config: Config, student_path: str | None = None) -> Run:
 
     student_path = student_path or config.student.path
     tokenizer = load_tokenizer(student_path)
-    check_tokenizers_match(tokenizer, load_tokenizer(config.teacher.path))
     verifier = get_verifier(config.data.task) if config.data.task else None
 
     train_examples = load_examples(config.data.train)
@@ -73,20 +71,17 @@ def setup(config: Config, student_path: str | None = None) -> Run:
         raise OPDError(f"method {method.name!r} with lmbda < 1 trains on dataset completions, but {config.data.train!r} "
                        "has records without one: add a 'completion' field (or a final assistant message), or set lmbda: 1.0")
     student = load_model(student_path, device)
-    teacher = load_model(config.teacher.path, device)
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise OPDError(f"student and teacher output layers differ in size ({student.config.vocab_size} vs "
-                       f"{teacher.config.vocab_size}) although their tokenizers match: resize one embedding matrix")
-    context = min(context_length(student), context_length(teacher))
+    teacher = build_teacher(config.teacher, tokenizer, student.config, device, amp_dtype)
+    context = min(context_length(student), context_length(teacher.model))
     eval_length = config.eval.max_completion_length or config.rollout.max_completion_length
     validate_lengths(tokenizer, train_examples, config.rollout.max_completion_length, context, config.data.train)
     if eval_examples:
         validate_lengths(tokenizer, eval_examples, eval_length, context, config.data.eval)
 
-    evaluator = Evaluator(teacher, tokenizer, eval_examples, verifier, eval_length, config.eval.batch_size,
+    evaluator = Evaluator(teacher.model, tokenizer, eval_examples, verifier, eval_length, config.eval.batch_size,
                           config.seed, amp_dtype)
     run_dir = Path(config.output_dir)
-    return Run(config, student, LocalTeacher(teacher, amp_dtype), tokenizer, method,
+    return Run(config, student, teacher, tokenizer, method,
                PromptSampler(train_examples, config.seed), evaluator, device, amp_dtype, run_dir)
 
 

@@ -30,4 +30,20 @@ class Teacher(Protocol):
 
 from .local import LocalTeacher  # noqa: E402
 
-__all__ = ["LocalTeacher", "Support", "Teacher", "TeacherSignal"]
+
+def build_teacher(spec, student_tokenizer, student_config, device: torch.device, amp_dtype: torch.dtype) -> Teacher:
+    """The teacher a config names, checked against the student before any training."""
+    from ..errors import OPDError
+    from ..models import check_tokenizers_match, load_model, load_tokenizer
+
+    if spec.kind == "local":
+        check_tokenizers_match(student_tokenizer, load_tokenizer(spec.path))
+        model = load_model(spec.path, device)
+        if student_config.vocab_size != model.config.vocab_size:
+            raise OPDError(f"student and teacher output layers differ in size ({student_config.vocab_size} vs "
+                           f"{model.config.vocab_size}) although their tokenizers match: resize one embedding matrix")
+        return LocalTeacher(model, amp_dtype)
+    raise OPDError(f"unknown teacher kind {spec.kind!r}")
+
+
+__all__ = ["LocalTeacher", "Support", "Teacher", "TeacherSignal", "build_teacher"]
