@@ -34,8 +34,12 @@ def test_bad_values_are_named():
         load_config(base=BASE, overrides=["objective.beta=1.5"])
     with pytest.raises(OPDError, match=r"optim.steps"):
         load_config(base=BASE, overrides=["optim.steps=0"])
-    with pytest.raises(OPDError, match=r"lmbda applies to method 'gkd' only"):
+    with pytest.raises(OPDError, match=r"lmbda < 1 mixes in dataset completions"):
         load_config(base=BASE, overrides=["objective.lmbda=0.5"])
+    with pytest.raises(OPDError, match=r"unknown method 'opd_pluss' \(did you mean 'opd_plus'\?\)"):
+        load_config(base=BASE, overrides=["objective.method=opd_pluss"])
+    with pytest.raises(OPDError, match=r"needs top_k"):
+        load_config(base=BASE, overrides=["objective.method=gkd", "objective.support=teacher_topk"])
     with pytest.raises(OPDError, match=r"student"):
         load_config(base={"teacher": {"path": "t"}, "data": {"train": "d"}})
 

@@ -5,12 +5,20 @@ import math
 import pytest
 import torch
 
-from opdkit.methods.gkd import GKD
-from opdkit.methods.opd import OPD
+from opdkit.config import ObjectiveConfig
+from opdkit.methods.formula import Formula
 from opdkit.objectives.divergence import entropy, generalized_jsd, kl
 from opdkit.objectives.policy_gradient import log_ratio_advantage, policy_gradient_loss
 from opdkit.objectives.reduce import token_mean, token_sum
 from opdkit.objectives.support import teacher_topk
+
+
+def OPD():
+    return Formula(ObjectiveConfig(method="opd"))
+
+
+def GKD(**knobs):
+    return Formula(ObjectiveConfig(method="gkd", lmbda=1.0, **knobs))
 from opdkit.rollout import Rollouts
 from opdkit.teachers import TeacherSignal
 

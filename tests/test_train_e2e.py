@@ -20,7 +20,7 @@ def fixed_batch_reverse_kl(run, rollouts) -> float:
 
 
 @pytest.mark.parametrize("objective", [{"method": "opd"}, {"method": "gkd", "beta": 0.5, "lmbda": 0.5},
-                                       {"method": "gkd", "beta": 1.0, "lmbda": 1.0, "top_k": 8}])
+                                       {"method": "gkd", "beta": 1.0, "lmbda": 1.0, "support": "teacher_topk", "top_k": 8}])
 def test_distillation_lowers_reverse_kl_on_a_fixed_batch(tiny_config, objective):
     tiny_config["objective"] = objective
     tiny_config["optim"] = {"steps": 25, "learning_rate": 3e-3}

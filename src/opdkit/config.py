@@ -8,10 +8,10 @@ overrides any leaf before validation.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from .errors import OPDError, closest
 
@@ -26,8 +26,76 @@ class ModelSpec(_Strict):
     path: str
 
 
-class TeacherSpec(ModelSpec):
+class LocalTeacherSpec(ModelSpec):
+    """A local Hugging Face causal LM scored in-process: exact full-vocabulary log-probs."""
+
     kind: Literal["local"] = "local"
+
+
+class _RemoteTeacherSpec(_Strict):
+    """An OpenAI-compatible HTTP teacher (ours, vLLM, SGLang, llama.cpp, a hosted API).
+
+    ``base_url`` may list replicas: requests are spread round-robin over those answering, and a replica
+    that fails is taken out of rotation for ``replica_cooldown_s`` then tried again. A request is retried
+    on connection errors, timeouts, 429 (honouring ``Retry-After``), 5xx and malformed JSON, with
+    exponential backoff and full jitter, at most ``max_retries`` times; then ``on_failure: raise`` stops
+    training with a clear error, ``wait`` keeps retrying (the step waits; it never runs on a partial batch).
+    """
+
+    base_url: str | list[str] = Field(description="e.g. http://127.0.0.1:8000/v1, or a list of replicas")
+    model: str = Field(description="the model name the server serves (see GET /v1/models)")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key (kept out of configs)")
+    concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    timeout_s: float = Field(60.0, gt=0, description="per-request timeout")
+    max_retries: int = Field(4, ge=0, description="retries per request before on_failure applies")
+    backoff_s: float = Field(0.5, gt=0, description="first backoff; doubles per retry, full jitter")
+    max_backoff_s: float = Field(30.0, gt=0)
+    replica_cooldown_s: float = Field(10.0, ge=0, description="how long a failing replica stays out of rotation")
+    on_failure: Literal["raise", "wait"] = "raise"
+
+
+class ServerTeacherSpec(_RemoteTeacherSpec):
+    """Token and top-k log-probs of the student's exact ids through ``/v1/completions`` (echo or vLLM
+    ``prompt_logprobs``). Objectives that need full-vocabulary logits (``gkd`` without ``top_k``) are refused."""
+
+    kind: Literal["server"]
+    top_k: int = Field(20, ge=1, description="log-probs per position the server returns (servers cap it: often 5 or 20)")
+
+
+class ChatTeacherSpec(_RemoteTeacherSpec):
+    """A text-only chat API and the logit-free chunk-level method (``objective.method: chunk_opd``).
+
+    At up to ``max_forks`` high-surprisal points of each student rollout the teacher writes
+    ``samples_per_fork`` continuations of the student's prefix; their similarity to the student's next
+    ``chunk_length`` tokens, smoothed by a Dirichlet(``prior``) posterior, is the chunk's reward.
+    """
+
+    kind: Literal["chat"]
+    chunk_length: int = Field(8, ge=1, description="student tokens per audited chunk")
+    samples_per_fork: int = Field(4, ge=1, description="teacher continuations per fork (K)")
+    max_forks: int = Field(2, ge=1, description="audited chunks per rollout (M)")
+    fork_quantile: float = Field(0.5, ge=0, lt=1, description="forks only where smoothed surprisal is above this quantile")
+    smoothing_window: int = Field(3, ge=1, description="moving-average window over per-token surprisal")
+    prior: tuple[float, float] = Field((1.0, 1.0), description="Dirichlet (alpha_match, alpha_mismatch)")
+    similarity: Literal["char", "token_f1"] = Field("char", description="char: difflib ratio; token_f1: whitespace tokens")
+    baseline: Literal["batch", "prior"] = Field("batch", description="reward = p_hat - mean p_hat of the batch, or - prior mean")
+    continuation: Literal["prefill", "instruct"] = Field(
+        "prefill", description="prefill: the prefix as a final assistant message (vLLM continue_final_message); "
+        "instruct: a user instruction to continue it")
+    temperature: float = Field(1.0, ge=0, description="teacher sampling temperature for continuations")
+    cache_dir: str | None = Field(None, description="cache identical requests here (default: none)")
+
+
+def _teacher_kind(value: Any) -> str:
+    return value.get("kind", "local") if isinstance(value, dict) else getattr(value, "kind", "local")
+
+
+TeacherSpec = Annotated[
+    Union[Annotated[LocalTeacherSpec, Tag("local")], Annotated[ServerTeacherSpec, Tag("server")],
+          Annotated[ChatTeacherSpec, Tag("chat")]],
+    Discriminator(_teacher_kind),
+]
+TEACHER_SPECS: dict[str, type[BaseModel]] = {"local": LocalTeacherSpec, "server": ServerTeacherSpec, "chat": ChatTeacherSpec}
 
 
 class DataConfig(_Strict):
@@ -51,29 +119,127 @@ class RolloutConfig(_Strict):
     batch_size: int = Field(32, ge=1, description="prompts per micro-batch")
 
 
-class ObjectiveConfig(_Strict):
-    """Which objective, and its knobs.
+class CreditConfig(_Strict):
+    """Temporal credit. ``value: none`` is the discounted return-to-go ``G_t = sum_k gamma^(k-t) r_k``;
+    ``zero``, ``analytic`` (``V_t = -KL(pi_S || pi_T)`` at ``s_t``, exact for ``gamma = 0``) or ``learned`` (a value
+    head on the student) turn it into GAE(``gamma``, ``lam``)."""
 
-    - ``opd``: classic OPD, advantage ``log pi_T(y_t) - log pi_S(y_t)`` on the sampled token, PG loss.
-    - ``gkd``: generalized JSD(``beta``) over the full vocabulary (``top_k: null``) or the teacher's top-k,
-      logits divided by ``temperature``; a fraction ``lmbda`` of batches on student samples, the rest on
-      dataset completions.
-    - ``seqkd``: supervised fine-tuning on teacher samples (sequence-level KD), the honest baseline.
+    gamma: float = Field(0.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1)
+    value: Literal["none", "zero", "analytic", "learned"] = "none"
+    value_coef: float = Field(0.5, ge=0, description="weight of the learned value head's regression loss")
+    normalize: bool = Field(False, description="standardise advantages over the step's tokens")
+
+
+class TrustRegionConfig(_Strict):
+    """TrOPD's gate: accept the sampled token with probability ``min(1, pi_T/pi_S)``; rejected tokens are
+    outliers, handled by ``outliers``: ``mask`` (no signal), ``clip`` (reward floored at ``clip_floor``) or
+    ``fkl`` (forward KL over the teacher's ``top_k``, as a detached reward or a direct loss per ``fkl_mode``)."""
+
+    enabled: bool = False
+    outliers: Literal["mask", "clip", "fkl"] = "fkl"
+    clip_floor: float = -1.39
+    top_k: int = Field(64, ge=1)
+    fkl_mode: Literal["advantage", "direct"] = "advantage"
+
+
+class EntropyGateConfig(_Strict):
+    """EOPD: add ``coef * FKL`` over the teacher's ``top_k`` where the teacher's entropy exceeds ``threshold``."""
+
+    enabled: bool = False
+    threshold: float = Field(0.8, ge=0)
+    coef: float = Field(1.0, ge=0)
+    top_k: int = Field(16, ge=1)
+
+
+class PrefixGuidanceConfig(_Strict):
+    """TrOPD's off-policy guidance: the student continues from a teacher-answer prefix of length
+    ``floor(alpha(t) * len)``, ``alpha(t) = (1 + cos(pi t / anneal_steps)) / 2``; prefix tokens get
+    ``beta * (-log pi_S)`` (a direct SFT term, the safe sign)."""
+
+    enabled: bool = False
+    beta: float = Field(0.001, ge=0)
+    anneal_steps: int | None = Field(None, ge=1, description="default: optim.steps")
+
+
+class ObjectiveConfig(_Strict):
+    """The objective as a point on the axes of the OPD formula. ``method`` names a preset (see
+    ``opdkit.methods``) whose values fill every axis the config leaves unset.
+
+    - states: ``states`` (who samples: student or teacher) and ``lmbda`` (fraction of batches on those
+      states; the rest use the dataset's completions, as in GKD);
+    - support: ``sampled`` | ``teacher_topk`` | ``student_topk`` | ``full`` (``top_k``, ``tail``);
+    - divergence: ``reverse_kl``, ``forward_kl``, ``jsd`` (``beta``), ``tv``, ``hellinger``, ``alpha``
+      (``alpha``), ``skew_kl``/``skew_rkl`` (``alpha``); on the sampled token, ``estimator`` k1/k2/k3 for reverse KL;
+    - gradient path: ``pg`` (detached advantage) or ``direct``; ``correction``: the OPD+ term ``phi'(l)``;
+    - credit, gates (``trust_region``, ``entropy_gate``, ``ratio_clip``, ``position_decay``), ``aggregation``;
+    - regularizers: ``ref_kl_coef`` (k3 to the frozen initial student), ``entropy_coef``.
     """
 
-    method: Literal["opd", "gkd", "seqkd"] = "opd"
-    beta: float = Field(0.5, ge=0, le=1)
+    method: str = "opd"
+    states: Literal["student", "teacher"] = "student"
     lmbda: float = Field(1.0, ge=0, le=1)
     temperature: float = Field(1.0, gt=0)
+    support: Literal["sampled", "teacher_topk", "student_topk", "full"] = "sampled"
     top_k: int | None = Field(None, ge=1)
+    tail: bool = False
+    divergence: Literal["reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "alpha", "skew_kl", "skew_rkl"] = "reverse_kl"
+    beta: float = Field(0.5, ge=0, le=1)
+    alpha: float = Field(0.5, ge=0, le=1)
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    grad_path: Literal["pg", "direct"] = "pg"
+    correction: bool = False
+    log_ratio_clip: float = Field(20.0, gt=0, description="clamp |log pi_S - log pi_T| in sampled-token costs")
+    credit: CreditConfig = CreditConfig()
+    trust_region: TrustRegionConfig = TrustRegionConfig()
+    entropy_gate: EntropyGateConfig = EntropyGateConfig()
+    prefix_guidance: PrefixGuidanceConfig = PrefixGuidanceConfig()
+    ratio_clip: float | None = Field(None, gt=0, description="PPO epsilon for stale samples")
+    position_decay: float = Field(1.0, gt=0, le=1)
+    aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    ref_kl_coef: float = Field(0.0, ge=0)
+    entropy_coef: float = Field(0.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        """Preset values under the user's: ``{**preset, **user}``, merged section by section."""
+        if not isinstance(data, dict):
+            return data
+        from .methods import preset
+
+        return _deep_merge(preset(data.get("method", "opd")), data)
 
     @model_validator(mode="after")
-    def _method_knobs(self) -> "ObjectiveConfig":
-        if self.method != "gkd" and self.lmbda != 1.0:
-            raise ValueError(f"lmbda applies to method 'gkd' only; method {self.method!r} needs lmbda: 1.0")
-        if self.method == "opd" and self.top_k is not None:
-            raise ValueError("top_k applies to method 'gkd'; classic 'opd' uses the sampled token only")
+    def _coherent(self) -> "ObjectiveConfig":
+        sampled = self.support == "sampled"
+        if self.support in ("teacher_topk", "student_topk") and self.top_k is None:
+            raise ValueError(f"support {self.support!r} needs top_k (for example top_k: 20)")
+        if self.support in ("full", "sampled") and self.top_k is not None:
+            raise ValueError(f"top_k applies to top-k supports; with support {self.support!r} remove it, "
+                             "or set support: teacher_topk")
+        if sampled and self.grad_path == "pg" and self.divergence in ("skew_kl", "skew_rkl"):
+            raise ValueError(f"divergence {self.divergence!r} has no sampled-token form; use support: full")
+        if sampled and self.divergence == "jsd" and self.beta != 0.5:
+            raise ValueError("the sampled-token JSD is the symmetric one: set beta: 0.5, or use a top-k/full support")
+        if sampled and self.grad_path == "direct" and self.divergence != "reverse_kl":
+            raise ValueError("direct backpropagation on the sampled token uses the k1/k2/k3 estimators of reverse KL: "
+                             "set divergence: reverse_kl, or grad_path: pg for other f-divergences")
+        if self.correction and not (sampled and self.grad_path == "pg"):
+            raise ValueError("correction (OPD+) applies to sampled-token policy-gradient rewards: support: sampled, grad_path: pg")
+        if self.lmbda < 1 and self.grad_path == "pg" and self.states == "student":
+            raise ValueError("lmbda < 1 mixes in dataset completions, which have no sampling log-probs for a policy "
+                             "gradient: use grad_path: direct with a top-k or full support (as GKD does), or lmbda: 1.0")
+        if not sampled and self.grad_path == "pg":
+            raise ValueError(f"support {self.support!r} is a distributional loss: set grad_path: direct")
         return self
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 class OptimConfig(_Strict):
@@ -87,6 +253,7 @@ class OptimConfig(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    max_nonfinite_steps: int = Field(3, ge=1, description="stop after this many skipped non-finite steps in a row")
 
 
 class EvalConfig(_Strict):
@@ -96,8 +263,14 @@ class EvalConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    every: int = Field(0, ge=0, description="save every N steps (0: only at the end)")
-    keep: int = Field(2, ge=1)
+    """Atomic checkpoints of the whole trainer state; the newest ``keep`` survive, plus the best one by
+    ``best_metric`` (lower ``reverse_kl``, higher otherwise), measured at every evaluation."""
+
+    every: int = Field(0, ge=0, description="save every N steps (0: only at the end, on a new best and on a stop)")
+    keep: int = Field(2, ge=1, description="newest checkpoints kept (the best one is kept besides)")
+    best_metric: Literal["reverse_kl", "accuracy", "token_agreement", "greedy_match"] | None = Field(
+        "reverse_kl", description="eval metric that picks the best checkpoint (null: keep the newest only)"
+    )
 
 
 class Config(_Strict):
@@ -116,6 +289,16 @@ class Config(_Strict):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
+    @model_validator(mode="after")
+    def _teacher_fits_method(self) -> "Config":
+        chat, chunk = self.teacher.kind == "chat", self.objective.method == "chunk_opd"
+        if chat and not chunk:
+            raise ValueError("teacher.kind 'chat' gives text only (no log-probs): it works with objective.method "
+                             "chunk_opd; for log-prob objectives use teacher.kind server or local")
+        if chunk and not chat:
+            raise ValueError("objective.method chunk_opd needs a text-only teacher: set teacher.kind: chat")
+        return self
+
 
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     keys = dotted.split(".")
@@ -127,20 +310,38 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw)
 
 
+def _walk(loc: tuple) -> tuple[type[BaseModel], list[str]]:
+    """The model that owns the last key of an error location, and the location without union tags."""
+    model: type[BaseModel] = Config
+    where: list[str] = []
+    parts = list(loc)
+    while parts:
+        part = str(parts.pop(0))
+        where.append(part)
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        if model is Config and part == "teacher" and parts and str(parts[0]) in TEACHER_SPECS:
+            model = TEACHER_SPECS[str(parts.pop(0))]
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            model = field.annotation
+    return model, where
+
+
 def _explain(error: ValidationError, source: str) -> OPDError:
     lines = [f"invalid config {source}:"]
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"])
+        model, where = _walk(item["loc"][:-1])
+        name = str(item["loc"][-1]) if item["loc"] else ""
+        path = ".".join(where + ([name] if name else []))
         if item["type"] == "extra_forbidden":
-            model: type[BaseModel] = Config
-            for part in item["loc"][:-1]:
-                field = model.model_fields.get(str(part))
-                annotation = field.annotation if field else None
-                model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
-            name = str(item["loc"][-1])
-            lines.append(f"  unknown key {where!r}{closest(name, model.model_fields)}")
+            lines.append(f"  unknown key {path!r}{closest(name, model.model_fields)}")
+        elif item["type"] == "union_tag_invalid":
+            kind = item["input"].get("kind") if isinstance(item["input"], dict) else None
+            lines.append(f"  {path}.kind: unknown teacher kind {kind!r}{closest(str(kind), TEACHER_SPECS)}; "
+                         f"known: {sorted(TEACHER_SPECS)}")
         else:
-            lines.append(f"  {where or '(top level)'}: {item['msg']}")
+            lines.append(f"  {path or '(top level)'}: {item['msg']}")
     return OPDError("\n".join(lines))
 
 

@@ -27,6 +27,8 @@ class Rollouts:
     examples: list[Example]
     source: str  # "student", "teacher" or "dataset"
     sampler_logprobs: torch.Tensor | None = None  # [B, C] log mu(y_t); None when not sampled by the student
+    guidance_mask: torch.Tensor | None = None  # [B, C] 1 on teacher-prefix tokens placed before the student's own
+    reference_logprobs: torch.Tensor | None = None  # [B, C] log pi_ref(y_t), set by the loop when a regularizer needs it
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -49,8 +51,9 @@ class Rollouts:
             for ids, mask in zip(self.completion_ids, self.completion_mask)
         ]
 
-    def completion_logits(self, model: PreTrainedModel) -> torch.Tensor:
-        """``[B, C, V]`` logits that predict each completion token, from one forward pass.
+    def completion_logits(self, model: PreTrainedModel, return_hidden: bool = False):
+        """``[B, C, V]`` logits that predict each completion token, from one forward pass (and, with
+        ``return_hidden``, the ``[B, C, d]`` last hidden states they come from).
 
         Position ids follow the attention mask, exactly as ``generate`` assigns them with left padding.
         Only the last ``C + 1`` positions go through the LM head.
@@ -59,8 +62,15 @@ class Rollouts:
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         width = self.completion_ids.shape[1]
         out = model(input_ids=self.input_ids, attention_mask=mask, position_ids=position_ids,
-                    logits_to_keep=width + 1, use_cache=False)
+                    logits_to_keep=width + 1, use_cache=False, output_hidden_states=return_hidden)
+        if return_hidden:
+            return out.logits[:, :-1], out.hidden_states[-1][:, -width - 1 : -1]
         return out.logits[:, :-1]
+
+    def token_logprobs(self, model: PreTrainedModel) -> torch.Tensor:
+        """``[B, C]`` log-probs of the completion tokens under ``model`` (fp32 log-softmax), masked."""
+        logprobs = self.completion_logits(model).float().log_softmax(-1)
+        return logprobs.gather(-1, self.completion_ids.unsqueeze(-1)).squeeze(-1) * self.completion_mask
 
 
 def _completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,10 +92,17 @@ def sample(
     top_p: float = 1.0,
     greedy: bool = False,
     source: str = "student",
+    prefixes: list[list[int]] | None = None,
 ) -> Rollouts:
-    """Batched sampling with the HF KV cache from left-padded prompts."""
+    """Batched sampling with the HF KV cache from left-padded prompts.
+
+    With ``prefixes`` (token ids of a teacher's answer prefix per prompt), the model continues after the
+    prefix; the completion holds prefix + continuation, and ``guidance_mask`` marks the prefix tokens.
+    """
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = left_pad([render_prompt(tokenizer, e.messages) for e in examples], tokenizer.pad_token_id)
+    rendered = [render_prompt(tokenizer, e.messages) for e in examples]
+    starts = [r + p for r, p in zip(rendered, prefixes)] if prefixes else rendered
+    prompt_ids, prompt_mask = left_pad(starts, tokenizer.pad_token_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     generation = GenerationConfig(
         max_new_tokens=max_completion_length,
@@ -110,7 +127,30 @@ def sample(
         scores = torch.stack(out.scores, dim=1).float()  # [B, C, V] processed (tempered, truncated) logits
         sampler_logprobs = scores.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
         sampler_logprobs = sampler_logprobs * completion_mask
-    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, examples, source, sampler_logprobs)
+    rollouts = Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, examples, source,
+                        sampler_logprobs)
+    return _move_prefixes(rollouts, rendered, prefixes, tokenizer.pad_token_id) if prefixes else rollouts
+
+
+def _move_prefixes(rollouts: Rollouts, rendered: list[list[int]], prefixes: list[list[int]], pad_id: int) -> Rollouts:
+    """Re-split ``prompt + prefix | continuation`` into ``prompt | prefix + continuation``."""
+    device = rollouts.completion_ids.device
+    rows, logprob_rows, guidance_rows = [], [], []
+    for i, prefix in enumerate(prefixes):
+        keep = rollouts.completion_mask[i].bool()
+        continuation = rollouts.completion_ids[i][keep].tolist()
+        rows.append(prefix + continuation)
+        sampled = rollouts.sampler_logprobs[i][keep].tolist() if rollouts.sampler_logprobs is not None else [0.0] * len(continuation)
+        logprob_rows.append([0.0] * len(prefix) + sampled)
+        guidance_rows.append([1.0] * len(prefix) + [0.0] * len(continuation))
+    prompt_ids, prompt_mask = left_pad(rendered, pad_id)
+    completion_ids, completion_mask = right_pad(rows, pad_id)
+    width = completion_ids.shape[1]
+    pad = lambda r: r + [0.0] * (width - len(r))  # noqa: E731
+    return Rollouts(prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
+                    completion_mask.float().to(device), rollouts.truncated, rollouts.examples, rollouts.source,
+                    torch.tensor([pad(r) for r in logprob_rows], device=device),
+                    guidance_mask=torch.tensor([pad(r) for r in guidance_rows], device=device))
 
 
 def from_dataset(tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_completion_length: int) -> Rollouts:

@@ -14,7 +14,6 @@ import json
 import math
 import random
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +22,16 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from . import checkpoint
 from .config import Config, dump_config
 from .data import PromptSampler, load_examples, validate_lengths
-from .errors import OPDError
+from .errors import Interrupted, OPDError
 from .evaluate import Evaluator
+from .faults import StopSignals, diagnose, save_batch
 from .methods import Method, build_method
 from .models import autocast, context_length, load_model, load_tokenizer, pick_device, resolve_precision, set_threads
 from .objectives.divergence import entropy
-from .objectives.reduce import token_sum
+from .objectives.reduce import aggregation_weights, token_sum
 from .rollout import Rollouts, from_dataset, sample
 from .tasks import get_verifier
 from .teachers import Teacher, build_teacher
@@ -50,6 +51,7 @@ class Run:
     device: torch.device
     amp_dtype: torch.dtype
     run_dir: Path
+    reference: torch.nn.Module | None = None
     history: list[dict] = field(default_factory=list)
 
 
@@ -71,18 +73,27 @@ def setup(config: Config, student_path: str | None = None) -> Run:
         raise OPDError(f"method {method.name!r} with lmbda < 1 trains on dataset completions, but {config.data.train!r} "
                        "has records without one: add a 'completion' field (or a final assistant message), or set lmbda: 1.0")
     student = load_model(student_path, device)
+    if hasattr(method, "attach"):
+        method.attach(student)
+    # a frozen copy of the initial student, for the KL-to-reference regularizer
+    reference = load_model(student_path, device).requires_grad_(False) if config.objective.ref_kl_coef else None
     teacher = build_teacher(config.teacher, tokenizer, student.config, device, amp_dtype)
-    context = min(context_length(student), context_length(teacher.model))
+    context = context_length(student) if teacher.model is None else min(context_length(student), context_length(teacher.model))
     eval_length = config.eval.max_completion_length or config.rollout.max_completion_length
     validate_lengths(tokenizer, train_examples, config.rollout.max_completion_length, context, config.data.train)
     if eval_examples:
         validate_lengths(tokenizer, eval_examples, eval_length, context, config.data.eval)
 
-    evaluator = Evaluator(teacher.model, tokenizer, eval_examples, verifier, eval_length, config.eval.batch_size,
+    evaluator = Evaluator(teacher, tokenizer, eval_examples, verifier, eval_length, config.eval.batch_size,
                           config.seed, amp_dtype)
     run_dir = Path(config.output_dir)
     return Run(config, student, teacher, tokenizer, method,
-               PromptSampler(train_examples, config.seed), evaluator, device, amp_dtype, run_dir)
+               PromptSampler(train_examples, config.seed), evaluator, device, amp_dtype, run_dir, reference)
+
+
+def trainable_parameters(run: Run) -> list[torch.nn.Parameter]:
+    """The student's parameters and any the method owns (a learned value head)."""
+    return list(run.student.parameters()) + run.method.parameters()
 
 
 def lr_lambda(config: Config):
@@ -98,33 +109,42 @@ def lr_lambda(config: Config):
     return factor
 
 
-def collect(run: Run, rng: random.Random) -> Rollouts:
+def collect(run: Run, rng: random.Random, step: int) -> Rollouts:
     """One micro-batch of states from the source the method asks for."""
     cfg = run.config.rollout
     examples = run.prompts.next_batch(cfg.batch_size)
     source = run.method.state_source(rng)
     if source == "dataset":
         return from_dataset(run.tokenizer, examples, cfg.max_completion_length)
+    if source == "teacher" and run.teacher.model is None:  # a remote teacher writes text; the student tokenizes it
+        return run.teacher.sample(examples, cfg.max_completion_length, cfg.temperature, cfg.top_p)
     model = run.student if source == "student" else run.teacher.model
+    guidance = run.config.objective.prefix_guidance
+    prefixes = teacher_prefixes(run, examples, step) if guidance.enabled and source == "student" else None
     with autocast(run.device, run.amp_dtype):
         return sample(model, run.tokenizer, examples, max_completion_length=cfg.max_completion_length,
-                      temperature=cfg.temperature, top_p=cfg.top_p, source=source)
+                      temperature=cfg.temperature, top_p=cfg.top_p, source=source, prefixes=prefixes)
 
 
-def save_checkpoint(run: Run, step: int, metrics: dict | None = None) -> Path:
-    """Write ``checkpoint-<step>`` through a temporary folder and a rename; keep the newest ``keep``."""
-    final = run.run_dir / f"checkpoint-{step}"
-    tmp = run.run_dir / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    run.student.save_pretrained(tmp)
-    run.tokenizer.save_pretrained(tmp)
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    checkpoints = sorted(run.run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in checkpoints[: -run.config.checkpoint.keep]:
-        shutil.rmtree(old)
-    return final
+def teacher_prefixes(run: Run, examples, step: int) -> list[list[int]]:
+    """TrOPD guidance: the first ``floor(alpha(t) * len)`` tokens of the teacher's answer (its end token
+    excluded), ``alpha(t) = (1 + cos(pi t / T)) / 2`` annealed from 1 to 0 over ``T`` steps. The answer is the
+    dataset's completion where every example has one, else the teacher's greedy answer."""
+    horizon = run.config.objective.prefix_guidance.anneal_steps or run.config.optim.steps
+    alpha = 0.5 * (1 + math.cos(math.pi * min(step, horizon) / horizon))
+    if all(e.completion is not None for e in examples):
+        answers = from_dataset(run.tokenizer, examples, run.config.rollout.max_completion_length)
+    elif run.teacher.model is None:
+        answers = run.teacher.sample(examples, run.config.rollout.max_completion_length, greedy=True)
+    else:
+        with autocast(run.device, run.amp_dtype):
+            answers = sample(run.teacher.model, run.tokenizer, examples, greedy=True,
+                             max_completion_length=run.config.rollout.max_completion_length)
+    prefixes = []
+    for ids, mask in zip(answers.completion_ids.tolist(), answers.completion_mask.tolist()):
+        answer = [t for t, m in zip(ids, mask) if m and t != run.tokenizer.eos_token_id]
+        prefixes.append(answer[: int(alpha * len(answer))])
+    return prefixes
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -137,43 +157,66 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its log record."""
     timings = {"rollout": 0.0, "teacher": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
     start = time.perf_counter()
-    batches = [collect(run, rng) for _ in range(run.config.optim.gradient_accumulation_steps)]
+    step = scheduler.last_epoch  # optimizer steps completed so far
+    batches = [collect(run, rng, step) for _ in range(run.config.optim.gradient_accumulation_steps)]
     timings["rollout"] = time.perf_counter() - start
 
     start = time.perf_counter()
     signals = [run.teacher.score(b, run.method.teacher_support, run.method.top_k) for b in batches]
+    teacher_usage = {f"teacher_{k}": sum(s.usage.get(k, 0.0) for s in signals) for s in signals for k in s.usage}
+    if run.reference is not None:
+        with torch.no_grad(), autocast(run.device, run.amp_dtype):
+            for b in batches:
+                b.reference_logprobs = b.token_logprobs(run.reference)
     timings["teacher"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    total_tokens = max(1, sum(b.num_tokens for b in batches))  # token mean over the whole step
+    total_tokens = max(1, sum(b.num_tokens for b in batches))
+    # token mean (or sequence mean) over the whole step, so accumulation never changes the loss
+    weights = [aggregation_weights(b.completion_mask, run.config.objective.aggregation) for b in batches]
+    normalizer = max(1e-8, float(sum(w.sum() for w in weights)))
+    needs_hidden = getattr(run.method, "needs_hidden", False)
     run.student.train()
     sums: dict[str, float] = {"loss": 0.0, "entropy": 0.0}
-    for batch, signal in zip(batches, signals):
+    for batch, signal, weight in zip(batches, signals, weights):
         with autocast(run.device, run.amp_dtype):
-            logits = batch.completion_logits(run.student)
-        token_loss = run.method.token_loss(logits, batch, signal)
-        loss = token_sum(token_loss.loss, batch.completion_mask) / total_tokens
+            out = batch.completion_logits(run.student, return_hidden=needs_hidden)
+        logits, hidden = out if needs_hidden else (out, None)
+        token_loss = run.method.token_loss(logits, batch, signal, hidden=hidden)
+        loss = (token_loss.loss * weight).sum() / normalizer
         loss.backward()
         sums["loss"] += float(loss.detach())
+        share = batch.num_tokens / total_tokens
         with torch.no_grad():
             sums["entropy"] += float(token_sum(entropy(logits.float().log_softmax(-1)), batch.completion_mask)) / total_tokens
             for name, values in token_loss.stats.items():
                 sums[name] = sums.get(name, 0.0) + float(token_sum(values, batch.completion_mask)) / total_tokens
+            for name, value in token_loss.scalars.items():
+                sums[name] = sums.get(name, 0.0) + value * share
     timings["forward_backward"] = time.perf_counter() - start
 
     start = time.perf_counter()
     max_norm = run.config.optim.max_grad_norm
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), max_norm if max_norm else float("inf"))
-    optimizer.step()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_parameters(run), max_norm if max_norm else float("inf")))
+    finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+    if finite:  # a non-finite step leaves the weights alone; the loop counts it
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     timings["optimizer"] = time.perf_counter() - start
 
     seconds = sum(timings.values())
     lengths = torch.cat([b.lengths() for b in batches])
+    skipped = {}
+    if not finite:
+        reason = diagnose(run.student, batches, signals, sums["loss"], grad_norm)
+        dump = save_batch(run.run_dir / "nonfinite" / f"step-{step + 1}.pt", batches, signals, reason, run.tokenizer)
+        skipped = {"nonfinite": reason, "nonfinite_batch": str(dump)}
     return {
         **sums,
-        "grad_norm": float(grad_norm),
+        **skipped,
+        **teacher_usage,
+        "grad_norm": grad_norm,
         "lr": scheduler.get_last_lr()[0],
         "completion_length": float(lengths.mean()),
         "truncation_rate": float(torch.cat([b.truncated for b in batches]).float().mean()),
@@ -199,46 +242,75 @@ def _describe(record: dict) -> str:
     return "  ".join(parts)
 
 
-def train(run: Run, console: Console | None = None) -> dict:
-    """Measure, train ``optim.steps`` steps, measure again; return ``{"before", "after", "teacher", ...}``."""
+def train(run: Run, console: Console | None = None, resume: bool = False) -> dict:
+    """Measure, train ``optim.steps`` steps, measure again; return ``{"before", "after", "teacher", ...}``.
+
+    ``resume``: continue from the latest checkpoint in the run folder exactly as if never stopped. A step
+    with a non-finite loss or gradient is skipped; ``optim.max_nonfinite_steps`` in a row stop the run with
+    an OPDError. SIGINT or SIGTERM save a checkpoint after the current step and raise ``Interrupted``.
+    """
     config, console = run.config, console or Console()
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run.run_dir / "config.yaml")
     metrics_path = run.run_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
-
-    optimizer = torch.optim.AdamW(run.student.parameters(), lr=config.optim.learning_rate,
+    optimizer = torch.optim.AdamW(trainable_parameters(run), lr=config.optim.learning_rate,
                                   betas=config.optim.adam_betas, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 
-    started = time.perf_counter()
-    before = run.evaluator(run.student) if run.evaluator.examples else {}
-    teacher = run.evaluator.teacher_metrics() if run.evaluator.examples else {}
-    _write_jsonl(metrics_path, {"step": 0, "eval": before, "teacher": teacher})
+    if resume:
+        loop = checkpoint.restore(run, optimizer, scheduler, rng, checkpoint.latest(run.run_dir))
+        console.print(f"resuming {run.run_dir} after step {loop.step}")
+    else:
+        checkpoint.check_fresh(run.run_dir)
+        measure = bool(run.evaluator.examples)
+        loop = checkpoint.LoopState(before=run.evaluator(run.student) if measure else {},
+                                    teacher=run.evaluator.teacher_metrics() if measure else {})
+    checkpoint.write_log(metrics_path, [{"step": 0, "eval": loop.before, "teacher": loop.teacher}, *run.history])
+    dump_config(config, run.run_dir / "config.yaml")
+    started = time.perf_counter() - loop.wall_s
+
+    def save(metrics: dict | None = None) -> Path:
+        loop.wall_s = time.perf_counter() - started
+        return checkpoint.save(run, optimizer, scheduler, rng, loop, metrics)
 
     columns = [TextColumn(f"[bold]{run.method.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}")]
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
-        task = progress.add_task("", total=config.optim.steps)
-        for step in range(1, config.optim.steps + 1):
+    with StopSignals() as stop, Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
+        task = progress.add_task("", total=config.optim.steps, completed=loop.step)
+        for step in range(loop.step + 1, config.optim.steps + 1):
             record = {"step": step, **train_step(run, optimizer, scheduler, rng)}
-            if not math.isfinite(record["loss"]):
-                raise OPDError(f"step {step}: loss is {record['loss']}; lower optim.learning_rate or check the teacher's log-probs")
-            if config.eval.every and step % config.eval.every == 0 and step < config.optim.steps and run.evaluator.examples:
+            loop.step = step
+            loop.nonfinite_streak = loop.nonfinite_streak + 1 if "nonfinite" in record else 0
+            evaluate = config.eval.every and step % config.eval.every == 0 and step < config.optim.steps
+            if evaluate and run.evaluator.examples:
                 record["eval"] = run.evaluator(run.student)
             run.history.append(record)
             _write_jsonl(metrics_path, record)
             progress.update(task, advance=1, description=_describe(record))
             if not console.is_terminal and (step % max(1, config.optim.steps // 10) == 0 or step == 1):
                 console.print(f"{run.method.name} step {step}/{config.optim.steps}  {_describe(record)}")
-            if config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.optim.steps:
-                save_checkpoint(run, step)
+            if "nonfinite" in record:
+                console.print(f"[yellow]step {step} skipped:[/] {record['nonfinite']} (batch: {record['nonfinite_batch']})")
+            if loop.nonfinite_streak >= config.optim.max_nonfinite_steps:
+                saved = save()
+                raise OPDError(f"{loop.nonfinite_streak} steps in a row had a non-finite loss or gradient (the limit is "
+                               f"optim.max_nonfinite_steps); likely cause: {record['nonfinite']}. Their batches are in "
+                               f"{run.run_dir / 'nonfinite'}; the last good weights are in {saved}: fix the cause, then "
+                               f"opd train --resume {run.run_dir}")
+            new_best = "eval" in record and loop.track_best(config.checkpoint.best_metric, record["eval"])
+            periodic = config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.optim.steps
+            if periodic or new_best or stop.signum:
+                saved = save(record.get("eval"))
+            if stop.signum:
+                raise Interrupted(stop.signum, step, saved)
 
-    after = run.evaluator(run.student) if run.evaluator.examples else {}
-    wall = time.perf_counter() - started
-    _write_jsonl(metrics_path, {"step": config.optim.steps, "eval": after, "wall_s": wall})
-    checkpoint = save_checkpoint(run, config.optim.steps, after)
-    return {"before": before, "after": after, "teacher": teacher, "wall_s": wall, "checkpoint": str(checkpoint),
+        after = run.evaluator(run.student) if run.evaluator.examples else {}
+        loop.track_best(config.checkpoint.best_metric, after)
+        loop.finished = True
+        _write_jsonl(metrics_path, {"step": config.optim.steps, "eval": after, "wall_s": time.perf_counter() - started})
+        final = save(after)
+    best = run.run_dir / "best"
+    return {"before": loop.before, "after": after, "teacher": loop.teacher, "wall_s": loop.wall_s,
+            "checkpoint": str(final), "best_checkpoint": str(best.resolve()) if best.exists() else None,
             "method": run.method.name, "steps": config.optim.steps}

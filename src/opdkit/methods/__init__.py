@@ -1,30 +1,36 @@
-"""Named methods: small presets over the objective axes.
+"""Named methods: small presets over the axes of the OPD formula.
+
+Each ``methods/<name>.py`` holds a ``PRESET``: the axis values that define the method (see
+``ObjectiveConfig``); a config's own values override them. :class:`~opdkit.methods.formula.Formula`
+turns any point on the axes into a per-token loss. A method that is not a point on those axes (for
+example a black-box teacher's chunk-level signal) provides ``build(objective) -> Method`` instead.
 
 A method says where the states of a batch come from (``state_source``), what the teacher must return
-(``teacher_support``), and the per-token loss. The loop aggregates it (token mean over the whole
-optimizer step) and knows nothing else about the method.
+(``teacher_support``), and the per-token loss. The loop aggregates it and knows nothing else about it.
 """
 
 from __future__ import annotations
 
+import importlib
 import random
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-from ..config import ObjectiveConfig
-from ..errors import OPDError
+from ..errors import OPDError, closest
 from ..rollout import Rollouts
 from ..teachers import Support, TeacherSignal
 
 StateSource = Literal["student", "teacher", "dataset"]
+METHODS = ("opd", "gkd", "seqkd", "opd_plus", "tropd", "gae_opd", "eopd", "vopd", "skew_kl", "chunk_opd")
 
 
 @dataclass
 class TokenLoss:
     loss: torch.Tensor  # [B, C] per-token loss, differentiable; the loop masks and aggregates
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, C] detached per-token values to log
+    scalars: dict[str, float] = field(default_factory=dict)  # per-batch values to log (rates, explained variance)
 
 
 class Method:
@@ -39,19 +45,32 @@ class Method:
         """Whether the dataset must carry reference completions."""
         return False
 
-    def token_loss(self, student_logits: torch.Tensor, rollouts: Rollouts, teacher: TeacherSignal) -> TokenLoss:
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters the method owns besides the student's (a value head, say)."""
+        return []
+
+    def token_loss(self, student_logits: torch.Tensor, rollouts: Rollouts, teacher: TeacherSignal,
+                   hidden: torch.Tensor | None = None) -> TokenLoss:
         raise NotImplementedError
 
 
-def build_method(config: ObjectiveConfig) -> Method:
-    from .gkd import GKD
-    from .opd import OPD
-    from .seqkd import SeqKD
+def _module(name: str):
+    if name not in METHODS:
+        raise OPDError(f"unknown method {name!r}{closest(name, METHODS)}; known: {', '.join(METHODS)}")
+    return importlib.import_module(f".{name}", __name__)
 
-    if config.method == "opd":
-        return OPD()
-    if config.method == "gkd":
-        return GKD(beta=config.beta, lmbda=config.lmbda, temperature=config.temperature, top_k=config.top_k)
-    if config.method == "seqkd":
-        return SeqKD()
-    raise OPDError(f"unknown method {config.method!r}")
+
+def preset(name: str) -> dict:
+    """The axis values a named method fixes (a copy)."""
+    import copy
+
+    return copy.deepcopy(getattr(_module(name), "PRESET", {}))
+
+
+def build_method(objective) -> Method:
+    module = _module(objective.method)
+    if hasattr(module, "build"):
+        return module.build(objective)
+    from .formula import Formula
+
+    return Formula(objective)

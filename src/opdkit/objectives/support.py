@@ -1,16 +1,62 @@
-"""Which vocabulary entries a distributional loss sees.
+"""Which vocabulary entries a distributional loss sees (the support ``Omega``).
 
-- full vocabulary: both distributions as they are;
-- teacher top-k: the teacher's k most likely tokens at each position, both distributions renormalised
-  over that set (so the divergence compares shapes on the teacher's support).
+- ``full``: both distributions over the whole vocabulary;
+- ``teacher_topk``: the teacher's k most likely tokens at each position;
+- ``student_topk``: the student's k most likely tokens (needs the teacher's full distribution);
+- ``sampled``: the sampled token only (route B: see ``divergence.phi`` and ``policy_gradient``).
+
+On a truncated support both distributions are renormalised over it, or, with ``tail=True``, the
+remaining mass of each is kept as one extra "tail" category so that nothing is thrown away.
+For the full vocabulary, ``chunked_full`` evaluates a divergence a block of positions at a time, with
+recomputation in backward, so that no ``[N, V]`` student tensor is kept for the whole batch.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
-def teacher_topk(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, topk_teacher_logprobs: torch.Tensor):
-    """``(student, teacher)`` log-probs over the teacher's top-k ids, each renormalised to sum to 1."""
-    student = student_logprobs.gather(-1, topk_ids)
-    return student.log_softmax(-1), topk_teacher_logprobs.log_softmax(-1)
+def _with_tail(logprobs: torch.Tensor) -> torch.Tensor:
+    """Append ``log(1 - sum p)`` as a last category (clamped away from log 0)."""
+    tail = torch.log1p(-logprobs.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
+    return torch.cat([logprobs, tail], dim=-1)
+
+
+def restrict(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, ids: torch.Tensor, tail: bool = False):
+    """``(student, teacher)`` log-probs on the support ``ids`` (``[..., k]``), renormalised or with a tail.
+
+    ``teacher_logprobs`` may already be gathered (``[..., k]``, as a server returns them) or full.
+    """
+    student = student_logprobs.gather(-1, ids)
+    teacher = teacher_logprobs if teacher_logprobs.shape[-1] == ids.shape[-1] else teacher_logprobs.gather(-1, ids)
+    if tail:
+        return _with_tail(student), _with_tail(teacher)
+    return student.log_softmax(-1), teacher.log_softmax(-1)
+
+
+def teacher_topk(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, topk_teacher_logprobs: torch.Tensor,
+                 tail: bool = False):
+    """The teacher's top-k support (ids and log-probs as the teacher returned them)."""
+    return restrict(student_logprobs, topk_teacher_logprobs, topk_ids, tail)
+
+
+def student_topk(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, k: int, tail: bool = False):
+    """The student's top-k support; the ids are chosen without gradient."""
+    ids = student_logprobs.detach().topk(k, dim=-1).indices
+    return restrict(student_logprobs, teacher_logprobs, ids, tail)
+
+
+def chunked_full(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], teacher_logprobs: torch.Tensor,
+                 divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """Per-position ``divergence(log_softmax(head(h)), teacher)`` for ``hidden [N, d]``, ``chunk_size`` rows at
+    a time. Each block's logits are recomputed in backward, so peak memory is ``O(chunk_size * V)``."""
+
+    def block(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return divergence(head(h).float().log_softmax(-1), t)
+
+    out = [checkpoint(block, hidden[i : i + chunk_size], teacher_logprobs[i : i + chunk_size], use_reentrant=False)
+           for i in range(0, hidden.shape[0], chunk_size)]
+    return torch.cat(out) if out else hidden.new_zeros(0)

@@ -1,0 +1,46 @@
+"""Temporal credit: from per-token rewards ``r_t`` to advantages ``A_t``.
+
+- immediate (``gamma = 0``): ``A_t = r_t`` (classic OPD; Tinker's ``kl_discount_factor = 0``);
+- return-to-go: ``G_t = sum_{k >= t} gamma^(k-t) r_k``; with ``gamma = 1`` it is the unbiased
+  score-function gradient of the sequence-level objective;
+- baseline: ``A_t = G_t - b(s_t)``, unbiased for any action-independent ``b``;
+- GAE: ``delta_t = r_t + gamma V(s_{t+1}) - V(s_t)``, ``A_t = sum_l (gamma lam)^l delta_{t+l}``, with
+  ``V = 0`` after the last token (end of sequence or truncation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def discounted_cumsum(values: torch.Tensor, mask: torch.Tensor, discount: float) -> torch.Tensor:
+    """``out_t = sum_{k >= t} discount^(k-t) values_k`` over masked positions, right to left, ``[B, T]``."""
+    values = values * mask
+    out = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in range(values.shape[1] - 1, -1, -1):
+        running = values[:, t] + discount * running
+        out[:, t] = running
+    return out * mask
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    return discounted_cumsum(rewards, mask, gamma)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalized advantage estimation; ``V(s_{T+1}) = 0`` after each sequence's last masked token."""
+    values = values * mask
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1) * torch.cat(
+        [mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    deltas = rewards + gamma * next_values - values
+    return discounted_cumsum(deltas, mask, gamma * lam)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over masked positions (1 is perfect, 0 is no better than a constant)."""
+    m = mask.bool()
+    target = returns[m]
+    if target.numel() < 2 or target.var() == 0:
+        return float("nan")
+    return float(1 - (target - values[m]).var() / target.var())
