@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rich.console import Console  # noqa: E402
 
-from .errors import OPDError  # noqa: E402
+from .errors import Interrupted, OPDError  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="distil a student into a teacher from a YAML config")
-    p.add_argument("config")
+    p.add_argument("config", nargs="?", help="the YAML config (omit with --resume)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint, exactly")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config leaf, e.g. --set optim.steps=50 (repeatable)")
 
@@ -54,11 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         if args.command == "train":
+            from .checkpoint import resume_config
             from .config import load_config
             from .train import setup, train
 
-            config = load_config(args.config, args.overrides)
-            result = train(setup(config), console)
+            if (args.config is None) == (args.resume is None):
+                raise OPDError("give either a config (opd train CONFIG.yaml) or a run to continue (opd train --resume RUN_DIR)")
+            config = resume_config(args.resume, args.overrides) if args.resume else load_config(args.config, args.overrides)
+            result = train(setup(config), console, resume=args.resume is not None)
             _print_eval(console, "before", result["before"])
             _print_eval(console, f"after {result['steps']} steps of {result['method']}", result["after"])
             console.print(f"checkpoint: {result['checkpoint']}  (wall time {result['wall_s']:.0f} s)")
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except OPDError as exc:
         console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         return 2
+    except Interrupted as exc:
+        console.print(f"[bold yellow]{exc}[/]", markup=True, highlight=False)
+        return 128 + exc.signum
     return 0
 
 

@@ -7,6 +7,7 @@ and prints a before/after table on held-out problems.
 
 from __future__ import annotations
 
+import shutil
 import time
 from importlib import resources
 
@@ -42,6 +43,7 @@ def run_demo(overrides: list[str] = (), output_dir: str = "runs/demo", console: 
         config = load_config(shipped_config("arith-opd.yaml"),
                              [*overrides, *run_overrides, f"output_dir={output_dir}/{name}"])
         console.rule(f"[bold]{label}[/]: {config.optim.steps} steps x {config.rollout.batch_size} prompts")
+        shutil.rmtree(config.output_dir, ignore_errors=True)  # the demo always starts afresh
         results[label] = train(setup(config), console)
     total = time.perf_counter() - started
 

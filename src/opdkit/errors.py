@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import difflib
+import signal
 from typing import Iterable
 
 
 class OPDError(Exception):
     """Bad input or an unusable setup, raised before any work that could be lost."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint; ``opd train --resume`` continues it."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to "
+                         f"{checkpoint}. Continue with: opd train --resume {checkpoint.parent}")
 
 
 def closest(name: str, valid: Iterable[str]) -> str:

@@ -1,0 +1,225 @@
+"""Checkpoints: the whole trainer state, written atomically, resumed exactly.
+
+A checkpoint is a folder ``checkpoint-<step>`` in the run folder. It holds the student as
+``save_pretrained`` writes it (so ``opd eval --checkpoint`` reads it) and its tokenizer, plus
+``trainer_state.pt``: optimizer, scheduler, the method's own parameters, the data position, every random
+generator (Python, NumPy, torch, the loop's ``random.Random``), the log so far and the best measurement so
+far. ``trainer_state.json`` repeats the step, its metrics and the best for people. ``best`` is a link to the
+checkpoint with the best ``checkpoint.best_metric``.
+
+Writing goes to ``.tmp-checkpoint-<step>``; every file and the folder are fsynced, the folder is renamed into
+place and the run folder fsynced. Only then are old checkpoints retired (renamed to ``.trash-*``, then
+deleted). A process killed at any moment therefore leaves every earlier complete checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, load_config
+from .errors import OPDError
+from .models import load_model
+
+STATE = "trainer_state.pt"
+LOWER_IS_BETTER = {"reverse_kl"}
+_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step besides weights, optimizer and scheduler."""
+
+    step: int = 0
+    before: dict = field(default_factory=dict)  # eval of the initial student
+    teacher: dict = field(default_factory=dict)  # eval of the teacher
+    nonfinite_streak: int = 0  # skipped steps in a row
+    best_step: int | None = None
+    best_value: float | None = None
+    wall_s: float = 0.0  # training time up to this state, over every process that ran it
+    finished: bool = False  # the final evaluation ran
+
+    def track_best(self, metric: str | None, measured: dict) -> bool:
+        """Record ``measured[metric]`` at this step if it beats the best so far; whether it did."""
+        value = measured.get(metric) if metric else None
+        if value is None:
+            return False
+        lower = metric in LOWER_IS_BETTER
+        if self.best_value is not None and (value >= self.best_value if lower else value <= self.best_value):
+            return False
+        self.best_step, self.best_value = self.step, value
+        return True
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first."""
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if _NAME.fullmatch(p.name) and (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.fullmatch(p.name).group(1)))
+
+
+def latest(run_dir: Path) -> Path:
+    found = checkpoints(run_dir)
+    if not found:
+        raise OPDError(f"{run_dir} holds no complete checkpoint to resume from (the run stopped before its first "
+                       "save): start it again with opd train CONFIG, and set checkpoint.every to save more often")
+    return found[-1]
+
+
+def check_fresh(run_dir: Path) -> None:
+    """A new run must not mix its checkpoints with an earlier run's."""
+    found = checkpoints(run_dir)
+    if found:
+        raise OPDError(f"{run_dir} already holds checkpoints of a run (latest {found[-1].name}): continue it with "
+                       f"opd train --resume {run_dir}, or set output_dir to a new folder (or delete this one)")
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
+    """The config a run folder was trained with (``config.yaml``), overrides applied, ``output_dir`` = the folder."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise OPDError(f"{str(run_dir)!r} is not a run folder (no config.yaml): pass the output_dir of an earlier opd train")
+    config = load_config(run_dir / "config.yaml", overrides)
+    return config.model_copy(update={"output_dir": str(run_dir)})
+
+
+def save(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random, loop: LoopState,
+         metrics: dict | None = None) -> Path:
+    """Write ``checkpoint-<loop.step>`` atomically, then keep the newest ``keep`` and the best."""
+    run_dir = run.run_dir
+    final = run_dir / f"checkpoint-{loop.step}"
+    _clear_leftovers(run_dir)
+    if final.exists():  # the same step again (the final save after a stop at the last step): same weights
+        _write_state(final, run, optimizer, scheduler, rng, loop, metrics)
+    else:
+        tmp = run_dir / f".tmp-{final.name}"
+        tmp.mkdir(parents=True)
+        run.student.save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)
+        _write_state(tmp, run, optimizer, scheduler, rng, loop, metrics)
+        _fsync_tree(tmp)
+        os.rename(tmp, final)
+        _fsync(run_dir)
+    if loop.best_step == loop.step:
+        _link(run_dir / "best", final.name)
+    steps = [int(_NAME.fullmatch(p.name).group(1)) for p in checkpoints(run_dir)]
+    keep = set(steps[-run.config.checkpoint.keep:]) | {loop.best_step}
+    for step in steps:
+        if step not in keep:
+            _retire(run_dir / f"checkpoint-{step}")
+    return final
+
+
+def _write_state(folder: Path, run, optimizer, scheduler, rng: random.Random, loop: LoopState,
+                 metrics: dict | None) -> None:
+    """``trainer_state.pt`` and ``trainer_state.json``, each replaced atomically."""
+    state = {
+        "loop": asdict(loop),
+        "history": run.history,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "method": [p.detach().cpu() for p in run.method.parameters()],
+        "sampler_position": run.prompts.position,
+        "loop_rng": rng.getstate(),
+        "rng": _rng_state(),
+    }
+    best = {"metric": run.config.checkpoint.best_metric, "step": loop.best_step, "value": loop.best_value}
+    summary = json.dumps({"step": loop.step, "metrics": metrics, "best": best}, indent=2)
+    _replace(folder / STATE, lambda f: torch.save(state, f))
+    _replace(folder / "trainer_state.json", lambda f: f.write(summary.encode()))
+
+
+def restore(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random, path: Path) -> LoopState:
+    """Load a checkpoint into a freshly set-up run, its optimizer, scheduler and loop generator."""
+    state = torch.load(path / STATE, weights_only=True)
+    loop = LoopState(**state["loop"])
+    if loop.finished:
+        raise OPDError(f"the run in {run.run_dir} already finished ({path.name} holds its final evaluation); to train "
+                       f"further, start a new run with student.path: {path}")
+    run.student.load_state_dict(load_model(str(path), run.device).state_dict())
+    with torch.no_grad():
+        for param, saved in zip(run.method.parameters(), state["method"], strict=True):
+            param.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    run.prompts.position = state["sampler_position"]
+    run.history[:] = state["history"]
+    rng.setstate(state["loop_rng"])
+    _set_rng_state(state["rng"])
+    return loop
+
+
+def write_log(path: Path, records: list[dict]) -> None:
+    """Replace ``metrics.jsonl`` atomically (on resume: the records up to the checkpoint)."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    _replace(path, lambda f: f.write(text.encode()))
+
+
+def _replace(path: Path, write) -> None:
+    """Write through a temporary file, fsync it, rename it over ``path``."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    with tmp.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        _fsync(path)
+    _fsync(folder)
+
+
+def _retire(path: Path) -> None:
+    """Rename out of the ``checkpoint-*`` namespace first, so a half-deleted folder is never taken for one."""
+    trash = path.with_name(f".trash-{path.name}")
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
+def _clear_leftovers(run_dir: Path) -> None:
+    for leftover in [*run_dir.glob(".tmp-checkpoint-*"), *run_dir.glob(".trash-checkpoint-*")]:
+        shutil.rmtree(leftover)
+
+
+def _link(link: Path, target: str) -> None:
+    tmp = link.with_name(f".tmp-{link.name}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    _fsync(link.parent)
