@@ -36,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("build", help="build a built-in scenario's models and data into the cache now")
     p.add_argument("scenario", choices=["arith", "smollm2"])
+
+    p = commands.add_parser("serve-teacher", help="serve a local HF causal LM as an OpenAI-compatible teacher server")
+    p.add_argument("model", help="a local model folder or builtin:<scenario>/<name>")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("OPD_SERVE_API_KEY"),
+                   help="refuse requests without 'Authorization: Bearer KEY' (default: $OPD_SERVE_API_KEY, else open)")
+    p.add_argument("--served-model-name", default=None, help="the name clients use (default: the MODEL argument)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="sequences per batched forward across callers")
     return parser
 
 
@@ -84,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             from .scenarios import resolve_builtin
 
             console.print(resolve_builtin(f"builtin:{args.scenario}/teacher").parent)
+        elif args.command == "serve-teacher":
+            from .serve import serve
+
+            serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_batch_size)
     except OPDError as exc:
         console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         return 2

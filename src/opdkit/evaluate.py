@@ -2,8 +2,13 @@
 
 - ``accuracy``: greedy completions checked by the task verifier (when the dataset has a task);
 - ``reverse_kl``: mean per-token ``KL(pi_S || pi_T)`` over the full vocabulary, exact at every position of
-  student samples at temperature 1 (a fixed seed, so two checkpoints see comparable samples);
-- ``token_agreement``: the student's argmax equals the teacher's on the teacher's greedy answers;
+  student samples at temperature 1 (a fixed seed, so two checkpoints see comparable samples); local
+  teacher only;
+- ``reverse_kl_sampled_estimate`` instead, for a server teacher (no full logits): the mean over the same
+  samples' tokens of ``log pi_S(y_t) - log pi_T(y_t)`` (the k1 estimator: unbiased, noisier, can be < 0);
+  a chat teacher (text only) gives none;
+- ``token_agreement``: the student's argmax equals the teacher's on the teacher's greedy answers (for a
+  remote teacher, its greedy text tokenized by the student's tokenizer);
 - ``greedy_match``: the student's whole greedy answer equals the teacher's.
 """
 
@@ -19,6 +24,7 @@ from .models import autocast
 from .objectives.divergence import kl
 from .rollout import Rollouts, sample
 from .tasks import Verifier
+from .teachers import Teacher
 
 
 def _batches(items: list, size: int):
@@ -28,7 +34,7 @@ def _batches(items: list, size: int):
 
 @dataclass
 class Evaluator:
-    teacher: PreTrainedModel
+    teacher: PreTrainedModel | Teacher  # a model, or a Teacher (local, server or chat)
     tokenizer: PreTrainedTokenizerBase
     examples: list[Example]
     verifier: Verifier | None
@@ -39,6 +45,7 @@ class Evaluator:
 
     def __post_init__(self):
         self._teacher_greedy: list[Rollouts] | None = None
+        self._model = self.teacher if isinstance(self.teacher, torch.nn.Module) else self.teacher.model
 
     def _greedy(self, model) -> list[Rollouts]:
         with autocast(next(model.parameters()).device, self.amp_dtype):
@@ -54,7 +61,12 @@ class Evaluator:
     @property
     def teacher_greedy(self) -> list[Rollouts]:
         if self._teacher_greedy is None:
-            self._teacher_greedy = self._greedy(self.teacher)
+            if self._model is not None:
+                self._teacher_greedy = self._greedy(self._model)
+            else:
+                self._teacher_greedy = [self.teacher.sample(batch, self.max_completion_length, greedy=True)
+                                        for batch in _batches(self.examples, self.batch_size)]
+                self.teacher.take_usage()  # evaluation calls are not a training step's
         return self._teacher_greedy
 
     def teacher_metrics(self) -> dict:
@@ -67,13 +79,20 @@ class Evaluator:
         device = next(student.parameters()).device
         greedy = self._greedy(student)
         kl_sum = tokens = agree = 0.0
+        measure_kl = self._model is not None or self.teacher.returns_logprobs
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
-            for batch in _batches(self.examples, self.batch_size):
+            for batch in _batches(self.examples, self.batch_size) if measure_kl else ():
                 with autocast(device, self.amp_dtype):
                     rollouts = sample(student, self.tokenizer, batch, max_completion_length=self.max_completion_length)
-                    s_logits, t_logits = rollouts.completion_logits(student), rollouts.completion_logits(self.teacher)
-                per_token = kl(s_logits.float().log_softmax(-1), t_logits.float().log_softmax(-1))
+                    s_logits = rollouts.completion_logits(student)
+                    if self._model is not None:
+                        t_logits = rollouts.completion_logits(self._model)
+                if self._model is not None:
+                    per_token = kl(s_logits.float().log_softmax(-1), t_logits.float().log_softmax(-1))
+                else:
+                    s_token = s_logits.float().log_softmax(-1).gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)
+                    per_token = s_token - self.teacher.score(rollouts, "token").token_logprobs  # its own usage
                 kl_sum += float((per_token * rollouts.completion_mask).sum())
                 tokens += rollouts.num_tokens
         greedy_match = 0
@@ -84,9 +103,10 @@ class Evaluator:
             greedy_match += sum(a == b for a, b in zip(mine.texts(self.tokenizer), theirs.texts(self.tokenizer)))
         teacher_tokens = sum(r.num_tokens for r in self.teacher_greedy)
         student.train(was_training)
+        kl_name = "reverse_kl" if self._model is not None else "reverse_kl_sampled_estimate"
         return {
             "accuracy": self._accuracy(greedy),
-            "reverse_kl": kl_sum / max(tokens, 1),
+            **({kl_name: kl_sum / tokens} if tokens else {}),
             "token_agreement": agree / max(teacher_tokens, 1),
             "greedy_match": greedy_match / len(self.examples),
             "mean_length": sum(float(r.lengths().sum()) for r in greedy) / len(self.examples),

@@ -6,7 +6,7 @@ objective wants is applied in the objective, in one place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
@@ -22,9 +22,16 @@ class TeacherSignal:
     logprobs: torch.Tensor | None = None  # [B, C, V] log-softmax over the vocabulary (support "full")
     topk_ids: torch.Tensor | None = None  # [B, C, k] (support "topk")
     topk_logprobs: torch.Tensor | None = None  # [B, C, k] log pi_T of those ids, normalised over the vocabulary
+    token_advantages: torch.Tensor | None = None  # [B, C] logit-free per-token reward (chat teacher, chunk_opd)
+    usage: dict[str, float] = field(default_factory=dict)  # remote teachers: calls, retries, tokens of this call
 
 
 class Teacher(Protocol):
+    """``model`` is the local ``PreTrainedModel`` or None for a remote teacher, which then samples text
+    through ``sample(examples, max_completion_length, temperature, top_p, greedy) -> Rollouts``."""
+
+    model: object | None
+
     def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None) -> TeacherSignal: ...
 
 
@@ -43,6 +50,18 @@ def build_teacher(spec, student_tokenizer, student_config, device: torch.device,
             raise OPDError(f"student and teacher output layers differ in size ({student_config.vocab_size} vs "
                            f"{model.config.vocab_size}) although their tokenizers match: resize one embedding matrix")
         return LocalTeacher(model, amp_dtype)
+    if spec.kind == "server":
+        from .server import ServerTeacher
+
+        teacher = ServerTeacher(spec, student_tokenizer)
+        teacher.probe()
+        return teacher
+    if spec.kind == "chat":
+        from .chat import ChatTeacher
+
+        teacher = ChatTeacher(spec, student_tokenizer)
+        teacher.probe()
+        return teacher
     raise OPDError(f"unknown teacher kind {spec.kind!r}")
 
 

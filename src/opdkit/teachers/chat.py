@@ -1,0 +1,181 @@
+"""A text-only chat teacher (no log-probs at all) for the logit-free chunk-level method (``chunk_opd``).
+
+Per student rollout (OmniOPD-style speculative verification; the paper's exact recipe is not public, so
+every choice here is a named option of the ``chat`` teacher spec, see docs and ``/work/shared`` notes):
+
+1. forks: smooth the student's per-token surprisal ``-log mu(y_t)`` (a one-sample estimate of its
+   entropy, free from the rollout) over ``smoothing_window`` tokens; keep local maxima above the
+   ``fork_quantile`` of the row, best first, at least ``chunk_length`` apart, at most ``max_forks``;
+2. at fork ``t`` the student's draft chunk is ``y[t : t+L]``; the teacher is sent the prompt and the
+   student's text ``y[:t]`` (as an assistant prefix to continue, or an instruction) and writes
+   ``samples_per_fork`` continuations of at most ``L`` tokens;
+3. each continuation scores ``s_k = sim(chunk, continuation) in [0, 1]`` over the same span of text (an
+   answer that ends is marked with an end symbol on both sides, so stopping early or late counts);
+4. Dirichlet-multinomial smoothing of the soft match votes, ``p = (a1 + sum_k s_k) / (a1 + a0 + K)``,
+   so a few samples cannot give a +-1 reward; the chunk's reward ``r = p - b`` (``b``: the batch mean
+   of ``p``, or the prior mean ``a1 / (a0 + a1)``) is the advantage of each of its tokens; unaudited
+   tokens get 0 (only the shared ``objective.ref_kl_coef`` anchor acts on them).
+
+Requests go through :class:`~opdkit.teachers.server.ApiClient` (replicas, retries, concurrency) and,
+with ``cache_dir``, identical requests are answered from disk. Calls and tokens are counted per step.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+from rich.console import Console
+
+from ..data import Example
+from ..errors import OPDError
+from ..rollout import Rollouts
+from . import Support, TeacherSignal
+from .server import ApiClient, Malformed, rollouts_from_texts
+
+END = "\u2403"  # marks "the answer ends here" in compared texts
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Centred moving average, shrinking at the edges."""
+    half = window // 2
+    return [sum(values[max(0, i - half): i + half + 1]) / len(values[max(0, i - half): i + half + 1])
+            for i in range(len(values))]
+
+
+def pick_forks(surprisal: list[float], chunk_length: int, max_forks: int, quantile: float, window: int) -> list[int]:
+    """Peak-surprisal scheduler: local maxima of the smoothed signal at or above its ``quantile``,
+    highest first, pairwise at least ``chunk_length`` apart, at most ``max_forks``; sorted by position."""
+    if not surprisal:
+        return []
+    s = smooth(surprisal, window)
+    threshold = sorted(s)[min(len(s) - 1, int(quantile * len(s)))]
+    peaks = [i for i in range(len(s)) if s[i] >= threshold
+             and (i == 0 or s[i] >= s[i - 1]) and (i == len(s) - 1 or s[i] >= s[i + 1])]
+    chosen: list[int] = []
+    for i in sorted(peaks, key=lambda i: (-s[i], i)):
+        if len(chosen) == max_forks:
+            break
+        if all(abs(i - j) >= chunk_length for j in chosen):
+            chosen.append(i)
+    return sorted(chosen)
+
+
+def similarity(a: str, b: str, kind: str) -> float:
+    """``char``: difflib ratio ``2 M / (|a| + |b|)``; ``token_f1``: F1 of whitespace-token multisets."""
+    if not a and not b:
+        return 1.0
+    if kind == "char":
+        return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+    ta, tb = a.replace(END, f" {END} ").split(), b.replace(END, f" {END} ").split()
+    common = sum(min(ta.count(w), tb.count(w)) for w in set(ta))
+    return 0.0 if common == 0 else 2 * common / (len(ta) + len(tb))
+
+
+def chunk_similarity(student: str, student_ended: bool, teacher: str, teacher_ended: bool, kind: str) -> float:
+    """Compare over the same span: the student's chunk against the teacher's text cut to its length, or
+    both cut to the teacher's length when the teacher ran out of tokens without ending."""
+    s = student + (END if student_ended else "")
+    t = teacher + (END if teacher_ended else "")
+    if teacher_ended:
+        return similarity(s, t[: len(s)], kind)
+    n = min(len(s), len(t))
+    return similarity(s[:n], t[:n], kind) if n else 0.0
+
+
+def dirichlet_preference(similarities: list[float], prior: tuple[float, float]) -> float:
+    """Posterior mean of the match probability: ``(a1 + sum s_k) / (a1 + a0 + K)``."""
+    a1, a0 = prior
+    return (a1 + sum(similarities)) / (a1 + a0 + len(similarities))
+
+
+class ChatTeacher:
+    """Per-chunk rewards from a text-only chat API; ``score`` fills ``TeacherSignal.token_advantages``."""
+
+    model = None
+    returns_logprobs = False
+
+    def __init__(self, spec, tokenizer, console: Console | None = None):
+        self.spec, self.tokenizer = spec, tokenizer
+        self.client = ApiClient(spec, cache_dir=spec.cache_dir, console=console)
+
+    def take_usage(self) -> dict[str, float]:
+        """Calls and tokens since the last ``score`` or ``take_usage`` (``score`` reports its own in the signal)."""
+        return self.client.take_usage()
+
+    def probe(self) -> None:
+        self.client.check_model(self.spec.model)
+
+    def _messages(self, example: Example, prefix: str) -> tuple[list[dict], dict]:
+        if self.spec.continuation == "prefill":
+            return example.messages + [{"role": "assistant", "content": prefix}], {
+                "continue_final_message": True, "add_generation_prompt": False}
+        *history, last = example.messages
+        ask = (f"{last['content']}\n\nHere is the beginning of an answer:\n{prefix}\n\nContinue it from exactly where "
+               "it stops. Reply with the continuation only, without repeating the beginning.")
+        return history + [{"role": last["role"], "content": ask}], {}
+
+    def forks(self, rollouts: Rollouts) -> list[list[int]]:
+        if rollouts.sampler_logprobs is None:
+            raise OPDError("the chat teacher audits student samples (it picks forks from the sampler's log-probs); "
+                           f"these states come from the {rollouts.source}: use objective.method chunk_opd")
+        out = []
+        for row, mask in zip(rollouts.sampler_logprobs, rollouts.completion_mask):
+            n = int(mask.sum())
+            out.append(pick_forks((-row[:n]).tolist(), self.spec.chunk_length, self.spec.max_forks,
+                                  self.spec.fork_quantile, self.spec.smoothing_window))
+        return out
+
+    def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None) -> TeacherSignal:
+        if support != "token":
+            raise OPDError("a chat teacher returns text only, no log-probs: use objective.method chunk_opd "
+                           "(or a teacher of kind server/local for log-prob objectives)")
+        spec, tok = self.spec, self.tokenizer
+        forks = self.forks(rollouts)
+        requests, places = [], []
+        for b, (ts, example) in enumerate(zip(forks, rollouts.examples)):
+            ids = rollouts.completion_ids[b, : int(rollouts.completion_mask[b].sum())].tolist()
+            for t in ts:
+                messages, extra = self._messages(example, tok.decode(ids[:t], skip_special_tokens=True))
+                requests.append({"model": spec.model, "messages": messages, "n": spec.samples_per_fork,
+                                 "max_tokens": spec.chunk_length, "temperature": spec.temperature, **extra})
+                chunk = ids[t : t + spec.chunk_length]
+                places.append((b, t, len(chunk), tok.decode(chunk, skip_special_tokens=True), tok.eos_token_id in chunk))
+
+        def check(body: dict) -> None:
+            choices = body["choices"]
+            if len(choices) != spec.samples_per_fork or not all(isinstance(c["message"]["content"], str) for c in choices):
+                raise Malformed(f"expected {spec.samples_per_fork} choices with text, got {len(choices)}")
+
+        answers = self.client.map("/chat/completions", requests, check)
+        preferences = []
+        for answer, (_, _, _, chunk, ended) in zip(answers, places):
+            sims = [chunk_similarity(chunk, ended, c["message"]["content"], c.get("finish_reason") == "stop",
+                                     spec.similarity) for c in answer["choices"]]
+            preferences.append(dirichlet_preference(sims, spec.prior))
+        if spec.baseline == "batch":
+            baseline = sum(preferences) / len(preferences) if preferences else 0.0
+        else:
+            baseline = spec.prior[0] / sum(spec.prior)
+        advantages = torch.zeros(rollouts.completion_ids.shape)
+        for (b, t, width, _, _), p in zip(places, preferences):
+            advantages[b, t : t + width] = p - baseline
+        usage = self.client.take_usage()
+        usage.update(forks=float(len(places)), audited_tokens=float(sum(w for _, _, w, _, _ in places)))
+        mask = rollouts.completion_mask
+        return TeacherSignal(torch.zeros_like(mask), token_advantages=advantages.to(mask.device) * mask, usage=usage)
+
+    def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
+               top_p: float = 1.0, greedy: bool = False) -> Rollouts:
+        """Teacher answers to the prompts, tokenized by the student (greedy: temperature 0)."""
+        payloads = [{"model": self.spec.model, "messages": e.messages, "max_tokens": max_completion_length,
+                     "temperature": 0.0 if greedy else temperature, "top_p": 1.0 if greedy else top_p} for e in examples]
+
+        def check(body: dict) -> None:
+            if len(body["choices"]) != 1 or not isinstance(body["choices"][0]["message"]["content"], str):
+                raise Malformed("expected exactly one choice with text")
+
+        answers = self.client.map("/chat/completions", payloads, check)
+        texts = [a["choices"][0]["message"]["content"] for a in answers]
+        stopped = [a["choices"][0].get("finish_reason") == "stop" for a in answers]
+        return rollouts_from_texts(self.tokenizer, examples, texts, stopped, max_completion_length)

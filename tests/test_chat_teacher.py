@@ -1,0 +1,170 @@
+"""The logit-free chunk-level method: its pieces, exact rewards from a fake text teacher, call counting,
+the disk cache, the loss masks, and a short run against our own server in chat mode."""
+
+import json
+
+import pytest
+import torch
+
+from opdkit.config import ChatTeacherSpec, load_config
+from opdkit.data import Example, left_pad, render_prompt, right_pad
+from opdkit.errors import OPDError
+from opdkit.methods.chunk_opd import ChunkOPD
+from opdkit.models import load_model, load_tokenizer
+from opdkit.rollout import Rollouts
+from opdkit.scenarios.arith import build_tokenizer
+from opdkit.serve import create_app, serve_in_thread
+from opdkit.tasks.arithmetic import scratchpad
+from opdkit.teachers import TeacherSignal
+from opdkit.teachers.chat import ChatTeacher, chunk_similarity, dirichlet_preference, pick_forks, similarity
+from opdkit.train import setup, train
+
+
+def test_dirichlet_posterior_mean():
+    assert dirichlet_preference([], (1.0, 1.0)) == 0.5 and dirichlet_preference([], (3.0, 1.0)) == 0.75
+    for sims in ([0.0], [1.0], [1.0, 1.0, 1.0, 1.0], [0.0] * 8):
+        assert 0 < dirichlet_preference(sims, (1.0, 1.0)) < 1
+    for s in (0.0, 0.3, 1.0):  # one sample moves the prior mean by at most 1 / (a0 + a1 + 1)
+        assert abs(dirichlet_preference([s], (1.0, 1.0)) - 0.5) <= 1 / 3 + 1e-12
+    assert abs(dirichlet_preference([1.0, 1.0], (5.0, 5.0)) - 0.5) < abs(dirichlet_preference([1.0, 1.0], (1.0, 1.0)) - 0.5)
+
+
+def test_peak_surprisal_forks():
+    surprisal = [0.1, 3.0, 0.1, 0.1, 2.0, 2.5, 0.1, 0.1, 0.1, 4.0, 0.1, 0.1]
+    assert pick_forks(surprisal, chunk_length=3, max_forks=5, quantile=0.5, window=1) == [1, 5, 9]
+    assert pick_forks(surprisal, chunk_length=3, max_forks=2, quantile=0.5, window=1) == [1, 9]  # highest first
+    forks = pick_forks(surprisal, chunk_length=5, max_forks=5, quantile=0.0, window=3)
+    assert all(b - a >= 5 for a, b in zip(forks, forks[1:]))
+    assert pick_forks([], 3, 2, 0.5, 3) == []
+
+
+def test_similarity_rewards_the_teachers_text_and_penalises_loops():
+    assert similarity("5c0 ", "5c0 ", "char") == 1.0 and similarity("9c9 ", "5c0 ", "char") == 0.5
+    assert similarity("a b c", "a b d", "token_f1") == pytest.approx(2 / 3)
+    teacher = "the sum is 5555\n"
+    assert chunk_similarity("the sum is 5555\n", False, teacher, False, "char") == 1.0
+    assert chunk_similarity("the the the the ", False, teacher, False, "char") < chunk_similarity(
+        "the sum is 5556\n", False, teacher, False, "char")
+    # ending where the teacher ends scores higher than running on past its end
+    assert chunk_similarity("55", True, "55", True, "char") == 1.0
+    assert chunk_similarity("55 5", False, "55", True, "char") < 1.0
+
+
+def fake_chat_app(calls: list):
+    """A text-only teacher that always continues with the correct scratchpad (truncated to max_tokens)."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": "fake", "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict):
+        calls.append(body)
+        a, b = map(int, body["messages"][0]["content"].split("+"))
+        reference, prefix = scratchpad(a, b, 4) + "\n", body["messages"][-1]["content"]  # char tokens; "\n" ~ end
+        assert body["continue_final_message"] and reference.startswith(prefix)
+        rest = reference[len(prefix):]
+        text = rest[: body["max_tokens"]]
+        ended = len(rest) <= body["max_tokens"]
+        choices = [{"index": i, "message": {"role": "assistant", "content": text.rstrip("\n") if ended else text},
+                    "finish_reason": "stop" if ended else "length"} for i in range(body["n"])]
+        return {"choices": choices, "usage": {"prompt_tokens": 10, "completion_tokens": body["n"] * len(text)}}
+
+    return app
+
+
+def handmade_rollouts(tokenizer, completions: list[str], peaks: list[list[int]]) -> Rollouts:
+    """Student rollouts with the given texts (plus end token) and surprisal 5 at ``peaks``, 1 elsewhere."""
+    examples = [Example([{"role": "user", "content": "1234+4321"}]) for _ in completions]
+    prompt_ids, prompt_mask = left_pad([render_prompt(tokenizer, e.messages) for e in examples], tokenizer.pad_token_id)
+    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
+    completion_ids, mask = right_pad(ids, tokenizer.pad_token_id)
+    sampler = torch.full(completion_ids.shape, -1.0)
+    for row, positions in enumerate(peaks):
+        sampler[row, positions] = -5.0
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, mask.float(), torch.zeros(len(ids), dtype=torch.bool),
+                    examples, "student", sampler * mask)
+
+
+def chat_spec(url, **overrides) -> ChatTeacherSpec:
+    values = {"kind": "chat", "base_url": url, "model": "fake", "chunk_length": 4, "samples_per_fork": 2,
+              "max_forks": 2, "fork_quantile": 0.5, "smoothing_window": 1}
+    return ChatTeacherSpec(**{**values, **overrides})
+
+
+def test_fake_teacher_gives_exact_chunk_rewards_counts_calls_and_caches(tmp_path):
+    tokenizer = build_tokenizer()
+    calls: list = []
+    # the right answer is "5c0 5c0 5c0 5c0\n5555"; the student errs in the third column
+    rollouts = handmade_rollouts(tokenizer, ["5c0 5c0 9c9 5c0\n5955"], [[0, 8]])
+    with serve_in_thread(fake_chat_app(calls)) as url:
+        teacher = ChatTeacher(chat_spec(url, cache_dir=str(tmp_path / "cache")), tokenizer)
+        teacher.probe()
+        signal = teacher.score(rollouts)
+        # fork 0: "5c0 " matches both samples: p = (1 + 2) / (2 + 2) = 0.75; fork 8: "9c9 " vs "5c0 ": ratio 0.5,
+        # p = (1 + 1) / 4 = 0.5; batch baseline 0.625
+        expected = torch.zeros_like(rollouts.completion_mask)
+        expected[0, 0:4], expected[0, 8:12] = 0.125, -0.125
+        torch.testing.assert_close(signal.token_advantages, expected)
+        assert sorted(c["messages"][-1]["content"] for c in calls) == ["", "5c0 5c0 "]  # concurrent: any order
+        usage = signal.usage
+        assert usage["requests"] == usage["http_calls"] == 2 and usage["forks"] == 2 and usage["audited_tokens"] == 8
+        assert usage["completion_tokens"] == 2 * 2 * 4  # M forks x K samples x L tokens
+        again = teacher.score(rollouts)
+        assert len(calls) == 2 and again.usage["cache_hits"] == 2 and "http_calls" not in again.usage
+        torch.testing.assert_close(again.token_advantages, expected)
+
+
+def test_a_chunk_that_ends_with_the_teacher_beats_one_that_runs_on(tmp_path):
+    tokenizer = build_tokenizer()
+    rollouts = handmade_rollouts(tokenizer, ["5c0 5c0 5c0 5c0\n5555", "5c0 5c0 5c0 5c0\n5555 55"], [[16], [16]])
+    with serve_in_thread(fake_chat_app([])) as url:
+        signal = ChatTeacher(chat_spec(url, chunk_length=8, max_forks=1, baseline="prior"), tokenizer).score(rollouts)
+    assert signal.token_advantages[0, 16] == pytest.approx(0.25)  # p = (1 + 2) / 4 against the prior mean 0.5
+    assert signal.token_advantages[1, 16] < signal.token_advantages[0, 16]
+
+
+def test_chunk_opd_gradient_reaches_audited_tokens_only():
+    tokenizer = build_tokenizer()
+    rollouts = handmade_rollouts(tokenizer, ["5c0 5c0 9c9"], [[0]])
+    advantages = torch.zeros_like(rollouts.completion_mask)
+    advantages[0, 2:5] = 0.3
+    logits = torch.randn(*rollouts.completion_ids.shape, len(tokenizer), requires_grad=True)
+    signal = TeacherSignal(torch.zeros_like(advantages), token_advantages=advantages)
+    out = ChunkOPD().token_loss(logits, rollouts, signal)
+    (out.loss * rollouts.completion_mask).sum().backward()
+    touched = logits.grad.abs().sum(-1)[0] > 0
+    assert touched.tolist() == [i in (2, 3, 4) for i in range(rollouts.completion_ids.shape[1])]
+    assert out.stats["audited"].sum() == 3
+    with pytest.raises(OPDError, match="teacher.kind: chat"):
+        ChunkOPD().token_loss(logits, rollouts, TeacherSignal(advantages))
+
+
+def test_chat_teacher_and_chunk_opd_go_together():
+    base = {"student": {"path": "s"}, "data": {"train": "d"}}
+    chat = {"kind": "chat", "base_url": "http://127.0.0.1:1/v1", "model": "m"}
+    with pytest.raises(OPDError, match="works with objective.method chunk_opd"):
+        load_config(base={**base, "teacher": chat})
+    with pytest.raises(OPDError, match="needs a text-only teacher"):
+        load_config(base={**base, "teacher": {"path": "t"}}, overrides=["objective.method=chunk_opd"])
+    with pytest.raises(OPDError, match=r"unknown key 'teacher.chunk_lenght' \(did you mean 'chunk_length'\?\)"):
+        load_config(base={**base, "teacher": {**chat, "chunk_lenght": 4}}, overrides=["objective.method=chunk_opd"])
+
+
+def test_training_against_our_server_in_chat_mode(tiny, tiny_config):
+    model, tokenizer = load_model(str(tiny / "teacher")), load_tokenizer(str(tiny / "teacher"))
+    with serve_in_thread(create_app(model, tokenizer, "t")) as url:
+        tiny_config["teacher"] = {"kind": "chat", "base_url": url, "model": "t", "chunk_length": 4,
+                                  "samples_per_fork": 2, "max_forks": 2}
+        tiny_config["objective"] = {"method": "chunk_opd", "ref_kl_coef": 0.02}
+        tiny_config["optim"]["steps"] = 2
+        result = train(setup(load_config(base=tiny_config)))
+    steps = [json.loads(line) for line in open(f"{tiny_config['output_dir']}/metrics.jsonl") if '"loss"' in line]
+    assert len(steps) == 2
+    for record in steps:
+        assert record["teacher_requests"] == record["teacher_forks"] > 0 and record["teacher_completion_tokens"] > 0
+        assert 0 < record["audited"] <= 1
+    assert result["teacher"]["accuracy"] is not None and "reverse_kl" not in result["after"]
