@@ -27,10 +27,15 @@ from ..teachers import TeacherSignal
 from . import Method, StateSource, TokenLoss
 
 
+def _sampled_name(objective) -> str:
+    """The sampled-token form's name (the symmetric JSD is ``js`` there)."""
+    return "js" if objective.divergence == "jsd" else objective.divergence
+
+
 def _cost_derivative(objective, l: torch.Tensor) -> torch.Tensor:
     """``d cost / d l`` for the sampled-token cost: ``phi'`` for f-divergences, the estimator's for reverse KL."""
     if objective.divergence != "reverse_kl":
-        return phi_prime(objective.divergence, l, objective.alpha)
+        return phi_prime(_sampled_name(objective), l, objective.alpha)
     return {"k1": torch.ones_like(l), "k2": l, "k3": 1 - torch.exp(-l)}[objective.estimator]
 
 
@@ -38,8 +43,7 @@ def _sampled_cost(objective, l: torch.Tensor) -> torch.Tensor:
     """The per-token cost whose expectation under the student is the divergence."""
     if objective.divergence == "reverse_kl":
         return estimator(objective.estimator, -l)
-    name = "js" if objective.divergence == "jsd" else objective.divergence
-    return phi(name, l, objective.alpha)
+    return phi(_sampled_name(objective), l, objective.alpha)
 
 
 class Formula(Method):
@@ -104,10 +108,11 @@ class Formula(Method):
             loss = self._policy_gradient(logprobs, token_logprobs, rollouts, teacher, hidden, stats, scalars)
 
         if o.entropy_gate.enabled:
-            teacher_lp = self._teacher_topk(teacher, o.entropy_gate.top_k)
-            teacher_entropy = entropy(teacher.logprobs) if teacher.logprobs is not None else entropy(teacher_lp[1])
+            ids, top = self._teacher_topk(teacher, o.entropy_gate.top_k)
+            full = teacher.logprobs
+            teacher_entropy = entropy(full) if full is not None else entropy(top.log_softmax(-1))
             gate = gates.entropy_gate(teacher_entropy, o.entropy_gate.threshold)
-            loss = loss + o.entropy_gate.coef * gate * self._topk_forward_kl(logprobs, *teacher_lp)
+            loss = loss + o.entropy_gate.coef * gate * self._topk_forward_kl(logprobs, ids, top)
             scalars["entropy_gate_rate"] = float(token_mean(gate, mask))
         if o.ref_kl_coef:
             loss = loss + o.ref_kl_coef * regularizers.reference_kl(token_logprobs, rollouts.reference_logprobs)
@@ -191,7 +196,7 @@ class Formula(Method):
     def _teacher_topk(teacher: TeacherSignal, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids, log-probs)`` of the teacher's k most likely tokens, from the full distribution or its top-k."""
         if teacher.logprobs is not None:
-            values, ids = teacher.logprobs.topk(k, dim=-1)
+            values, ids = teacher.logprobs.topk(min(k, teacher.logprobs.shape[-1]), dim=-1)
             return ids, values
         return teacher.topk_ids[..., :k], teacher.topk_logprobs[..., :k]
 

@@ -45,7 +45,7 @@ def teacher_topk(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, topk_te
 
 def student_topk(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, k: int, tail: bool = False):
     """The student's top-k support; the ids are chosen without gradient."""
-    ids = student_logprobs.detach().topk(k, dim=-1).indices
+    ids = student_logprobs.detach().topk(min(k, student_logprobs.shape[-1]), dim=-1).indices
     return restrict(student_logprobs, teacher_logprobs, ids, tail)
 
 

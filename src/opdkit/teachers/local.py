@@ -25,6 +25,6 @@ class LocalTeacher:
         if support == "full":
             return TeacherSignal(token, logprobs=logprobs)
         if support == "topk":
-            values, ids = logprobs.topk(top_k, dim=-1)
+            values, ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
             return TeacherSignal(token, topk_ids=ids, topk_logprobs=values)
         return TeacherSignal(token)
