@@ -8,10 +8,11 @@ overrides any leaf before validation.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .errors import OPDError, closest
 
@@ -43,6 +44,19 @@ class _RemoteTeacherSpec(_Strict):
     """
 
     base_url: str | list[str] = Field(description="e.g. http://127.0.0.1:8000/v1, or a list of replicas")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_urls(cls, value: str | list[str]) -> str | list[str]:
+        for url in [value] if isinstance(value, str) else value:
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 (parsing the port is the check)
+            except ValueError as exc:
+                raise ValueError(f"{url!r} is not a URL ({exc}): write it as http://HOST:PORT/v1") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname or " " in url:
+                raise ValueError(f"{url!r} is not an http(s) URL: write it as http://HOST:PORT/v1")
+        return value
     model: str = Field(description="the model name the server serves (see GET /v1/models)")
     api_key_env: str | None = Field(None, description="environment variable holding the API key (kept out of configs)")
     concurrency: int = Field(8, ge=1, description="requests in flight at once")
@@ -222,7 +236,7 @@ class ObjectiveConfig(_Strict):
             raise ValueError(f"divergence {self.divergence!r} has no sampled-token form; use support: full")
         if sampled and self.divergence == "jsd" and self.beta != 0.5:
             raise ValueError("the sampled-token JSD is the symmetric one: set beta: 0.5, or use a top-k/full support")
-        if sampled and self.grad_path == "direct" and self.divergence != "reverse_kl" and self.states == "student":
+        if sampled and self.grad_path == "direct" and self.divergence != "reverse_kl":
             raise ValueError("direct backpropagation on the sampled token uses the k1/k2/k3 estimators of reverse KL: "
                              "set divergence: reverse_kl, or grad_path: pg for other f-divergences")
         if self.correction and not (sampled and self.grad_path == "pg"):
@@ -307,7 +321,10 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise OPDError(f"--set {dotted}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise OPDError(f"--set {dotted}: {raw!r} is not a YAML value ({exc}); quote it or remove odd characters") from None
 
 
 def _walk(loc: tuple) -> tuple[type[BaseModel], list[str]]:
@@ -355,8 +372,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
             raise OPDError(f"config file {str(path)!r} not found: pass the path of a YAML file")
         try:
             tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise OPDError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise OPDError(f"config file {str(path)!r} is not valid YAML (UTF-8 text): {exc}") from None
         if not isinstance(tree, dict):
             raise OPDError(f"config file {str(path)!r} must hold a mapping of keys, not {type(tree).__name__}")
         source = str(path)

@@ -22,5 +22,5 @@ class Interrupted(Exception):
 
 def closest(name: str, valid: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest valid name, or an empty string."""
-    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    match = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)  # a YAML value may be any type
     return f" (did you mean {match[0]!r}?)" if match else ""

@@ -30,12 +30,22 @@ def resolve_model_path(path: str) -> str:
 
 def load_model(path: str, device: torch.device | str = "cpu") -> PreTrainedModel:
     """float32 master weights, eval mode; training code switches to train mode itself."""
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=torch.float32)
+    folder = resolve_model_path(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except Exception as exc:  # whatever transformers raises on a broken folder
+        raise OPDError(f"cannot load the model in {folder!r} ({type(exc).__name__}: {exc}); the folder must hold "
+                       "config.json and complete weights as save_pretrained writes them: save the model again") from None
     return model.to(device).eval()
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    folder = resolve_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # whatever transformers raises on a broken folder
+        raise OPDError(f"cannot read a tokenizer from {folder!r} ({type(exc).__name__}: {exc}); save it next to "
+                       "the model with tokenizer.save_pretrained(folder)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
