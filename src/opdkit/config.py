@@ -236,7 +236,7 @@ class ObjectiveConfig(_Strict):
             raise ValueError(f"divergence {self.divergence!r} has no sampled-token form; use support: full")
         if sampled and self.divergence == "jsd" and self.beta != 0.5:
             raise ValueError("the sampled-token JSD is the symmetric one: set beta: 0.5, or use a top-k/full support")
-        if sampled and self.grad_path == "direct" and self.divergence != "reverse_kl":
+        if sampled and self.grad_path == "direct" and self.divergence != "reverse_kl" and self.states == "student":
             raise ValueError("direct backpropagation on the sampled token uses the k1/k2/k3 estimators of reverse KL: "
                              "set divergence: reverse_kl, or grad_path: pg for other f-divergences")
         if self.correction and not (sampled and self.grad_path == "pg"):
