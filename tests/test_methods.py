@@ -67,3 +67,18 @@ def test_teacher_prefix_rollouts_start_with_the_prefix(tiny):
         assert rollouts.guidance_mask[row, :n].tolist() == [1.0] * n
         assert rollouts.guidance_mask[row, n:].sum() == 0
     assert rollouts.prompt_ids.shape[1] == max(len(render_prompt(tokenizer, e.messages)) for e in examples)
+
+
+def test_sweep_writes_a_table_and_a_plot(tiny_config, tmp_path):
+    import yaml
+
+    from opdkit.cli import main
+
+    path = tmp_path / "c.yaml"
+    tiny_config["optim"] = {"steps": 2, "learning_rate": 1e-3}
+    tiny_config["eval"] = {"every": 1, "batch_size": 16}
+    path.write_text(yaml.safe_dump(tiny_config))
+    assert main(["sweep", str(path), "--methods", "opd,vopd", "--seeds", "0,1", "--output-dir", str(tmp_path / "s")]) == 0
+    table = (tmp_path / "s" / "sweep.md").read_text()
+    assert "| opd |" in table and "| vopd |" in table and "±" in table
+    assert (tmp_path / "s" / "sweep.png").stat().st_size > 10_000

@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--output-dir", default="runs/demo")
 
+    p = commands.add_parser("sweep", help="the same budget for several methods and seeds: a markdown table and a plot")
+    p.add_argument("config")
+    p.add_argument("--methods", default="opd,gkd,opd_plus,tropd,gae_opd", help="comma-separated method names")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--output-dir", default=None, help="default: <output_dir>-sweep")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     p = commands.add_parser("build", help="build a built-in scenario's models and data into the cache now")
     p.add_argument("scenario", choices=["arith", "smollm2"])
 
@@ -45,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="refuse requests without 'Authorization: Bearer KEY' (default: $OPD_SERVE_API_KEY, else open)")
     p.add_argument("--served-model-name", default=None, help="the name clients use (default: the MODEL argument)")
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences per batched forward across callers")
+    p.add_argument("--max-pending", type=int, default=256,
+                   help="requests in flight before new ones get 503 with Retry-After (bounds memory under load)")
     return parser
 
 
@@ -89,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             run_demo(args.overrides, args.output_dir, console)
+        elif args.command == "sweep":
+            from .sweep import run_sweep
+
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+            run_sweep(args.config, [m.strip() for m in args.methods.split(",") if m.strip()], seeds,
+                      args.overrides, args.output_dir, console)
         elif args.command == "build":
             from .scenarios import resolve_builtin
 
@@ -96,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve-teacher":
             from .serve import serve
 
-            serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_batch_size)
+            serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_batch_size,
+                  args.max_pending)
     except OPDError as exc:
         console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         return 2
