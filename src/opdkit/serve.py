@@ -223,8 +223,9 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", code:
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch_size: int = 32,
-               batch_wait_s: float = 0.005):
-    """The FastAPI application; ``app.state.engine`` is its :class:`Engine`."""
+               batch_wait_s: float = 0.005, max_pending: int = 256):
+    """The FastAPI application; ``app.state.engine`` is its :class:`Engine`. Past ``max_pending`` requests
+    in flight, new ones are refused with 503 and ``Retry-After`` so that memory stays bounded under load."""
     from fastapi import FastAPI, Request
 
     engine = Engine(model, tokenizer, max_batch_size, batch_wait_s)
@@ -239,6 +240,22 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
                 return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                               "authentication_error", "invalid_api_key")
         return await call_next(request)
+
+    in_flight = [0]
+
+    @app.middleware("http")
+    async def bounded(request: Request, call_next):
+        if request.method != "POST":
+            return await call_next(request)
+        if in_flight[0] >= max_pending:
+            busy = _error(503, f"server busy: {max_pending} requests in flight; retry later", "server_error", "overloaded")
+            busy.headers["Retry-After"] = "1"
+            return busy
+        in_flight[0] += 1
+        try:
+            return await call_next(request)
+        finally:
+            in_flight[0] -= 1
 
     def token_text(token_id: int, as_ids: bool) -> str:
         return f"token_id:{token_id}" if as_ids else tokenizer.decode([token_id])
@@ -381,12 +398,14 @@ def _chat_logprobs(seq: Sequence, tokenizer) -> dict:
 # ------------------------------------------------------------------------------------------- running it
 
 
-def load_app(model_path: str, name: str | None = None, api_key: str | None = None, max_batch_size: int = 32):
+def load_app(model_path: str, name: str | None = None, api_key: str | None = None, max_batch_size: int = 32,
+             max_pending: int = 256):
     """The app for a local model folder or ``builtin:`` name, on the best device, in float32."""
     from .models import load_model, load_tokenizer, pick_device
 
     model = load_model(model_path, pick_device())
-    return create_app(model, load_tokenizer(model_path), name or model_path, api_key, max_batch_size)
+    return create_app(model, load_tokenizer(model_path), name or model_path, api_key, max_batch_size,
+                      max_pending=max_pending)
 
 
 @contextlib.contextmanager
@@ -414,9 +433,10 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
         sock.close()
 
 
-def serve(model_path: str, host: str, port: int, api_key: str | None, name: str | None, max_batch_size: int) -> None:
+def serve(model_path: str, host: str, port: int, api_key: str | None, name: str | None, max_batch_size: int,
+          max_pending: int = 256) -> None:
     """Serve until interrupted (the ``opd serve-teacher`` command)."""
     import uvicorn
 
-    app = load_app(model_path, name, api_key, max_batch_size)
+    app = load_app(model_path, name, api_key, max_batch_size, max_pending)
     uvicorn.run(app, host=host, port=port, log_level="info")
