@@ -82,3 +82,28 @@ def test_sweep_writes_a_table_and_a_plot(tiny_config, tmp_path):
     table = (tmp_path / "s" / "sweep.md").read_text()
     assert "| opd |" in table and "| vopd |" in table and "±" in table
     assert (tmp_path / "s" / "sweep.png").stat().st_size > 10_000
+
+
+def test_vocab_chunked_training_loss_equals_the_plain_one(tiny):
+    from opdkit.config import ObjectiveConfig
+    from opdkit.methods.formula import Formula
+    from opdkit.teachers import LocalTeacher
+
+    student, tokenizer = load_model(str(tiny / "student")), load_tokenizer(str(tiny / "student"))
+    teacher = LocalTeacher(load_model(str(tiny / "teacher")))
+    torch.manual_seed(0)
+    batch = sample(student, tokenizer, load_examples(str(tiny / "train.jsonl"))[:6], max_completion_length=10)
+    signal = teacher.score(batch, "full")
+    results = []
+    for chunk in (None, 7):
+        method = Formula(ObjectiveConfig(method="gkd", lmbda=1.0, temperature=1.5, vocab_chunk_size=chunk))
+        method.attach(student)
+        student.zero_grad()
+        out = batch.completion_logits(student, return_hidden=True, logits=chunk is None)
+        loss = (method.token_loss(out[0], batch, signal, hidden=out[1]).loss * batch.completion_mask).sum()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+    (plain, plain_grads), (chunked, chunked_grads) = results
+    assert torch.allclose(plain, chunked, atol=1e-5)
+    for a, b in zip(plain_grads, chunked_grads):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -213,6 +213,8 @@ class ObjectiveConfig(_Strict):
     aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     ref_kl_coef: float = Field(0.0, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
+    vocab_chunk_size: int | None = Field(None, ge=1, description="full support: apply the LM head this many "
+                                         "positions at a time, recomputed in backward (bounded memory)")
 
     @model_validator(mode="before")
     @classmethod
@@ -244,6 +246,10 @@ class ObjectiveConfig(_Strict):
         if self.lmbda < 1 and self.grad_path == "pg" and self.states == "student":
             raise ValueError("lmbda < 1 mixes in dataset completions, which have no sampling log-probs for a policy "
                              "gradient: use grad_path: direct with a top-k or full support (as GKD does), or lmbda: 1.0")
+        if self.vocab_chunk_size is not None and (self.support != "full" or self.ref_kl_coef or self.entropy_coef
+                                                  or self.entropy_gate.enabled or self.prefix_guidance.enabled):
+            raise ValueError("vocab_chunk_size applies to support: full with no ref_kl_coef, entropy_coef, entropy_gate "
+                             "or prefix_guidance (they need every token's log-prob): remove one or the other")
         if not sampled and self.grad_path == "pg":
             raise ValueError(f"support {self.support!r} is a distributional loss: set grad_path: direct")
         return self

@@ -51,21 +51,23 @@ class Rollouts:
             for ids, mask in zip(self.completion_ids, self.completion_mask)
         ]
 
-    def completion_logits(self, model: PreTrainedModel, return_hidden: bool = False):
+    def completion_logits(self, model: PreTrainedModel, return_hidden: bool = False, logits: bool = True):
         """``[B, C, V]`` logits that predict each completion token, from one forward pass (and, with
         ``return_hidden``, the ``[B, C, d]`` last hidden states they come from).
 
         Position ids follow the attention mask, exactly as ``generate`` assigns them with left padding.
-        Only the last ``C + 1`` positions go through the LM head.
+        Only the last ``C + 1`` positions go through the LM head; with ``logits=False`` none do (beyond one)
+        and the logits come back as None, for a caller that applies the head itself in chunks.
         """
         mask = self.attention_mask
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         width = self.completion_ids.shape[1]
         out = model(input_ids=self.input_ids, attention_mask=mask, position_ids=position_ids,
-                    logits_to_keep=width + 1, use_cache=False, output_hidden_states=return_hidden)
+                    logits_to_keep=width + 1 if logits else 1, use_cache=False, output_hidden_states=return_hidden)
+        completion_logits = out.logits[:, :-1] if logits else None
         if return_hidden:
-            return out.logits[:, :-1], out.hidden_states[-1][:, -width - 1 : -1]
-        return out.logits[:, :-1]
+            return completion_logits, out.hidden_states[-1][:, -width - 1 : -1]
+        return completion_logits
 
     def token_logprobs(self, model: PreTrainedModel) -> torch.Tensor:
         """``[B, C]`` log-probs of the completion tokens under ``model`` (fp32 log-softmax), masked."""

@@ -176,19 +176,22 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
     weights = [aggregation_weights(b.completion_mask, run.config.objective.aggregation) for b in batches]
     normalizer = max(1e-8, float(sum(w.sum() for w in weights)))
     needs_hidden = getattr(run.method, "needs_hidden", False)
+    hidden_only = getattr(run.method, "hidden_only", False)  # logits computed by the method, in chunks
     run.student.train()
-    sums: dict[str, float] = {"loss": 0.0, "entropy": 0.0}
+    sums: dict[str, float] = {"loss": 0.0}
     for batch, signal, weight in zip(batches, signals, weights):
         with autocast(run.device, run.amp_dtype):
-            out = batch.completion_logits(run.student, return_hidden=needs_hidden)
-        logits, hidden = out if needs_hidden else (out, None)
+            out = batch.completion_logits(run.student, return_hidden=needs_hidden or hidden_only,
+                                          logits=not hidden_only)
+        logits, hidden = out if needs_hidden or hidden_only else (out, None)
         token_loss = run.method.token_loss(logits, batch, signal, hidden=hidden)
         loss = (token_loss.loss * weight).sum() / normalizer
         loss.backward()
         sums["loss"] += float(loss.detach())
         share = batch.num_tokens / total_tokens
         with torch.no_grad():
-            sums["entropy"] += float(token_sum(entropy(logits.float().log_softmax(-1)), batch.completion_mask)) / total_tokens
+            if "entropy" not in token_loss.stats and logits is not None:
+                token_loss.stats["entropy"] = entropy(logits.float().log_softmax(-1))
             for name, values in token_loss.stats.items():
                 sums[name] = sums.get(name, 0.0) + float(token_sum(values, batch.completion_mask)) / total_tokens
             for name, value in token_loss.scalars.items():
@@ -238,7 +241,9 @@ def _describe(record: dict) -> str:
         parts.append(f"adv {record['advantage']:+.3f}")
     if "reverse_kl" in record:
         parts.append(f"rkl {record['reverse_kl']:.3f}")
-    parts += [f"H {record['entropy']:.2f}", f"len {record['completion_length']:.1f}", f"{record['tokens_per_s']:.0f} tok/s"]
+    if "entropy" in record:
+        parts.append(f"H {record['entropy']:.2f}")
+    parts += [f"len {record['completion_length']:.1f}", f"{record['tokens_per_s']:.0f} tok/s"]
     return "  ".join(parts)
 
 

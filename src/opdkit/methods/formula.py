@@ -21,7 +21,7 @@ from ..objectives import credit, gates, regularizers
 from ..objectives.divergence import distributional, entropy, estimator, kl, phi, phi_prime
 from ..objectives.policy_gradient import policy_gradient_loss
 from ..objectives.reduce import token_mean
-from ..objectives.support import restrict, student_topk
+from ..objectives.support import chunked_full, restrict, student_topk
 from ..rollout import Rollouts
 from ..teachers import TeacherSignal
 from . import Method, StateSource, TokenLoss
@@ -52,6 +52,7 @@ class Formula(Method):
         self.name = objective.method
         self.teacher_support, self.top_k = self._teacher_needs()
         self.value_head: torch.nn.Linear | None = None
+        self.head: torch.nn.Module | None = None
 
     # ---- what the method needs from the loop ---------------------------------------------------------
     def _teacher_needs(self):
@@ -77,8 +78,14 @@ class Formula(Method):
     def needs_hidden(self) -> bool:
         return self.objective.credit.value == "learned"
 
+    @property
+    def hidden_only(self) -> bool:
+        """The loop hands over hidden states only; the LM head is applied in vocabulary chunks here."""
+        return self.objective.vocab_chunk_size is not None
+
     def attach(self, student: torch.nn.Module) -> None:
-        """Create method-owned parameters that depend on the student (the learned value head)."""
+        """Keep what the method needs of the student: its LM head (chunked path) or a new value head."""
+        self.head = student.get_output_embeddings()
         if self.needs_hidden:
             self.value_head = torch.nn.Linear(student.config.hidden_size, 1).to(next(student.parameters()).device)
             torch.nn.init.zeros_(self.value_head.weight)
@@ -92,9 +99,11 @@ class Formula(Method):
                    hidden: torch.Tensor | None = None) -> TokenLoss:
         o = self.objective
         mask = rollouts.completion_mask
+        if self.hidden_only:
+            return self._chunked(hidden, rollouts, teacher)
         logprobs = student_logits.float().log_softmax(-1)
         token_logprobs = logprobs.gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)
-        stats: dict[str, torch.Tensor] = {}
+        stats: dict[str, torch.Tensor] = {"entropy": entropy(logprobs.detach())}
         scalars: dict[str, float] = {}
 
         if o.support != "sampled":
@@ -125,6 +134,17 @@ class Formula(Method):
             loss = torch.where(guided > 0, o.prefix_guidance.beta * -token_logprobs, loss)
             scalars["guidance_fraction"] = float(token_mean(guided, mask))
         return TokenLoss(loss, stats, scalars)
+
+    def _chunked(self, hidden, rollouts: Rollouts, teacher: TeacherSignal) -> TokenLoss:
+        """Full-vocabulary divergence from hidden states, ``vocab_chunk_size`` positions at a time."""
+        o, mask = self.objective, rollouts.completion_mask
+        keep = mask.bool()
+        full = teacher.logprobs if o.temperature == 1.0 else (teacher.logprobs / o.temperature).log_softmax(-1)
+        per_token = chunked_full(hidden[keep], self.head, full[keep],
+                                 lambda s, t: distributional(o.divergence, s, t, beta=o.beta, alpha=o.alpha),
+                                 o.vocab_chunk_size, o.temperature)
+        loss = torch.zeros_like(mask, dtype=per_token.dtype).masked_scatter(keep, per_token)
+        return TokenLoss(loss)
 
     def _distributional(self, student_logits, logprobs, teacher: TeacherSignal, stats) -> torch.Tensor:
         o = self.objective

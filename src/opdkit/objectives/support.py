@@ -50,12 +50,16 @@ def student_topk(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
 
 
 def chunked_full(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], teacher_logprobs: torch.Tensor,
-                 divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Per-position ``divergence(log_softmax(head(h)), teacher)`` for ``hidden [N, d]``, ``chunk_size`` rows at
-    a time. Each block's logits are recomputed in backward, so peak memory is ``O(chunk_size * V)``."""
+                 divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chunk_size: int,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Per-position ``divergence(log_softmax(head(h) / temperature), teacher)`` for ``hidden [N, d]``,
+    ``chunk_size`` rows at a time. Each block's logits are recomputed in backward, so peak memory is
+    ``O(chunk_size * V)`` instead of ``O(N * V)``."""
 
     def block(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return divergence(head(h).float().log_softmax(-1), t)
+        return divergence((head(h).float() / temperature).log_softmax(-1), t)
+
+    hidden = hidden.to(next(iter(head.parameters()), hidden).dtype) if isinstance(head, torch.nn.Module) else hidden
 
     out = [checkpoint(block, hidden[i : i + chunk_size], teacher_logprobs[i : i + chunk_size], use_reentrant=False)
            for i in range(0, hidden.shape[0], chunk_size)]
