@@ -68,6 +68,16 @@ def test_objectives_that_need_full_logits_are_refused(served, rollouts):
         teacher.score(rollouts, "topk", 6)
 
 
+@pytest.mark.parametrize("objective, message", [
+    ({"method": "gkd"}, "full-vocabulary"), ({"method": "vopd"}, "full-vocabulary"),
+    ({"method": "opd", "support": "teacher_topk", "top_k": 50, "grad_path": "direct"}, "top 50 log-probs")])
+def test_config_refuses_objectives_a_server_cannot_feed(objective, message):
+    base = {"student": {"path": "s"}, "data": {"train": "d"}, "objective": objective,
+            "teacher": {"kind": "server", "base_url": DEAD, "model": "t", "top_k": 20}}
+    with pytest.raises(OPDError, match=message):
+        load_config(base=base)
+
+
 def test_wrong_model_name_and_unreachable_server_are_reported(served):
     with pytest.raises(OPDError, match="not served"):
         ServerTeacher(spec(served[0], model="nope"), served[2]).probe()
@@ -131,6 +141,10 @@ class Scripted(BaseHTTPRequestHandler):
         if fault == "slow":
             time.sleep(1.0)
         ids, k = payload["prompt"], payload["prompt_logprobs"]
+        if server.text_only:  # like llama-cpp-python: string prompts only
+            if not isinstance(ids, str):
+                return self._send(422, b'{"detail": "prompt: Input should be a valid string"}')
+            ids = server.tokenizer(ids, add_special_tokens=False)["input_ids"]
         shift = 1 if fault == "mismatch" else 0
         entries = [None] + [{str(i + shift): {"logprob": fake_logprob(i)}, **{str(1000 + r): {"logprob": -9.0 - r}
                                                                              for r in range(k)}} for i in ids[1:]]
@@ -145,6 +159,7 @@ class Scripted(BaseHTTPRequestHandler):
 def scripted():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
     server.lock, server.received, server.faults = threading.Lock(), [], []
+    server.text_only, server.tokenizer = False, load_tokenizer_of(None)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
@@ -199,6 +214,18 @@ def test_on_failure_wait_outlasts_the_retry_budget(scripted, rollouts):
     signal = teacher.score(rollouts, "token")
     torch.testing.assert_close(signal.token_logprobs, expected_from_fake(rollouts), atol=1e-6, rtol=0)
     assert signal.usage["retries"] == 5
+
+
+def test_a_server_that_takes_text_only_is_sent_text_and_checked(scripted, rollouts):
+    server, url = scripted
+    server.text_only = True
+    teacher = ServerTeacher(spec(url), load_tokenizer_of(rollouts))
+    teacher.probe()
+    assert teacher.prompt_as == "text"
+    signal = teacher.score(rollouts, "token")
+    torch.testing.assert_close(signal.token_logprobs, expected_from_fake(rollouts), atol=1e-6, rtol=0)
+    with pytest.raises(OPDError, match="HTTP 422"):
+        ServerTeacher(spec(url, prompt_as="ids"), load_tokenizer_of(rollouts)).probe()
 
 
 def test_a_server_that_tokenizes_differently_is_reported(scripted, rollouts):

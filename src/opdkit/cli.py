@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences per batched forward across callers")
     p.add_argument("--max-pending", type=int, default=256,
                    help="requests in flight before new ones get 503 with Retry-After (bounds memory under load)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: all cores; 1 is far faster on a CPU shared with training)")
     return parser
 
 
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             from .serve import serve
 
             serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_batch_size,
-                  args.max_pending)
+                  args.max_pending, args.threads)
     except OPDError as exc:
         console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         return 2

@@ -74,6 +74,9 @@ class ServerTeacherSpec(_RemoteTeacherSpec):
 
     kind: Literal["server"]
     top_k: int = Field(20, ge=1, description="log-probs per position the server returns (servers cap it: often 5 or 20)")
+    prompt_as: Literal["auto", "ids", "text"] = Field(
+        "auto", description="send the student's token ids, or their text for servers that take only strings "
+        "(llama-cpp-python); auto: ids, falling back to text when the server refuses them")
 
 
 class ChatTeacherSpec(_RemoteTeacherSpec):
@@ -317,6 +320,19 @@ class Config(_Strict):
                              "chunk_opd; for log-prob objectives use teacher.kind server or local")
         if chunk and not chat:
             raise ValueError("objective.method chunk_opd needs a text-only teacher: set teacher.kind: chat")
+        if self.teacher.kind == "server":
+            from .methods import build_method
+
+            method = build_method(self.objective)
+            if method.teacher_support == "full":
+                raise ValueError(f"objective {self.objective.method!r} needs the teacher's full-vocabulary log-probs "
+                                 "(support full or student_topk, or credit.value analytic), which a server does not "
+                                 "return: use support: teacher_topk with top_k <= teacher.top_k, a sampled-token method "
+                                 "(opd, opd_plus, eopd, tropd, seqkd), or a local teacher")
+            if method.teacher_support == "topk" and method.top_k > self.teacher.top_k:
+                raise ValueError(f"the objective needs the teacher's top {method.top_k} log-probs per position but "
+                                 f"teacher.top_k is {self.teacher.top_k}: lower the objective's top_k, or raise "
+                                 "teacher.top_k if the server allows it")
         return self
 
 

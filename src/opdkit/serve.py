@@ -434,9 +434,12 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
 
 
 def serve(model_path: str, host: str, port: int, api_key: str | None, name: str | None, max_batch_size: int,
-          max_pending: int = 256) -> None:
+          max_pending: int = 256, threads: int | None = None) -> None:
     """Serve until interrupted (the ``opd serve-teacher`` command)."""
     import uvicorn
 
+    from .models import set_threads
+
+    set_threads(threads)  # oversubscribed OpenMP threads make small models 10-25x slower
     app = load_app(model_path, name, api_key, max_batch_size, max_pending)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

@@ -39,6 +39,10 @@ class TeacherUnavailable(OPDError):
     """The teacher did not answer a request within the retry budget."""
 
 
+class Refused(OPDError):
+    """The server answered 4xx (other than 408/429): the request itself is wrong, so it is not retried."""
+
+
 class Malformed(ValueError):
     """A 200 answer that cannot be used (bad JSON, missing or mis-sized fields): retried like a 5xx."""
 
@@ -147,7 +151,7 @@ class ApiClient:
                     retry_after = float(header) if header and header.replace(".", "", 1).isdigit() else None
                 else:
                     hint = " (set teacher.api_key_env to the variable holding the server's key)" if status == 401 else ""
-                    raise OPDError(f"teacher server {replica.url}{path} refused the request with HTTP {status}: "
+                    raise Refused(f"teacher server {replica.url}{path} refused the request with HTTP {status}: "
                                    f"{response.text[:300]}{hint}")
             failures.append(failure)
             with self._lock:
@@ -335,17 +339,24 @@ class ServerTeacher:
         self.client = ApiClient(spec, console=console)
         self.tokens = TokenMap(tokenizer)
         self.unmapped = 0
+        self.prompt_as = "ids" if spec.prompt_as == "auto" else spec.prompt_as
 
     def take_usage(self) -> dict[str, float]:
         """Calls and tokens since the last ``score`` or ``take_usage`` (``score`` reports its own in the signal)."""
         return self.client.take_usage()
 
     def probe(self) -> None:
-        """Before training: the model is served, the server echoes the student's ids back as the same tokens,
-        and it returns ``top_k`` log-probs per position."""
+        """Before training: the model is served, it takes the prompt as ids (else as text, with ``auto``),
+        echoes the student's tokens back unchanged, and returns ``top_k`` log-probs per position."""
         self.client.check_model(self.spec.model)
         ids = render_prompt(self.tokenizer, [{"role": "user", "content": "Hello, world! 12+34=46"}])
-        scored = self._score_ids([(ids, 1)], self.spec.top_k)[0]
+        try:
+            scored = self._score_ids([(ids, 1)], self.spec.top_k)[0]
+        except Refused:
+            if self.spec.prompt_as != "auto":
+                raise
+            self.prompt_as = "text"  # e.g. llama-cpp-python's server takes string prompts only
+            scored = self._score_ids([(ids, 1)], self.spec.top_k)[0]
         returned = min(len(t) for t in scored.topk)
         if returned < min(self.spec.top_k, len(self.tokenizer) - 1):
             raise OPDError(f"the teacher server returns {returned} log-probs per position, fewer than teacher.top_k "
@@ -353,7 +364,8 @@ class ServerTeacher:
         self.client.take_usage()
 
     def _payload(self, ids: list[int], k: int) -> dict:
-        return {"model": self.spec.model, "prompt": ids, "max_tokens": 1, "temperature": 1.0, "echo": True,
+        prompt = self.tokenizer.decode(ids) if self.prompt_as == "text" else ids
+        return {"model": self.spec.model, "prompt": prompt, "max_tokens": 1, "temperature": 1.0, "echo": True,
                 "logprobs": k, "prompt_logprobs": k, "return_tokens_as_token_ids": True}
 
     def _score_ids(self, rows: list[tuple[list[int], int]], k: int) -> list[Scored]:
@@ -402,9 +414,10 @@ class ServerTeacher:
     def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
                top_p: float = 1.0, greedy: bool = False) -> Rollouts:
         """Teacher completions of the prompts (for teacher-state methods and greedy teacher accuracy)."""
-        payloads = [{"model": self.spec.model, "prompt": render_prompt(self.tokenizer, e.messages),
+        prompts = [render_prompt(self.tokenizer, e.messages) for e in examples]
+        payloads = [{"model": self.spec.model, "prompt": self.tokenizer.decode(p) if self.prompt_as == "text" else p,
                      "max_tokens": max_completion_length, "temperature": 0.0 if greedy else temperature,
-                     "top_p": 1.0 if greedy else top_p} for e in examples]
+                     "top_p": 1.0 if greedy else top_p} for p in prompts]
         answers = self.client.map("/completions", payloads, _one_choice)
         texts = [a["choices"][0]["text"] for a in answers]
         stopped = [a["choices"][0].get("finish_reason") == "stop" for a in answers]
@@ -412,5 +425,5 @@ class ServerTeacher:
 
 
 def _one_choice(body: dict) -> None:
-    if len(body["choices"]) != 1 or not isinstance(body["choices"][0].get("text", body["choices"][0].get("message")), (str, dict)):
+    if len(body["choices"]) != 1 or not isinstance(body["choices"][0]["text"], str):
         raise Malformed("expected exactly one choice with text")
