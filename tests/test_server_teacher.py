@@ -1,6 +1,7 @@
 """The server teacher: exact against the local teacher through our server, replicas, and fault injection
 against a scripted server started here (slow answers, dropped connections, 500, 429, malformed JSON)."""
 
+import dataclasses
 import json
 import threading
 import time
@@ -58,6 +59,15 @@ def test_server_scores_equal_the_local_teacher_and_a_dead_replica_leaves_rotatio
     token = teacher.score(rollouts, "token")
     torch.testing.assert_close(token.token_logprobs, local.token_logprobs, atol=1e-4, rtol=0)
     assert "retries" not in token.usage  # while it cools down, only the live replica is asked
+
+
+def test_requests_are_spread_over_live_replicas(served, rollouts):
+    url, model, tokenizer = served
+    second = create_app(model, tokenizer, "t")
+    with serve_in_thread(second) as other:
+        signal = ServerTeacher(spec([url, other], concurrency=2), tokenizer).score(rollouts, "token")
+    assert signal.usage["requests"] == len(rollouts.examples) and "retries" not in signal.usage
+    assert sum(second.state.engine.batch_sizes) == len(rollouts.examples) // 2  # round-robin: half each
 
 
 def test_objectives_that_need_full_logits_are_refused(served, rollouts):
@@ -145,6 +155,12 @@ class Scripted(BaseHTTPRequestHandler):
             if not isinstance(ids, str):
                 return self._send(422, b'{"detail": "prompt: Input should be a valid string"}')
             ids = server.tokenizer(ids, add_special_tokens=False)["input_ids"]
+        if fault in ("legacy", "llama"):  # OpenAI legacy echo; llama-cpp-python also leaves out ids equal to the first
+            keep = [j for j in range(len(ids)) if fault == "legacy" or (j > 0 and ids[j] != ids[0])]
+            text = [server.tokenizer.decode([ids[j]]) for j in keep]
+            logprobs = {"tokens": text, "token_logprobs": [None] + [fake_logprob(ids[j]) for j in keep[1:]],
+                        "top_logprobs": [None] + [{t: fake_logprob(ids[j])} for t, j in zip(text[1:], keep[1:])]}
+            return self._send(200, json.dumps({"choices": [{"index": 0, "text": "", "logprobs": logprobs}]}).encode())
         shift = 1 if fault == "mismatch" else 0
         entries = [None] + [{str(i + shift): {"logprob": fake_logprob(i)}, **{str(1000 + r): {"logprob": -9.0 - r}
                                                                              for r in range(k)}} for i in ids[1:]]
@@ -226,6 +242,20 @@ def test_a_server_that_takes_text_only_is_sent_text_and_checked(scripted, rollou
     torch.testing.assert_close(signal.token_logprobs, expected_from_fake(rollouts), atol=1e-6, rtol=0)
     with pytest.raises(OPDError, match="HTTP 422"):
         ServerTeacher(spec(url, prompt_as="ids"), load_tokenizer_of(rollouts)).probe()
+
+
+@pytest.mark.parametrize("layout", ["legacy", "llama"])
+def test_legacy_echo_layouts_are_aligned_to_the_students_ids(scripted, rollouts, layout):
+    server, url = scripted
+    server.faults = [layout] * 20
+    first = int(rollouts.prompt_ids[0, -rollouts.prompt_mask[0].sum()])  # llama.cpp leaves this id out everywhere
+    clean = dataclasses.replace(rollouts, completion_ids=rollouts.completion_ids.masked_fill(rollouts.completion_ids == first, 5))
+    teacher = ServerTeacher(spec(url), load_tokenizer_of(rollouts))
+    signal = teacher.score(clean, "token")
+    torch.testing.assert_close(signal.token_logprobs, expected_from_fake(clean), atol=1e-6, rtol=0)
+    if layout == "llama" and bool(((rollouts.completion_ids == first) & rollouts.completion_mask.bool()).any()):
+        with pytest.raises(OPDError, match="leaves out a completion token"):
+            teacher.score(rollouts, "token")
 
 
 def test_a_server_that_tokenizes_differently_is_reported(scripted, rollouts):

@@ -109,8 +109,10 @@ class ApiClient:
         delay = random.uniform(0, min(self.spec.max_backoff_s, self.spec.backoff_s * 2**attempt))
         return max(delay, retry_after or 0.0)
 
-    def post(self, path: str, payload: dict, check: Callable[[dict], None] = lambda body: None) -> dict:
+    def post(self, path: str, payload: dict, check: Callable[[dict], None] = lambda body: None,
+             max_retries: int | None = None) -> dict:
         """One request until it succeeds; see the class docstring for what is retried."""
+        max_retries = self.spec.max_retries if max_retries is None else max_retries
         key = None
         if self.cache is not None:
             key = hashlib.sha256(json.dumps([path, payload], sort_keys=True).encode()).hexdigest()
@@ -158,10 +160,10 @@ class ApiClient:
                 replica.down_until = time.monotonic() + max(self.spec.replica_cooldown_s, retry_after or 0.0)
             attempt += 1
             self._count(retries=1)
-            if attempt > self.spec.max_retries:
-                if self.spec.on_failure == "raise":
+            if attempt > max_retries:
+                if self.spec.on_failure == "raise" or max_retries < self.spec.max_retries:
                     raise TeacherUnavailable(
-                        f"teacher request to {path} failed {attempt} times (max_retries {self.spec.max_retries}); "
+                        f"teacher request to {path} failed {attempt} times (max_retries {max_retries}); "
                         f"last errors: {failures[-3:]}. Check that the server at {[r.url for r in self.replicas]} "
                         "answers, or raise teacher.max_retries / timeout_s, or set teacher.on_failure: wait")
                 self.console.print(f"[yellow]teacher unavailable after {attempt} tries ({failure}); "
@@ -274,17 +276,17 @@ def parse_scores(choice: dict, ids: list[int], k: int, tokens: TokenMap) -> Scor
         raise Malformed("the answer has neither prompt_logprobs nor echoed logprobs; the server must support "
                         "echo with logprobs (OpenAI legacy completions) or vLLM's prompt_logprobs")
     echoed, values, tops = logprobs["tokens"], logprobs["token_logprobs"], logprobs.get("top_logprobs") or []
-    if len(echoed) < n or len(values) < n:
-        raise _mismatch(len(echoed), ids, f"the server echoed {len(echoed)} tokens for the {n} sent", tokens)
-    for j in range(n):
-        if tokens.same(echoed[j], ids[j]) is False:
-            raise _mismatch(j, ids, f"position {j}: the server echoed {echoed[j]!r}, the student's token is "
-                                    f"{tokens.text(ids[j])!r} (id {ids[j]})", tokens)
+    echo_index = {j: i for i, j in enumerate(_echo_positions(echoed, ids, tokens))}
     token_lp, topk, unmapped = [], [], 0
     for j in range(1, n):
-        token_lp.append(float(values[j]))
+        i = echo_index.get(j)
+        if i is None or values[i] is None:  # a position the server left out of its echo: log-prob unknown
+            token_lp.append(math.nan)
+            topk.append([])
+            continue
+        token_lp.append(float(values[i]))
         pairs = []
-        for text, value in sorted(((tops[j] if j < len(tops) else None) or {}).items(), key=lambda kv: -kv[1]):
+        for text, value in sorted(((tops[i] if i < len(tops) else None) or {}).items(), key=lambda kv: -kv[1]):
             token_id = tokens.id(text)
             if token_id is None:
                 unmapped += 1
@@ -292,6 +294,21 @@ def parse_scores(choice: dict, ids: list[int], k: int, tokens: TokenMap) -> Scor
                 pairs.append((token_id, float(value)))
         topk.append(pairs[:k])
     return Scored(token_lp, topk, unmapped)
+
+
+def _echo_positions(echoed: list[str], ids: list[int], tokens: TokenMap) -> list[int]:
+    """The sequence position of each echoed token. OpenAI, vLLM and ours echo every token; llama-cpp-python
+    leaves out the first token when it is the model's BOS and every later occurrence of that id. Every
+    comparable echoed token must equal the student's, else the tokenizations differ (reported)."""
+    n = len(ids)
+    layouts = [list(range(n)), [j for j in range(1, n) if ids[j] != ids[0]]]
+    for positions in layouts:
+        if len(echoed) >= len(positions) and all(tokens.same(echoed[i], ids[j]) is not False
+                                                 for i, j in enumerate(positions)):
+            return positions
+    j = next((j for j in range(min(n, len(echoed))) if tokens.same(echoed[j], ids[j]) is False), min(n, len(echoed)) - 1)
+    raise _mismatch(j, ids, f"{len(echoed)} tokens echoed for {n} sent; at position {j} the server has "
+                            f"{echoed[j]!r}, the student {tokens.text(ids[j])!r} (id {ids[j]})", tokens)
 
 
 def _mismatch(j: int, ids: list[int], detail: str, tokens: TokenMap) -> OPDError:
@@ -350,14 +367,16 @@ class ServerTeacher:
         echoes the student's tokens back unchanged, and returns ``top_k`` log-probs per position."""
         self.client.check_model(self.spec.model)
         ids = render_prompt(self.tokenizer, [{"role": "user", "content": "Hello, world! 12+34=46"}])
-        try:
-            scored = self._score_ids([(ids, 1)], self.spec.top_k)[0]
-        except Refused:
-            if self.spec.prompt_as != "auto":
-                raise
-            self.prompt_as = "text"  # e.g. llama-cpp-python's server takes string prompts only
-            scored = self._score_ids([(ids, 1)], self.spec.top_k)[0]
-        returned = min(len(t) for t in scored.topk)
+        scored = None
+        if self.spec.prompt_as == "auto":
+            try:  # one try: llama-cpp-python refuses id prompts with a 500, not worth retrying
+                answer = self.client.post("/completions", self._payload(ids, self.spec.top_k), max_retries=0)
+                scored = parse_scores(answer["choices"][0], ids, self.spec.top_k, self.tokens)
+            except (OPDError, KeyError, IndexError, TypeError, ValueError):
+                self.prompt_as = "text"  # the echoed tokens are still checked against the student's ids
+        if scored is None:
+            scored = self.score_ids([(ids, 1)], self.spec.top_k)[0]
+        returned = max(len(t) for t in scored.topk)  # some positions may lose entries to ambiguous texts
         if returned < min(self.spec.top_k, len(self.tokenizer) - 1):
             raise OPDError(f"the teacher server returns {returned} log-probs per position, fewer than teacher.top_k "
                            f"{self.spec.top_k}: lower teacher.top_k (servers often cap it at 5 or 20)")
@@ -368,7 +387,9 @@ class ServerTeacher:
         return {"model": self.spec.model, "prompt": prompt, "max_tokens": 1, "temperature": 1.0, "echo": True,
                 "logprobs": k, "prompt_logprobs": k, "return_tokens_as_token_ids": True}
 
-    def _score_ids(self, rows: list[tuple[list[int], int]], k: int) -> list[Scored]:
+    def score_ids(self, rows: list[tuple[list[int], int]], k: int) -> list[Scored]:
+        """Raw per-position scores of ``(ids, prompt_length)`` rows (top-k lists may be short where a server
+        names tokens by texts that map to no single student id)."""
         payloads = [self._payload(ids, k) for ids, _ in rows]
 
         def check(body: dict) -> None:
@@ -388,13 +409,17 @@ class ServerTeacher:
             raise OPDError(f"objective.top_k {k} exceeds teacher.top_k {self.spec.top_k}, the log-probs the server "
                            "returns per position: lower objective.top_k or raise teacher.top_k (if the server allows)")
         rows = sequences(rollouts)
-        scored = self._score_ids(rows, k)
+        scored = self.score_ids(rows, k)
         B, C = rollouts.completion_ids.shape
         token = torch.zeros(B, C)
         ids = torch.arange(k).repeat(B, C, 1)  # padding positions: a finite uniform placeholder, masked later
         values = torch.full((B, C, k), -math.log(k))
         for b, ((seq, p), s) in enumerate(zip(rows, scored)):
             width = len(seq) - p
+            if any(math.isnan(v) for v in s.token_logprobs[p - 1:]):
+                raise OPDError("the teacher server's echo leaves out a completion token, so its log-prob is unknown "
+                               "(llama-cpp-python omits every token equal to the model's BOS, here the first prompt "
+                               "token): use a server that echoes every token (ours, vLLM)")
             token[b, :width] = torch.tensor(s.token_logprobs[p - 1:])
             if support == "topk":
                 for t in range(width):
