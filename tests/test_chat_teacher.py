@@ -118,6 +118,27 @@ def test_fake_teacher_gives_exact_chunk_rewards_counts_calls_and_caches(tmp_path
         torch.testing.assert_close(again.token_advantages, expected)
 
 
+def test_instruct_mode_asks_a_plain_chat_api_to_continue_the_prefix():
+    from fastapi import FastAPI
+
+    app, calls = FastAPI(), []
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict):
+        calls.append(body)
+        return {"choices": [{"index": i, "message": {"role": "assistant", "content": "5c0 "}, "finish_reason": "length"}
+                            for i in range(body["n"])]}
+
+    tokenizer = build_tokenizer()
+    rollouts = handmade_rollouts(tokenizer, ["5c0 5c0 9c9 5c0\n5955"], [[8]])
+    with serve_in_thread(app) as url:
+        signal = ChatTeacher(chat_spec(url, continuation="instruct", max_forks=1, baseline="prior"), tokenizer).score(rollouts)
+    (body,) = calls
+    assert "continue_final_message" not in body and [m["role"] for m in body["messages"]] == ["user"]
+    assert body["messages"][0]["content"].startswith("1234+4321") and "5c0 5c0 \n" in body["messages"][0]["content"]
+    assert signal.token_advantages[0, 8] == pytest.approx((1 + 2 * 0.5) / 4 - 0.5)
+
+
 def test_a_chunk_that_ends_with_the_teacher_beats_one_that_runs_on(tmp_path):
     tokenizer = build_tokenizer()
     rollouts = handmade_rollouts(tokenizer, ["5c0 5c0 5c0 5c0\n5555", "5c0 5c0 5c0 5c0\n5555 55"], [[16], [16]])
