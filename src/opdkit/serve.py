@@ -269,6 +269,11 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
             return f"prompt of {len(prompt_ids)} tokens + max_tokens {max_tokens} exceeds the context of {engine.context}"
         return None
 
+    def wrong_model(name: str | None):
+        if name in (None, model_name):
+            return None
+        return _error(404, f"model {name!r} is not served here; this server serves {model_name!r}", code="model_not_found")
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "opdkit",
@@ -276,9 +281,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        if body.model not in (None, model_name):
-            return _error(404, f"model {body.model!r} is not served here; this server serves {model_name!r}",
-                          code="model_not_found")
+        if error := wrong_model(body.model):
+            return error
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -312,9 +316,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
-        if body.model not in (None, model_name):
-            return _error(404, f"model {body.model!r} is not served here; this server serves {model_name!r}",
-                          code="model_not_found")
+        if error := wrong_model(body.model):
+            return error
         messages = body.messages
         if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
             return _error(400, "messages must be a non-empty list of {'role': ..., 'content': str}")
