@@ -73,8 +73,7 @@ def setup(config: Config, student_path: str | None = None) -> Run:
         raise OPDError(f"method {method.name!r} with lmbda < 1 trains on dataset completions, but {config.data.train!r} "
                        "has records without one: add a 'completion' field (or a final assistant message), or set lmbda: 1.0")
     student = load_model(student_path, device)
-    if hasattr(method, "attach"):
-        method.attach(student)
+    method.attach(student)
     # a frozen copy of the initial student, for the KL-to-reference regularizer
     reference = load_model(student_path, device).requires_grad_(False) if config.objective.ref_kl_coef else None
     teacher = build_teacher(config.teacher, tokenizer, student.config, device, amp_dtype)
@@ -175,8 +174,7 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
     # token mean (or sequence mean) over the whole step, so accumulation never changes the loss
     weights = [aggregation_weights(b.completion_mask, run.config.objective.aggregation) for b in batches]
     normalizer = max(1e-8, float(sum(w.sum() for w in weights)))
-    needs_hidden = getattr(run.method, "needs_hidden", False)
-    hidden_only = getattr(run.method, "hidden_only", False)  # logits computed by the method, in chunks
+    needs_hidden, hidden_only = run.method.needs_hidden, run.method.hidden_only
     run.student.train()
     sums: dict[str, float] = {"loss": 0.0}
     for batch, signal, weight in zip(batches, signals, weights):

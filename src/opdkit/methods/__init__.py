@@ -37,6 +37,8 @@ class Method:
     name: str
     teacher_support: Support = "token"
     top_k: int | None = None
+    needs_hidden: bool = False  # the loop also hands over the student's last hidden states
+    hidden_only: bool = False  # ... and no logits: the method applies the LM head itself
 
     def state_source(self, rng: random.Random) -> StateSource:
         return "student"
@@ -44,6 +46,9 @@ class Method:
     def needs_completions(self) -> bool:
         """Whether the dataset must carry reference completions."""
         return False
+
+    def attach(self, student: torch.nn.Module) -> None:
+        """Keep or create what the method needs of the student before training (a value head, say)."""
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """Trainable parameters the method owns besides the student's (a value head, say)."""
