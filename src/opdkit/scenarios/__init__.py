@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 from pathlib import Path
 
 from ..errors import OPDError, closest
@@ -32,5 +33,16 @@ def resolve_builtin(spec: str) -> Path:
     folder = cache_root() / module.FOLDER
     target = folder / module.ARTIFACTS[name]
     if not target.exists():
-        module.build(folder)
+        build_atomically(module, folder)
     return target
+
+
+def build_atomically(module, folder: Path) -> None:
+    """``module.build`` writes into a temporary folder that replaces ``folder`` only once complete, so an
+    interrupted build never leaves a half-written scenario that later runs would load."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    module.build(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)

@@ -16,7 +16,6 @@ Built once (about two minutes on 2 CPU cores) by our own code, saved with ``save
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -122,13 +121,10 @@ def supervised(model, tokenizer, train: list[Example], validation: list[Example]
     raise RuntimeError(f"{label} did not reach {target:.0%} validation accuracy in {max_steps} steps (last {acc:.1%})")
 
 
-def build(folder: Path, console: Console | None = None) -> None:
-    """Write the tokenizer, splits, teacher and student into ``folder`` (atomically, via a temp folder)."""
+def build(tmp: Path, console: Console | None = None) -> None:
+    """Write the tokenizer, splits, teacher and student into the (temporary) folder ``tmp``."""
     console = console or Console(stderr=True)
-    console.print(f"[bold]Building the embedded arithmetic scenario[/] into {folder} (once; cached afterwards)")
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    console.print("[bold]Building the embedded arithmetic scenario[/] (once; cached afterwards)")
     splits = arithmetic.make_splits(SPLITS, seed=SEED)
     for name, problems in splits.items():
         with (tmp / f"{name}.jsonl").open("w") as f:
@@ -151,5 +147,3 @@ def build(folder: Path, console: Console | None = None) -> None:
     tokenizer.save_pretrained(tmp / "student")
     (tmp / "build.json").write_text(json.dumps({"teacher_validation_accuracy": acc, "student_validation_accuracy": acc_s,
                                                 "teacher": TEACHER, "student": STUDENT, "splits": SPLITS}, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -97,12 +96,10 @@ def prune_layers(teacher, keep_every: int = KEEP_EVERY):
     return student
 
 
-def build(folder: Path, console: Console | None = None) -> None:
+def build(tmp: Path, console: Console | None = None) -> None:
+    """Convert the teacher, prune the student and write the prompt splits into the (temporary) folder ``tmp``."""
     console = console or Console(stderr=True)
-    console.print(f"[bold]Building the smollm2-compress scenario[/] into {folder} (once; cached afterwards)")
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    console.print("[bold]Building the smollm2-compress scenario[/] (once; cached afterwards)")
     teacher, tokenizer = load_gguf_as_plain_model()
     teacher.save_pretrained(tmp / "teacher")
     tokenizer.save_pretrained(tmp / "teacher")
@@ -114,5 +111,3 @@ def build(folder: Path, console: Console | None = None) -> None:
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in chunk))
     console.print(f"  teacher {teacher.num_parameters() / 1e6:.0f}M parameters, {teacher.config.num_hidden_layers} layers; "
                   f"student {student.num_parameters() / 1e6:.0f}M, {student.config.num_hidden_layers} layers")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
