@@ -162,7 +162,8 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
 
     start = time.perf_counter()
     signals = [run.teacher.score(b, run.method.teacher_support, run.method.top_k) for b in batches]
-    teacher_usage = {f"teacher_{k}": sum(s.usage.get(k, 0.0) for s in signals) for s in signals for k in s.usage}
+    usage_keys = set().union(*(s.usage for s in signals))  # teacher calls and tokens (remote teachers)
+    teacher_usage = {f"teacher_{k}": sum(s.usage.get(k, 0.0) for s in signals) for k in sorted(usage_keys)}
     if run.reference is not None:
         with torch.no_grad(), autocast(run.device, run.amp_dtype):
             for b in batches:
