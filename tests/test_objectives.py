@@ -144,3 +144,49 @@ def test_token_sum_over_micro_batches_equals_one_token_mean():
     total = mask.sum()
     split = token_sum(values[:2], mask[:2]) / total + token_sum(values[2:], mask[2:]) / total
     assert split.item() == pytest.approx(token_mean(values, mask).item(), abs=1e-6)
+
+
+def test_tail_bucket_keeps_the_mass_outside_the_support():
+    from opdkit.objectives.support import restrict
+
+    student = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    teacher = torch.log(torch.tensor([[0.1, 0.6, 0.3]]))
+    ids = torch.tensor([[1, 2]])
+    s, t = restrict(student, teacher, ids, tail=True)
+    assert torch.allclose(s.exp(), torch.tensor([[0.3, 0.2, 0.5]]), atol=1e-5)
+    assert torch.allclose(t.exp(), torch.tensor([[0.6, 0.3, 0.1]]), atol=1e-5)
+
+
+def test_student_topk_support_follows_the_student_and_passes_no_gradient_through_the_choice():
+    from opdkit.objectives.support import student_topk
+
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]], requires_grad=True)
+    teacher = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    s, t = student_topk(logits.log_softmax(-1), teacher, k=2)
+    assert torch.allclose(t.exp(), torch.tensor([[0.25, 0.75]]))  # teacher on the student's ids {0, 2}
+    assert torch.allclose(s.exp(), torch.softmax(torch.tensor([[2.0, 1.0]]), -1))
+
+
+def test_ppo_clip_is_pessimistic_outside_the_trust_interval():
+    student = torch.log(torch.tensor([[0.6, 0.6]]))
+    sampler = torch.log(torch.tensor([[0.4, 0.4]]))  # ratio 1.5
+    loss = policy_gradient_loss(student, sampler, torch.tensor([[1.0, -1.0]]), clip_epsilon=0.2)
+    # positive advantage: the clipped ratio 1.2 bounds the gain; negative: the unclipped 1.5 (larger loss)
+    assert torch.allclose(loss, torch.tensor([[-1.2, 1.5]]))
+
+
+def test_sequence_mean_gives_each_sequence_equal_weight():
+    from opdkit.objectives.reduce import aggregation_weights
+
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    values = torch.tensor([[1.0, 1.0, 1.0, 1.0], [5.0, 9.0, 9.0, 9.0]])
+    weights = aggregation_weights(mask, "sequence_mean")
+    assert (values * weights).sum() / weights.sum() == pytest.approx(3.0)  # mean of the per-sequence means 1 and 5
+    token = aggregation_weights(mask, "token_mean")
+    assert (values * token).sum() / token.sum() == pytest.approx(9.0 / 5)
+
+
+def test_position_weights_decay_geometrically():
+    from opdkit.objectives.gates import position_weights
+
+    assert torch.allclose(position_weights(torch.ones(1, 4), 0.5), torch.tensor([[1.0, 0.5, 0.25, 0.125]]))
