@@ -82,7 +82,7 @@ def test_scores_through_llamacpp_agree_with_the_local_load_of_the_same_gguf(llam
     teacher = ServerTeacher(spec, tokenizer)
     teacher.probe()
     remote = teacher.score(rollouts, "token")
-    local = LocalTeacher(load_model("builtin:smollm2/teacher")).score(rollouts, "topk", 5)
+    local = LocalTeacher(load_model("builtin:smollm2/teacher"), tokenizer).score(rollouts, "topk", 5)
 
     mask = rollouts.completion_mask.bool()
     diff = (remote.token_logprobs - local.token_logprobs)[mask].abs()

@@ -90,7 +90,7 @@ def test_vocab_chunked_training_loss_equals_the_plain_one(tiny):
     from opdkit.teachers import LocalTeacher
 
     student, tokenizer = load_model(str(tiny / "student")), load_tokenizer(str(tiny / "student"))
-    teacher = LocalTeacher(load_model(str(tiny / "teacher")))
+    teacher = LocalTeacher(load_model(str(tiny / "teacher")), tokenizer)
     torch.manual_seed(0)
     batch = sample(student, tokenizer, load_examples(str(tiny / "train.jsonl"))[:6], max_completion_length=10)
     signal = teacher.score(batch, "full")

@@ -49,7 +49,7 @@ def test_server_scores_equal_the_local_teacher_and_a_dead_replica_leaves_rotatio
     teacher = ServerTeacher(spec([DEAD, url]), tokenizer)
     teacher.probe()
     mask = rollouts.completion_mask
-    local = LocalTeacher(model).score(rollouts, "topk", 5)
+    local = LocalTeacher(model, tokenizer).score(rollouts, "topk", 5)
     remote = teacher.score(rollouts, "topk", 5)
     torch.testing.assert_close(remote.token_logprobs, local.token_logprobs, atol=1e-4, rtol=0)
     assert torch.equal(remote.topk_ids * mask[..., None].long(), local.topk_ids * mask[..., None].long())

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .data import Example
 from .models import autocast
 from .objectives.divergence import kl
+from .objectives.support import sampled
 from .rollout import Rollouts, sample
 from .tasks import Verifier
 from .teachers import Teacher
@@ -34,7 +35,7 @@ def _batches(items: list, size: int):
 
 @dataclass
 class Evaluator:
-    teacher: PreTrainedModel | Teacher  # a model, or a Teacher (local, server or chat)
+    teacher: Teacher  # local, server or chat
     tokenizer: PreTrainedTokenizerBase
     examples: list[Example]
     verifier: Verifier | None
@@ -45,7 +46,7 @@ class Evaluator:
 
     def __post_init__(self):
         self._teacher_greedy: list[Rollouts] | None = None
-        self._model = self.teacher if isinstance(self.teacher, torch.nn.Module) else self.teacher.model
+        self._exact_kl = self.teacher.model is not None  # full logits only from a local teacher
 
     def _greedy(self, model) -> list[Rollouts]:
         with autocast(next(model.parameters()).device, self.amp_dtype):
@@ -61,16 +62,21 @@ class Evaluator:
     @property
     def teacher_greedy(self) -> list[Rollouts]:
         if self._teacher_greedy is None:
-            if self._model is not None:
-                self._teacher_greedy = self._greedy(self._model)
-            else:
-                self._teacher_greedy = [self.teacher.sample(batch, self.max_completion_length, greedy=True)
-                                        for batch in _batches(self.examples, self.batch_size)]
-                self.teacher.take_usage()  # evaluation calls are not a training step's
+            self._teacher_greedy = [self.teacher.sample(batch, self.max_completion_length, greedy=True)
+                                    for batch in _batches(self.examples, self.batch_size)]
+            self.teacher.take_usage()  # evaluation calls are not a training step's
         return self._teacher_greedy
 
     def teacher_metrics(self) -> dict:
         return {"accuracy": self._accuracy(self.teacher_greedy)}
+
+    def _reverse_kl(self, student, rollouts: Rollouts) -> torch.Tensor:
+        """Per-token ``KL(pi_S || pi_T)``: exact over the vocabulary, or the k1 estimate from the sampled token."""
+        with autocast(next(student.parameters()).device, self.amp_dtype):
+            student_logprobs = rollouts.completion_logits(student).float().log_softmax(-1)
+        if self._exact_kl:
+            return kl(student_logprobs, self.teacher.score(rollouts, "full").logprobs)
+        return sampled(student_logprobs, rollouts.completion_ids) - self.teacher.score(rollouts, "token").token_logprobs
 
     @torch.no_grad()
     def __call__(self, student: PreTrainedModel) -> dict:
@@ -79,21 +85,12 @@ class Evaluator:
         device = next(student.parameters()).device
         greedy = self._greedy(student)
         kl_sum = tokens = agree = 0.0
-        measure_kl = self._model is not None or self.teacher.returns_logprobs
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
-            for batch in _batches(self.examples, self.batch_size) if measure_kl else ():
+            for batch in _batches(self.examples, self.batch_size) if self.teacher.returns_logprobs else ():
                 with autocast(device, self.amp_dtype):
                     rollouts = sample(student, self.tokenizer, batch, max_completion_length=self.max_completion_length)
-                    s_logits = rollouts.completion_logits(student)
-                    if self._model is not None:
-                        t_logits = rollouts.completion_logits(self._model)
-                if self._model is not None:
-                    per_token = kl(s_logits.float().log_softmax(-1), t_logits.float().log_softmax(-1))
-                else:
-                    s_token = s_logits.float().log_softmax(-1).gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)
-                    per_token = s_token - self.teacher.score(rollouts, "token").token_logprobs  # its own usage
-                kl_sum += float((per_token * rollouts.completion_mask).sum())
+                kl_sum += float((self._reverse_kl(student, rollouts) * rollouts.completion_mask).sum())
                 tokens += rollouts.num_tokens
         greedy_match = 0
         for mine, theirs in zip(greedy, self.teacher_greedy):
@@ -103,7 +100,7 @@ class Evaluator:
             greedy_match += sum(a == b for a, b in zip(mine.texts(self.tokenizer), theirs.texts(self.tokenizer)))
         teacher_tokens = sum(r.num_tokens for r in self.teacher_greedy)
         student.train(was_training)
-        kl_name = "reverse_kl" if self._model is not None else "reverse_kl_sampled_estimate"
+        kl_name = "reverse_kl" if self._exact_kl else "reverse_kl_sampled_estimate"
         return {
             "accuracy": self._accuracy(greedy),
             **({kl_name: kl_sum / tokens} if tokens else {}),

@@ -115,14 +115,13 @@ def collect(run: Run, rng: random.Random, step: int) -> Rollouts:
     source = run.method.state_source(rng)
     if source == "dataset":
         return from_dataset(run.tokenizer, examples, cfg.max_completion_length)
-    if source == "teacher" and run.teacher.model is None:  # a remote teacher writes text; the student tokenizes it
+    if source == "teacher":
         return run.teacher.sample(examples, cfg.max_completion_length, cfg.temperature, cfg.top_p)
-    model = run.student if source == "student" else run.teacher.model
     guidance = run.config.objective.prefix_guidance
-    prefixes = teacher_prefixes(run, examples, step) if guidance.enabled and source == "student" else None
+    prefixes = teacher_prefixes(run, examples, step) if guidance.enabled else None
     with autocast(run.device, run.amp_dtype):
-        return sample(model, run.tokenizer, examples, max_completion_length=cfg.max_completion_length,
-                      temperature=cfg.temperature, top_p=cfg.top_p, source=source, prefixes=prefixes)
+        return sample(run.student, run.tokenizer, examples, max_completion_length=cfg.max_completion_length,
+                      temperature=cfg.temperature, top_p=cfg.top_p, prefixes=prefixes)
 
 
 def teacher_prefixes(run: Run, examples, step: int) -> list[list[int]]:
@@ -133,12 +132,8 @@ def teacher_prefixes(run: Run, examples, step: int) -> list[list[int]]:
     alpha = 0.5 * (1 + math.cos(math.pi * min(step, horizon) / horizon))
     if all(e.completion is not None for e in examples):
         answers = from_dataset(run.tokenizer, examples, run.config.rollout.max_completion_length)
-    elif run.teacher.model is None:
-        answers = run.teacher.sample(examples, run.config.rollout.max_completion_length, greedy=True)
     else:
-        with autocast(run.device, run.amp_dtype):
-            answers = sample(run.teacher.model, run.tokenizer, examples, greedy=True,
-                             max_completion_length=run.config.rollout.max_completion_length)
+        answers = run.teacher.sample(examples, run.config.rollout.max_completion_length, greedy=True)
     prefixes = []
     for ids, mask in zip(answers.completion_ids.tolist(), answers.completion_mask.tolist()):
         answer = [t for t, m in zip(ids, mask) if m and t != run.tokenizer.eos_token_id]

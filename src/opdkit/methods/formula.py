@@ -21,7 +21,7 @@ from ..objectives import credit, gates, regularizers
 from ..objectives.divergence import distributional, entropy, estimator, kl, phi, phi_prime
 from ..objectives.policy_gradient import policy_gradient_loss
 from ..objectives.reduce import token_mean
-from ..objectives.support import chunked_full, restrict, student_topk
+from ..objectives.support import chunked_full, restrict, sampled, student_topk
 from ..rollout import Rollouts
 from ..teachers import TeacherSignal
 from . import Method, StateSource, TokenLoss
@@ -102,7 +102,7 @@ class Formula(Method):
         if self.hidden_only:
             return self._chunked(hidden, rollouts, teacher)
         logprobs = student_logits.float().log_softmax(-1)
-        token_logprobs = logprobs.gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)
+        token_logprobs = sampled(logprobs, rollouts.completion_ids)
         stats: dict[str, torch.Tensor] = {"entropy": entropy(logprobs.detach())}
         scalars: dict[str, float] = {}
 

@@ -19,6 +19,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+def sampled(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The sampled-token support: ``logprobs[b, t, ids[b, t]]``, ``[B, C, V] -> [B, C]``."""
+    return logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
 def _with_tail(logprobs: torch.Tensor) -> torch.Tensor:
     """Append ``log(1 - sum p)`` as a last category (clamped away from log 0)."""
     tail = torch.log1p(-logprobs.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))

@@ -27,12 +27,20 @@ class TeacherSignal:
 
 
 class Teacher(Protocol):
-    """``model`` is the local ``PreTrainedModel`` or None for a remote teacher, which then samples text
-    through ``sample(examples, max_completion_length, temperature, top_p, greedy) -> Rollouts``."""
+    """``model`` is the local ``PreTrainedModel`` or None for a remote teacher; every teacher samples
+    completions (tokenized by the student's tokenizer) and scores the student's tokens."""
 
     model: object | None
+    returns_logprobs: bool  # False for a text-only teacher
 
     def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None) -> TeacherSignal: ...
+
+    def sample(self, examples: list, max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
+               greedy: bool = False) -> Rollouts: ...
+
+    def take_usage(self) -> dict[str, float]:
+        """Calls and tokens since the last ``score`` or ``take_usage``."""
+        ...
 
 
 from .local import LocalTeacher  # noqa: E402
@@ -49,7 +57,7 @@ def build_teacher(spec, student_tokenizer, student_config, device: torch.device,
         if student_config.vocab_size != model.config.vocab_size:
             raise OPDError(f"student and teacher output layers differ in size ({student_config.vocab_size} vs "
                            f"{model.config.vocab_size}) although their tokenizers match: resize one embedding matrix")
-        return LocalTeacher(model, amp_dtype)
+        return LocalTeacher(model, student_tokenizer, amp_dtype)
     if spec.kind == "server":
         from .server import ServerTeacher
 
