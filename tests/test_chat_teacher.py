@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from opdkit.config import ChatTeacherSpec, load_config
+from opdkit.config import ChatTeacherSpec, ObjectiveConfig, load_config
 from opdkit.data import Example, left_pad, render_prompt, right_pad
 from opdkit.errors import OPDError
-from opdkit.methods.chunk_opd import ChunkOPD
+from opdkit.methods.formula import Formula
 from opdkit.models import load_model, load_tokenizer
 from opdkit.rollout import Rollouts
 from opdkit.scenarios.arith import build_tokenizer
@@ -18,6 +18,10 @@ from opdkit.tasks.arithmetic import scratchpad
 from opdkit.teachers import TeacherSignal
 from opdkit.teachers.chat import ChatTeacher, chunk_similarity, dirichlet_preference, pick_forks, similarity
 from opdkit.train import setup, train
+
+
+def ChunkOPD():
+    return Formula(ObjectiveConfig(method="chunk_opd"))
 
 
 def test_dirichlet_posterior_mean():

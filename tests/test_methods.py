@@ -7,12 +7,12 @@ import torch
 
 from opdkit.config import load_config
 from opdkit.data import load_examples, render_prompt
-from opdkit.methods import METHODS, _module, preset
+from opdkit.methods import METHODS, preset
 from opdkit.models import load_model, load_tokenizer
 from opdkit.rollout import sample
 from opdkit.train import setup, train
 
-FORMULA_METHODS = [m for m in METHODS if hasattr(_module(m), "PRESET")]  # the rest need a special teacher
+FORMULA_METHODS = [m for m in METHODS if preset(m).get("reward") != "teacher"]  # chunk_opd needs a chat teacher
 EXPECTED_LOGS = {"tropd": ["trust_frac", "guidance_fraction"], "eopd": ["entropy_gate_rate"], "opd": ["advantage"],
                  "gae_opd": ["advantage"], "vopd": ["advantage"], "opd_plus": ["advantage", "log_ratio_clamp_rate"]}
 

@@ -194,6 +194,9 @@ class ObjectiveConfig(_Strict):
     """
 
     method: str = "opd"
+    reward: Literal["log_ratio", "teacher"] = Field(
+        "log_ratio", description="per-token reward of the PG route: from the log-ratio to the teacher's log-probs, "
+        "or returned by a text-only teacher (chunk_opd)")
     states: Literal["student", "teacher"] = "student"
     lmbda: float = Field(1.0, ge=0, le=1)
     temperature: float = Field(1.0, gt=0)
@@ -253,6 +256,11 @@ class ObjectiveConfig(_Strict):
                                                   or self.entropy_gate.enabled or self.prefix_guidance.enabled):
             raise ValueError("vocab_chunk_size applies to support: full with no ref_kl_coef, entropy_coef, entropy_gate "
                              "or prefix_guidance (they need every token's log-prob): remove one or the other")
+        if self.reward == "teacher" and (not sampled or self.grad_path != "pg" or self.correction
+                                         or self.trust_region.enabled or self.entropy_gate.enabled):
+            raise ValueError("reward: teacher (a text-only teacher's chunk rewards) is a policy-gradient reward on "
+                             "the sampled token without log-probs: support sampled, grad_path pg, and no correction, "
+                             "trust_region or entropy_gate")
         if not sampled and self.grad_path == "pg":
             raise ValueError(f"support {self.support!r} is a distributional loss: set grad_path: direct")
         return self
@@ -314,7 +322,7 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _teacher_fits_method(self) -> "Config":
-        chat, chunk = self.teacher.kind == "chat", self.objective.method == "chunk_opd"
+        chat, chunk = self.teacher.kind == "chat", self.objective.reward == "teacher"
         if chat and not chunk:
             raise ValueError("teacher.kind 'chat' gives text only (no log-probs): it works with objective.method "
                              "chunk_opd; for log-prob objectives use teacher.kind server or local")

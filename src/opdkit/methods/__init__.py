@@ -2,8 +2,7 @@
 
 Each ``methods/<name>.py`` holds a ``PRESET``: the axis values that define the method (see
 ``ObjectiveConfig``); a config's own values override them. :class:`~opdkit.methods.formula.Formula`
-turns any point on the axes into a per-token loss. A method that is not a point on those axes (for
-example a black-box teacher's chunk-level signal) provides ``build(objective) -> Method`` instead.
+turns any point on the axes into a per-token loss.
 
 A method says where the states of a batch come from (``state_source``), what the teacher must return
 (``teacher_support``), and the per-token loss. The loop aggregates it and knows nothing else about it.
@@ -73,9 +72,7 @@ def preset(name: str) -> dict:
 
 
 def build_method(objective) -> Method:
-    module = _module(objective.method)
-    if hasattr(module, "build"):
-        return module.build(objective)
+    _module(objective.method)  # a known name
     from .formula import Formula
 
     return Formula(objective)

@@ -17,6 +17,7 @@ import random
 
 import torch
 
+from ..errors import OPDError
 from ..objectives import credit, gates, regularizers
 from ..objectives.divergence import distributional, entropy, estimator, kl, phi, phi_prime
 from ..objectives.policy_gradient import policy_gradient_loss
@@ -160,11 +161,18 @@ class Formula(Method):
 
     def _policy_gradient(self, logprobs, token_logprobs, rollouts, teacher, hidden, stats, scalars) -> torch.Tensor:
         o, mask = self.objective, rollouts.completion_mask
-        raw = (token_logprobs - teacher.token_logprobs).detach()  # l = log pi_S - log pi_T
-        l = raw.clamp(-o.log_ratio_clip, o.log_ratio_clip)
-        scalars["log_ratio_clamp_rate"] = float(token_mean((raw != l).float(), mask))
-        reward = -_sampled_cost(o, l)
-        stats["reverse_kl"] = raw
+        if o.reward == "teacher":  # a text-only teacher's own per-token reward (chunk_opd): no log-ratio
+            if teacher.token_advantages is None:
+                raise OPDError("objective.reward teacher (chunk_opd) needs per-chunk rewards from a text-only "
+                               "teacher: set teacher.kind: chat")
+            reward = teacher.token_advantages.detach()
+            stats["audited"] = (reward != 0).float()
+        else:
+            raw = (token_logprobs - teacher.token_logprobs).detach()  # l = log pi_S - log pi_T
+            l = raw.clamp(-o.log_ratio_clip, o.log_ratio_clip)
+            scalars["log_ratio_clamp_rate"] = float(token_mean((raw != l).float(), mask))
+            reward = -_sampled_cost(o, l)
+            stats["reverse_kl"] = raw
         extra = torch.zeros_like(reward)
 
         if o.trust_region.enabled:
