@@ -20,13 +20,15 @@ def make_run(config: dict, **optim):
 
 
 def poison_teacher(run, steps: set[int]) -> None:
-    """The teacher returns NaN for the first sampled token on the given steps."""
+    """The teacher returns NaN for the first sampled token on the given steps (training calls only:
+    evaluation scores through the same teacher, under no_grad)."""
     score, calls = run.teacher.score, [0]
 
     def scored(batch, *args, **kwargs):
-        calls[0] += 1
+        training = torch.is_grad_enabled()
+        calls[0] += training
         signal = score(batch, *args, **kwargs)
-        if calls[0] in steps:
+        if training and calls[0] in steps:
             signal.token_logprobs[0, 0] = math.nan
         return signal
 
