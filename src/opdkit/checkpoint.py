@@ -30,7 +30,7 @@ from .errors import OPDError
 from .models import load_model
 
 STATE = "trainer_state.pt"
-LOWER_IS_BETTER = {"reverse_kl"}
+LOWER_IS_BETTER = {"reverse_kl", "reverse_kl_k1"}
 _NAME = re.compile(r"checkpoint-(\d+)")
 
 

@@ -27,6 +27,14 @@ class ModelSpec(_Strict):
     path: str
 
 
+class StudentSpec(ModelSpec):
+    """The student. ``disable_dropout`` (as TRL does) runs it without dropout in both sampling and the loss
+    pass, so the importance ratio and the log-ratios carry no dropout noise; ``false`` keeps dropout in the
+    loss pass only (sampling is always without), as a regularizer."""
+
+    disable_dropout: bool = True
+
+
 class LocalTeacherSpec(ModelSpec):
     """A local Hugging Face causal LM scored in-process: exact full-vocabulary log-probs."""
 
@@ -137,15 +145,17 @@ class RolloutConfig(_Strict):
 
 
 class CreditConfig(_Strict):
-    """Temporal credit. ``value: none`` is the discounted return-to-go ``G_t = sum_k gamma^(k-t) r_k``;
-    ``zero``, ``analytic`` (``V_t = -KL(pi_S || pi_T)`` at ``s_t``, exact for ``gamma = 0``) or ``learned`` (a value
-    head on the student) turn it into GAE(``gamma``, ``lam``)."""
+    """Temporal credit of the policy-gradient route. ``value: none`` is the discounted return-to-go
+    ``G_t = sum_k gamma^(k-t) r_k``; ``zero``, ``analytic`` (``V_t = -KL(pi_S || pi_T)`` at ``s_t``, exact for
+    ``gamma = 0``) or ``learned`` (a value head on the student) turn it into GAE(``gamma``, ``lam``).
+    ``gamma = 0`` trains the per-token divergence at the visited states, ``gamma = 1`` (with ``lam = 1``) the
+    sequence-level one; values are baselines and change neither."""
 
     gamma: float = Field(0.0, ge=0, le=1)
-    lam: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1, description="GAE's lambda (needs a value)")
     value: Literal["none", "zero", "analytic", "learned"] = "none"
     value_coef: float = Field(0.5, ge=0, description="weight of the learned value head's regression loss")
-    normalize: bool = Field(False, description="standardise advantages over the step's tokens")
+    normalize: bool = Field(False, description="standardise advantages over the optimizer step's tokens")
 
 
 class TrustRegionConfig(_Strict):
@@ -155,13 +165,15 @@ class TrustRegionConfig(_Strict):
 
     enabled: bool = False
     outliers: Literal["mask", "clip", "fkl"] = "fkl"
-    clip_floor: float = -1.39
-    top_k: int = Field(64, ge=1)
-    fkl_mode: Literal["advantage", "direct"] = "advantage"
+    clip_floor: float = Field(-1.39, description="outliers: clip")
+    top_k: int = Field(64, ge=1, description="outliers: fkl")
+    fkl_mode: Literal["advantage", "direct"] = Field("advantage", description="outliers: fkl")
 
 
 class EntropyGateConfig(_Strict):
-    """EOPD: add ``coef * FKL`` over the teacher's ``top_k`` where the teacher's entropy exceeds ``threshold``."""
+    """EOPD: add ``coef * FKL`` over the teacher's ``top_k`` where the teacher's entropy exceeds ``threshold``.
+    The entropy is the teacher's full one when it gives full log-probs (a local teacher), else the entropy of its
+    top-k renormalised (a server); the step log names which (``teacher_entropy`` or ``teacher_entropy_topk``)."""
 
     enabled: bool = False
     threshold: float = Field(0.8, ge=0)
@@ -170,13 +182,21 @@ class EntropyGateConfig(_Strict):
 
 
 class PrefixGuidanceConfig(_Strict):
-    """TrOPD's off-policy guidance: the student continues from a teacher-answer prefix of length
-    ``floor(alpha(t) * len)``, ``alpha(t) = (1 + cos(pi t / anneal_steps)) / 2``; prefix tokens get
-    ``beta * (-log pi_S)`` (a direct SFT term, the safe sign)."""
+    """TrOPD's off-policy guidance: the student continues from a prefix of length ``floor(alpha(t) * len)`` of
+    an answer, ``alpha(t) = (1 + cos(pi t / anneal_steps)) / 2``; prefix tokens get ``beta * (-log pi_S)`` (a
+    direct SFT term). ``answer: teacher`` is the teacher's greedy answer (computed once per prompt), ``dataset``
+    the dataset's completion. The student still writes up to ``rollout.max_completion_length`` tokens after it."""
 
     enabled: bool = False
     beta: float = Field(0.001, ge=0)
     anneal_steps: int | None = Field(None, ge=1, description="default: optim.steps")
+    answer: Literal["teacher", "dataset"] = "teacher"
+
+
+def _changed(section: BaseModel, skip: tuple[str, ...] = ()) -> list[str]:
+    """Fields of a config section that differ from their defaults."""
+    return [name for name, field in type(section).model_fields.items()
+            if name not in skip and getattr(section, name) != field.default]
 
 
 class ObjectiveConfig(_Strict):
@@ -187,10 +207,19 @@ class ObjectiveConfig(_Strict):
       states; the rest use the dataset's completions, as in GKD);
     - support: ``sampled`` | ``teacher_topk`` | ``student_topk`` | ``full`` (``top_k``, ``tail``);
     - divergence: ``reverse_kl``, ``forward_kl``, ``jsd`` (``beta``), ``tv``, ``hellinger``, ``alpha``
-      (``alpha``), ``skew_kl``/``skew_rkl`` (``alpha``); on the sampled token, ``estimator`` k1/k2/k3 for reverse KL;
+      (``alpha``), ``skew_kl``/``skew_rkl`` (``alpha``);
     - gradient path: ``pg`` (detached advantage) or ``direct``; ``correction``: the OPD+ term ``phi'(l)``;
-    - credit, gates (``trust_region``, ``entropy_gate``, ``ratio_clip``, ``position_decay``), ``aggregation``;
+      ``estimator`` picks the sampled-token form of a KL: k1 or k3 (with ``correction``) as a PG cost of reverse
+      KL; k2 (reverse KL's gradient) or k3 (forward KL's) backpropagated directly. Unset, it is the natural one;
+    - credit, gates (``trust_region``, ``entropy_gate``, ``position_decay``), ``aggregation``;
     - regularizers: ``ref_kl_coef`` (k3 to the frozen initial student), ``entropy_coef``.
+
+    Two temperatures: ``rollout.temperature`` shapes the student's sampling (and the importance ratio corrects
+    for it); ``objective.temperature`` softens both distributions inside a top-k or full-support divergence
+    (TRL's GKD ``temperature``). The teacher is always scored at temperature 1.
+
+    Every combination either trains on the gradient it names (``tests/test_axes_grid.py`` proves it by
+    enumeration) or is refused here with the fix.
     """
 
     method: str = "opd"
@@ -199,22 +228,22 @@ class ObjectiveConfig(_Strict):
         "or returned by a text-only teacher (chunk_opd)")
     states: Literal["student", "teacher"] = "student"
     lmbda: float = Field(1.0, ge=0, le=1)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="softens both sides of a top-k or full-support divergence")
     support: Literal["sampled", "teacher_topk", "student_topk", "full"] = "sampled"
     top_k: int | None = Field(None, ge=1)
     tail: bool = False
     divergence: Literal["reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "alpha", "skew_kl", "skew_rkl"] = "reverse_kl"
     beta: float = Field(0.5, ge=0, le=1)
     alpha: float = Field(0.5, ge=0, le=1)
-    estimator: Literal["k1", "k2", "k3"] = "k1"
+    estimator: Literal["k1", "k2", "k3"] | None = Field(None, description="sampled-token form of a KL (default: "
+                                                        "k1 as a PG cost, k2/k3 backpropagated for reverse/forward KL)")
     grad_path: Literal["pg", "direct"] = "pg"
     correction: bool = False
-    log_ratio_clip: float = Field(20.0, gt=0, description="clamp |log pi_S - log pi_T| in sampled-token costs")
+    log_ratio_clip: float = Field(20.0, gt=0, description="clamp |log pi_S - log pi_T| in sampled-token PG costs")
     credit: CreditConfig = CreditConfig()
     trust_region: TrustRegionConfig = TrustRegionConfig()
     entropy_gate: EntropyGateConfig = EntropyGateConfig()
     prefix_guidance: PrefixGuidanceConfig = PrefixGuidanceConfig()
-    ratio_clip: float | None = Field(None, gt=0, description="PPO epsilon for stale samples")
     position_decay: float = Field(1.0, gt=0, le=1)
     aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     ref_kl_coef: float = Field(0.0, ge=0)
@@ -230,46 +259,160 @@ class ObjectiveConfig(_Strict):
             return data
         from .methods import preset
 
-        return _deep_merge(preset(data.get("method", "opd")), data)
+        return deep_merge(preset(data.get("method", "opd")), data)
+
+    # ---- coherence: every accepted point trains on the gradient it names ---------------------------------
+    @property
+    def policy_gradient(self) -> bool:
+        """Route B: a detached advantage on the student's own sampled tokens."""
+        return self.support == "sampled" and self.grad_path == "pg"
 
     @model_validator(mode="after")
     def _coherent(self) -> "ObjectiveConfig":
-        sampled = self.support == "sampled"
-        if self.support in ("teacher_topk", "student_topk") and self.top_k is None:
+        self._check_support()
+        self._check_states()
+        self._check_route()
+        self.estimator = self._resolve_estimator()
+        self._check_credit()
+        self._check_gates()
+        return self
+
+    def _check_support(self) -> None:
+        topk = self.support in ("teacher_topk", "student_topk")
+        if topk and self.top_k is None:
             raise ValueError(f"support {self.support!r} needs top_k (for example top_k: 20)")
-        if self.support in ("full", "sampled") and self.top_k is not None:
+        if not topk and self.top_k is not None:
             raise ValueError(f"top_k applies to top-k supports; with support {self.support!r} remove it, "
                              "or set support: teacher_topk")
-        if sampled and self.grad_path == "pg" and self.divergence in ("skew_kl", "skew_rkl"):
-            raise ValueError(f"divergence {self.divergence!r} has no sampled-token form; use support: full")
-        if sampled and self.divergence == "jsd" and self.beta != 0.5:
-            raise ValueError("the sampled-token JSD is the symmetric one: set beta: 0.5, or use a top-k/full support")
-        if sampled and self.grad_path == "direct" and self.divergence != "reverse_kl" and self.states == "student":
-            raise ValueError("direct backpropagation on the sampled token uses the k1/k2/k3 estimators of reverse KL: "
-                             "set divergence: reverse_kl, or grad_path: pg for other f-divergences")
-        if self.correction and not (sampled and self.grad_path == "pg"):
-            raise ValueError("correction (OPD+) applies to sampled-token policy-gradient rewards: support: sampled, grad_path: pg")
-        if self.lmbda < 1 and self.grad_path == "pg" and self.states == "student":
-            raise ValueError("lmbda < 1 mixes in dataset completions, which have no sampling log-probs for a policy "
-                             "gradient: use grad_path: direct with a top-k or full support (as GKD does), or lmbda: 1.0")
+        if self.tail and not topk:
+            raise ValueError(f"tail keeps the mass outside a top-k support as one bucket; support {self.support!r} "
+                             "leaves nothing outside: remove tail, or use a top-k support")
+        if self.tail and self.temperature != 1.0:
+            raise ValueError("the tail bucket of a tempered distribution needs the normaliser of the whole tempered "
+                             "vocabulary, which a top-k cannot give: use tail: false (renormalised) or temperature: 1")
+        if self.support == "sampled" and self.temperature != 1.0:
+            raise ValueError("objective.temperature softens both distributions of a top-k or full-support divergence; "
+                             "the sampled-token route scores the teacher at temperature 1 on the student's tokens, so "
+                             "it would do nothing: remove it (rollout.temperature sets the sampling temperature)")
         if self.vocab_chunk_size is not None and (self.support != "full" or self.ref_kl_coef or self.entropy_coef
                                                   or self.entropy_gate.enabled or self.prefix_guidance.enabled):
             raise ValueError("vocab_chunk_size applies to support: full with no ref_kl_coef, entropy_coef, entropy_gate "
                              "or prefix_guidance (they need every token's log-prob): remove one or the other")
-        if self.reward == "teacher" and (not sampled or self.grad_path != "pg" or self.correction
-                                         or self.trust_region.enabled or self.entropy_gate.enabled):
-            raise ValueError("reward: teacher (a text-only teacher's chunk rewards) is a policy-gradient reward on "
-                             "the sampled token without log-probs: support sampled, grad_path pg, and no correction, "
-                             "trust_region or entropy_gate")
+
+    def _check_states(self) -> None:
+        if self.states == "teacher":
+            if self.grad_path == "pg":
+                raise ValueError("teacher samples carry no student sampling log-probs for a policy gradient: set "
+                                 "grad_path: direct (seqkd), or states: student")
+            if self.support == "sampled" and self.divergence != "forward_kl":
+                raise ValueError("on teacher samples the sampled-token loss is cross-entropy, whose gradient is forward "
+                                 f"KL's, not {self.divergence}'s: set divergence: forward_kl (seqkd), or a top-k or full "
+                                 "support for another divergence")
+            if self.prefix_guidance.enabled:
+                raise ValueError("prefix_guidance places teacher prefixes before student continuations; with "
+                                 "states: teacher there are none: remove prefix_guidance, or set states: student")
+        elif self.lmbda < 1 and self.support == "sampled":
+            raise ValueError("lmbda < 1 mixes in dataset completions, which are not student samples: neither a policy "
+                             "gradient nor the sampled-token k2/k3 forms apply to them. Use a top-k or full support "
+                             "with grad_path: direct (as GKD does), or lmbda: 1.0")
+
+    def _check_route(self) -> None:
+        sampled = self.support == "sampled"
         if not sampled and self.grad_path == "pg":
             raise ValueError(f"support {self.support!r} is a distributional loss: set grad_path: direct")
-        return self
+        if sampled and self.divergence in ("skew_kl", "skew_rkl"):
+            raise ValueError(f"divergence {self.divergence!r} has no sampled-token form; use support: full")
+        if sampled and self.divergence == "jsd" and self.beta != 0.5:
+            raise ValueError("the sampled-token JSD is the symmetric one: set beta: 0.5, or use a top-k/full support")
+        if sampled and self.grad_path == "direct" and self.states == "student" \
+                and self.divergence not in ("reverse_kl", "forward_kl"):
+            raise ValueError("backpropagated on the student's sampled token there are two unbiased forms: k2 (reverse "
+                             f"KL's gradient) and k3 (forward KL's); for {self.divergence} use grad_path: pg with "
+                             "correction: true (OPD+)")
+        if self.correction and not self.policy_gradient:
+            raise ValueError("correction (OPD+) applies to sampled-token policy-gradient rewards: support: sampled, "
+                             "grad_path: pg")
+        if self.policy_gradient and self.reward == "log_ratio" and self.divergence != "reverse_kl" and not self.correction:
+            raise ValueError(f"the stop-gradient advantage -phi(l) of {self.divergence} is biased (only reverse KL's is "
+                             "not; OPD+, proved in tests/test_proofs.py): set correction: true")
+        if self.reward == "teacher":
+            if not self.policy_gradient or self.correction or self.trust_region.enabled or self.entropy_gate.enabled \
+                    or self.credit.value == "analytic":
+                raise ValueError("reward: teacher (a text-only teacher's chunk rewards) is a policy-gradient reward on "
+                                 "the sampled token without log-probs: support sampled, grad_path pg, and no "
+                                 "correction, trust_region, entropy_gate or credit.value analytic")
+        if self.log_ratio_clip != 20.0 and not (self.policy_gradient and self.reward == "log_ratio"):
+            raise ValueError("log_ratio_clip clamps the log-ratio of sampled-token policy-gradient rewards; this "
+                             "objective has none: remove it")
+
+    def _resolve_estimator(self) -> str | None:
+        """The sampled-token form of a KL this point uses (None where there is none), or a refusal."""
+        kl_form = self.support == "sampled" and self.states == "student" and self.reward == "log_ratio" and (
+            self.grad_path == "direct" or self.divergence == "reverse_kl")
+        if not kl_form:
+            if self.estimator is not None:
+                raise ValueError("estimator picks the sampled-token form of a KL of student samples (k1/k3 as a "
+                                 "policy-gradient cost of reverse KL, k2/k3 backpropagated); this objective uses "
+                                 f"{'the exact divergence over its support' if self.support != 'sampled' else 'phi'} "
+                                 "instead: remove estimator")
+            return None
+        if self.grad_path == "pg":
+            chosen = self.estimator or "k1"
+            if chosen == "k2":
+                raise ValueError("k2 as a policy-gradient cost has the expected gradient of E[l^2/2], not of the reverse "
+                                 "KL: use estimator k1 (classic OPD), or grad_path: direct with k2 (its gradient is "
+                                 "k1's policy gradient, sample by sample)")
+            if chosen == "k3" and not self.correction:
+                raise ValueError("k3 as a detached policy-gradient cost has expected gradient grad RKL - grad FKL: set "
+                                 "correction: true (its term 1 - e^-l makes it the reverse-KL gradient), or use "
+                                 "estimator k1")
+            return chosen
+        natural = {"reverse_kl": "k2", "forward_kl": "k3"}[self.divergence]
+        chosen = self.estimator or natural
+        if chosen == "k1":
+            raise ValueError("k1 backpropagated directly has zero expected gradient (its gradient is grad log pi_S(y), "
+                             "whose mean under the student is 0): use grad_path: pg (classic OPD), or estimator: k2 "
+                             "(k2 backpropagated equals k1's policy gradient)")
+        if chosen != natural:
+            other = {"k2": "reverse_kl", "k3": "forward_kl"}[chosen]
+            raise ValueError(f"{chosen} backpropagated directly trains {other}'s gradient, not {self.divergence}'s: set "
+                             f"divergence: {other}, or estimator: {natural}")
+        return chosen
+
+    def _check_credit(self) -> None:
+        credit = self.credit
+        if _changed(credit) and not self.policy_gradient:
+            raise ValueError(f"credit.{', credit.'.join(_changed(credit))} shape the policy-gradient advantage; this "
+                             "objective backpropagates its divergence directly: remove them")
+        if credit.lam != 1.0 and credit.value == "none":
+            raise ValueError("credit.lam is GAE's lambda and needs a value: set credit.value: zero, analytic or "
+                             "learned, or remove lam (value none is the discounted return at gamma)")
+        if credit.value_coef != 0.5 and credit.value != "learned":
+            raise ValueError("credit.value_coef weighs a learned value head's loss: set credit.value: learned, or "
+                             "remove value_coef")
+
+    def _check_gates(self) -> None:
+        for name in ("trust_region", "entropy_gate", "prefix_guidance"):
+            section = getattr(self, name)
+            if not section.enabled and _changed(section):
+                raise ValueError(f"{name}.{', '.join(_changed(section))} set while {name}.enabled is false: set "
+                                 f"{name}.enabled: true, or remove them")
+        tr = self.trust_region
+        if tr.enabled:
+            if not (self.policy_gradient and self.reward == "log_ratio"):
+                raise ValueError("trust_region gates the policy-gradient rewards of the student's sampled tokens: "
+                                 "support: sampled, grad_path: pg, or remove trust_region")
+            unused = [k for k in ("top_k", "fkl_mode") if tr.outliers != "fkl" and k in _changed(tr)]
+            unused += ["clip_floor"] if tr.outliers != "clip" and "clip_floor" in _changed(tr) else []
+            if unused:
+                raise ValueError(f"trust_region.{', trust_region.'.join(unused)} do nothing with outliers: "
+                                 f"{tr.outliers}: remove them, or change outliers")
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -299,8 +442,9 @@ class CheckpointConfig(_Strict):
 
     every: int = Field(0, ge=0, description="save every N steps (0: only at the end, on a new best and on a stop)")
     keep: int = Field(2, ge=1, description="newest checkpoints kept (the best one is kept besides)")
-    best_metric: Literal["reverse_kl", "accuracy", "token_agreement", "greedy_match"] | None = Field(
-        "reverse_kl", description="eval metric that picks the best checkpoint (null: keep the newest only)"
+    best_metric: Literal["reverse_kl", "reverse_kl_k1", "accuracy", "token_agreement", "greedy_match"] | None = Field(
+        "reverse_kl", description="eval metric that picks the best checkpoint (null: keep the newest only); "
+        "reverse_kl_k1 is the sampled estimate a server teacher allows"
     )
 
 
@@ -311,7 +455,7 @@ class Config(_Strict):
         "auto", description="auto: bf16 autocast where the CPU has AMX or on CUDA; master weights stay fp32"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
-    student: ModelSpec
+    student: StudentSpec
     teacher: TeacherSpec
     data: DataConfig
     rollout: RolloutConfig = RolloutConfig()
@@ -319,6 +463,16 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _sampling_fits_credit(self) -> "Config":
+        tempered = self.rollout.temperature != 1.0 or self.rollout.top_p < 1.0
+        if tempered and self.objective.policy_gradient and self.objective.credit.gamma > 0:
+            raise ValueError("credit.gamma > 0 credits each token with the rewards of later tokens, which were sampled "
+                             "from the tempered or truncated rollout distribution, not the student's; the per-token "
+                             "importance ratio does not correct that: sample with rollout.temperature 1 and top_p 1, "
+                             "or use credit.gamma: 0")
+        return self
 
     @model_validator(mode="after")
     def _teacher_fits_method(self) -> "Config":
@@ -375,13 +529,23 @@ def _walk(loc: tuple) -> tuple[type[BaseModel], list[str]]:
     return model, where
 
 
+# Keys that existed once, and why they are gone.
+RETIRED = {
+    "objective.ratio_clip": "PPO's clip acts on samples reused after the policy moved; opdkit takes one optimizer step "
+                            "per batch of fresh samples (its importance ratio is 1, or the fixed tempering ratio at "
+                            "rollout.temperature != 1, which a clip would bias): remove it",
+}
+
+
 def _explain(error: ValidationError, source: str) -> OPDError:
     lines = [f"invalid config {source}:"]
     for item in error.errors():
         model, where = _walk(item["loc"][:-1])
         name = str(item["loc"][-1]) if item["loc"] else ""
         path = ".".join(where + ([name] if name else []))
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and path in RETIRED:
+            lines.append(f"  {path} is no longer a key: {RETIRED[path]}")
+        elif item["type"] == "extra_forbidden":
             lines.append(f"  unknown key {path!r}{closest(name, model.model_fields)}")
         elif item["type"] == "union_tag_invalid":
             kind = item["input"].get("kind") if isinstance(item["input"], dict) else None

@@ -120,13 +120,16 @@ def render_completion(tokenizer: PreTrainedTokenizerBase, messages: list[dict], 
     return full[len(prompt):]
 
 
-def validate_lengths(tokenizer, examples: list[Example], max_completion_length: int, context: int, name: str) -> None:
-    """Every prompt must leave room for ``max_completion_length`` tokens within the model context."""
+def validate_lengths(tokenizer, examples: list[Example], max_completion_length: int, context: int, name: str,
+                     prefix_length: int = 0) -> None:
+    """Every prompt must leave room for ``max_completion_length`` tokens within the model context, after a
+    guidance prefix of up to ``prefix_length`` tokens (TrOPD)."""
+    prefix = f" + a guidance prefix of up to {prefix_length}" if prefix_length else ""
     for i, example in enumerate(examples):
         n = len(render_prompt(tokenizer, example.messages))
-        if n + max_completion_length > context:
+        if n + prefix_length + max_completion_length > context:
             raise OPDError(
-                f"{name} record {i + 1}: prompt of {n} tokens + max_completion_length {max_completion_length} "
+                f"{name} record {i + 1}: prompt of {n} tokens{prefix} + max_completion_length {max_completion_length} "
                 f"exceeds the model context of {context}; shorten or drop the prompt, or lower max_completion_length"
             )
 

@@ -4,7 +4,7 @@
 - ``reverse_kl``: mean per-token ``KL(pi_S || pi_T)`` over the full vocabulary, exact at every position of
   student samples at temperature 1 (a fixed seed, so two checkpoints see comparable samples); local
   teacher only;
-- ``reverse_kl_sampled_estimate`` instead, for a server teacher (no full logits): the mean over the same
+- ``reverse_kl_k1`` instead, for a server teacher (no full logits): the mean over the same
   samples' tokens of ``log pi_S(y_t) - log pi_T(y_t)`` (the k1 estimator: unbiased, noisier, can be < 0);
   a chat teacher (text only) gives none;
 - ``token_agreement``: the student's argmax equals the teacher's on the teacher's greedy answers (for a
@@ -100,7 +100,7 @@ class Evaluator:
             greedy_match += sum(a == b for a, b in zip(mine.texts(self.tokenizer), theirs.texts(self.tokenizer)))
         teacher_tokens = sum(r.num_tokens for r in self.teacher_greedy)
         student.train(was_training)
-        kl_name = "reverse_kl" if self._exact_kl else "reverse_kl_sampled_estimate"
+        kl_name = "reverse_kl" if self._exact_kl else "reverse_kl_k1"
         return {
             "accuracy": self._accuracy(greedy),
             **({kl_name: kl_sum / tokens} if tokens else {}),

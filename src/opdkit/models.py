@@ -127,3 +127,20 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def set_threads(threads: int | None) -> None:
     """Never more threads than cores: two oversubscribed processes slow each other by 10x."""
     torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
+
+
+def machine_description(amp_dtype: torch.dtype) -> str:
+    """What a run's figures depend on: the processor (or CUDA device), whether the CPU has bf16 matrix units
+    (AMX tiles), torch's CPU threads and the precision in use."""
+    import platform
+
+    if pick_device().type == "cuda":
+        machine = torch.cuda.get_device_name()
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")] if cpuinfo.is_file() else []
+        name = names[0] if names else platform.processor() or "an unnamed processor"
+        machine = f"{name} ({'with' if amx_available() else 'without'} bf16 matrix units)"
+    precision = "float32" if amp_dtype == torch.float32 else "bf16 autocast"
+    return f"{machine}, {torch.get_num_threads()} torch threads, {precision}"

@@ -39,6 +39,11 @@ class Rollouts:
         return torch.cat([self.prompt_mask, self.completion_mask.long()], dim=1)
 
     @property
+    def own_mask(self) -> torch.Tensor:
+        """``[B, C]`` 1 on the completion tokens the sampler wrote itself (not a guidance prefix)."""
+        return self.completion_mask if self.guidance_mask is None else self.completion_mask * (1 - self.guidance_mask)
+
+    @property
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
 

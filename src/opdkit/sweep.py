@@ -1,27 +1,101 @@
 """``opd sweep``: the same budget for several methods and seeds, one table and one plot.
 
 Every run starts from the config's student with the config's steps, batch size and learning rate; only
-``objective.method`` and ``seed`` change. Written to ``<output_dir>/sweep.md`` (mean and spread over seeds
-of held-out accuracy and reverse KL, tokens/s) and ``<output_dir>/sweep.png`` (accuracy against steps).
+``objective.method`` and ``seed`` change. Each method runs as its preset defines it: a preset's values replace
+the config's ``objective`` keys (the config's other keys still apply), and ``--set`` overrides win over both.
+Written to ``<output_dir>/sweep.md`` (mean and spread over seeds of held-out accuracy and reverse KL, tokens/s),
+``<output_dir>/sweep.json`` and, with matplotlib, ``<output_dir>/sweep.png`` (the plotted metric against steps).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 
-from .config import load_config
+from .config import Config, deep_merge, load_config
+from .methods import preset
 from .train import setup, train
 
+# What the evaluator may have measured, in the order the plot prefers: accuracy needs a task, the exact reverse
+# KL a local teacher, its k1 estimate a server teacher; every teacher gives token agreement.
+METRICS = {
+    "accuracy": "held-out accuracy",
+    "reverse_kl": "exact reverse KL to teacher (nats/token)",
+    "reverse_kl_k1": "reverse KL to teacher, k1 estimate (nats/token)",
+    "token_agreement": "token agreement with teacher",
+}
+KL_KEYS = ("reverse_kl", "reverse_kl_k1")
 
-def _curve(result: dict, history: list[dict], metric: str) -> list[tuple[int, float]]:
-    points = [(0, result["before"].get(metric))]
-    points += [(r["step"], r["eval"].get(metric)) for r in history if "eval" in r]
-    points.append((result["steps"], result["after"].get(metric)))
-    return [(s, v) for s, v in points if v is not None]
+
+def plotted_metric(measured: dict) -> str:
+    """The first metric of ``METRICS`` that ``measured`` (an eval result) holds."""
+    return next(key for key in METRICS if measured.get(key) is not None)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"credit": {"gamma": 1}}`` -> ``{"credit.gamma": 1}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _preset_over(tree: dict, method: str, overrides: list[str], console: Console) -> dict:
+    """The raw config ``tree`` with ``method``'s preset over its ``objective`` keys; says which keys the preset
+    replaced, and which ``overrides`` (applied after it) replace the preset's values."""
+    objective = tree.get("objective") or {}
+    if objective.get("method", "opd") == method:  # the config is this method's own tuning: it stands
+        return tree
+    fixed = preset(method)
+    yours, theirs = _flatten(objective), _flatten(fixed)
+    for key, value in theirs.items():
+        if key in yours and yours[key] != value:
+            console.print(f"{method}: its preset sets objective.{key} ({value}), replacing the config's {yours[key]}",
+                          markup=False)
+    for item in overrides:
+        key, raw = (part.strip() for part in item.split("=", 1))
+        name = key.removeprefix("objective.")
+        if key.startswith("objective.") and name in theirs and yaml.safe_load(raw) != theirs[name]:
+            console.print(f"{method}: --set {key}={raw} overrides its preset's {theirs[name]}", markup=False)
+    return {**tree, "objective": deep_merge(objective, fixed)}
+
+
+def sweep_configs(tree: dict, methods: list[str], seeds: list[int], overrides: list[str], root: Path,
+                  console: Console) -> dict[str, list[Config]]:
+    """Every run's validated config, from the raw YAML ``tree``: the method's preset over the tree's ``objective``
+    keys, then ``overrides``, then the method, seed and output folder."""
+    configs = {}
+    for method in methods:
+        method_tree = _preset_over(tree, method, overrides, console)
+        configs[method] = [load_config(None, [*overrides, f"objective.method={method}", f"seed={seed}",
+                                              f"output_dir={root / method / f'seed{seed}'}"],
+                                       base=copy.deepcopy(method_tree))  # load_config sets overrides in place
+                           for seed in seeds]
+    return configs
+
+
+def _plot_available(console: Console) -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        console.print("matplotlib is not installed: this sweep writes sweep.md and sweep.json but no plot. "
+                      "For sweep.png: pip install 'opdkit[plot]'", style="yellow", markup=False)
+        return False
+    return True
+
+
+def _evals(result: dict, history: list[dict]) -> list[tuple[int, dict]]:
+    """Every evaluation of a run: ``(step, metrics)`` from before training to after."""
+    return [(0, result["before"]), *((r["step"], r["eval"]) for r in history if "eval" in r),
+            (result["steps"], result["after"])]
 
 
 def _spread(values: list[float], fmt: str) -> str:
@@ -33,49 +107,59 @@ def _spread(values: list[float], fmt: str) -> str:
     return f"{format(mean, fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
+def _values(measured: list[dict], key: str | None) -> list[float]:
+    return [m[key] for m in measured if m.get(key) is not None]
+
+
 def run_sweep(config_path: str, methods: list[str], seeds: list[int], overrides: list[str] = (),
               output_dir: str | None = None, console: Console | None = None) -> dict:
     console = console or Console()
-    base = load_config(config_path, overrides)
+    base = load_config(config_path, overrides)  # the file's and the overrides' errors, before any run
+    tree = yaml.safe_load(Path(config_path).read_text())
     root = Path(output_dir or f"{base.output_dir}-sweep")
+    configs = sweep_configs(tree, methods, seeds, overrides, root, console)  # all checked before the first run
+    plots = _plot_available(console)
     root.mkdir(parents=True, exist_ok=True)
-    metric = "accuracy" if base.data.task else "reverse_kl"
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    for method in methods:
-        for seed in seeds:
-            config = load_config(config_path, [*overrides, f"objective.method={method}", f"seed={seed}",
-                                               f"output_dir={root / method / f'seed{seed}'}"])
-            console.rule(f"[bold]{method}[/] seed {seed}: {config.optim.steps} steps")
+    for method, method_configs in configs.items():
+        for config in method_configs:
+            console.rule(f"[bold]{method}[/] seed {config.seed}: {config.optim.steps} steps")
             run = setup(config)
             result = train(run, console)
             tokens_per_s = statistics.fmean(r["tokens_per_s"] for r in run.history if "tokens_per_s" in r)
-            runs[method].append({"seed": seed, "before": result["before"], "after": result["after"],
+            runs[method].append({"seed": config.seed, "before": result["before"], "after": result["after"],
                                  "wall_s": result["wall_s"], "tokens_per_s": tokens_per_s,
-                                 "curve": _curve(result, run.history, metric)})
+                                 "evals": _evals(result, run.history)})
     (root / "sweep.json").write_text(json.dumps(runs, indent=2))
     table = markdown_table(runs, base, config_path, methods, seeds, overrides)
     (root / "sweep.md").write_text(table)
-    plot(runs, metric, root / "sweep.png")
+    written = ["sweep.md", "sweep.json"]
+    if plots:
+        plot(runs, plotted_metric(next(iter(runs.values()))[0]["before"]), root / "sweep.png")
+        written.append("sweep.png")
     console.print(table)
-    console.print(f"written: {root / 'sweep.md'}, {root / 'sweep.png'}, {root / 'sweep.json'}")
+    console.print(f"written to {root}: {', '.join(written)}")
     return runs
 
 
-def markdown_table(runs: dict, base, config_path: str, methods, seeds, overrides) -> str:
+def _row(name: str, measured: list[dict], kl: str | None, results: list[dict] = ()) -> str:
+    cells = [_spread(_values(measured, "accuracy"), ".1%"), _spread(_values(measured, kl), ".4f"),
+             _spread([r["tokens_per_s"] for r in results], ".0f"), _spread([r["wall_s"] for r in results], ".0f")]
+    return f"| {name} | {' | '.join(cells)} |"
+
+
+def markdown_table(runs: dict, base: Config, config_path: str, methods, seeds, overrides) -> str:
     before = next(iter(runs.values()))[0]["before"]
+    kl = next((key for key in KL_KEYS if before.get(key) is not None), None)  # none from a text-only teacher
     command = f"opd sweep {config_path} --methods {','.join(methods)} --seeds {','.join(map(str, seeds))}"
     command += "".join(f" --set {o}" for o in overrides)
     lines = [f"Command: `{command}`", "",
              f"Budget per run: {base.optim.steps} steps x {base.rollout.batch_size} prompts, learning rate "
              f"{base.optim.learning_rate}, {len(seeds)} seeds; mean ± standard deviation over seeds.", "",
-             "| method | held-out accuracy | reverse KL to teacher (nats/token) | tokens/s | wall time (s) |",
+             f"| method | held-out accuracy | {METRICS[kl] if kl else 'reverse KL to teacher'} | tokens/s | wall time (s) |",
              "|---|---|---|---|---|",
-             f"| student before | {_spread([before['accuracy']], '.1%') if before.get('accuracy') is not None else '-'} "
-             f"| {before['reverse_kl']:.4f} | - | - |"]
-    for method, results in runs.items():
-        accuracy = [r["after"]["accuracy"] for r in results if r["after"].get("accuracy") is not None]
-        lines.append(f"| {method} | {_spread(accuracy, '.1%')} | {_spread([r['after']['reverse_kl'] for r in results], '.4f')} "
-                     f"| {_spread([r['tokens_per_s'] for r in results], '.0f')} | {_spread([r['wall_s'] for r in results], '.0f')} |")
+             _row("student before", [before], kl),
+             *(_row(method, [r["after"] for r in results], kl, results) for method, results in runs.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -87,15 +171,15 @@ def plot(runs: dict, metric: str, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, results in runs.items():
-        steps = [s for s, _ in results[0]["curve"]]
-        values = [[v for _, v in r["curve"]] for r in results]
+        steps = [s for s, _ in results[0]["evals"]]
+        values = [[m[metric] for _, m in r["evals"]] for r in results]
         mean = [statistics.fmean(col) for col in zip(*values)]
         line, = ax.plot(steps, mean, marker="o", label=method)
         if len(values) > 1:
             ax.fill_between(steps, [min(col) for col in zip(*values)], [max(col) for col in zip(*values)],
                             color=line.get_color(), alpha=0.15)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out accuracy" if metric == "accuracy" else "held-out reverse KL")
+    ax.set_ylabel(METRICS[metric])
     ax.set_title("Same budget per method (mean over seeds; band: min to max)")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -30,6 +30,7 @@ from .evaluate import Evaluator
 from .faults import StopSignals, diagnose, save_batch
 from .methods import Method, build_method
 from .models import autocast, context_length, load_model, load_tokenizer, pick_device, resolve_precision, set_threads
+from .objectives import credit, gates
 from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
 from .rollout import Rollouts, from_dataset, sample
@@ -53,6 +54,7 @@ class Run:
     run_dir: Path
     reference: torch.nn.Module | None = None
     history: list[dict] = field(default_factory=list)
+    guidance_answers: dict[str, list[int]] = field(default_factory=dict)  # the teacher's greedy answer per prompt
 
 
 def setup(config: Config, student_path: str | None = None) -> Run:
@@ -70,8 +72,9 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     train_examples = load_examples(config.data.train)
     eval_examples = load_examples(config.data.eval)[: config.data.eval_size] if config.data.eval else []
     if method.needs_completions() and any(e.completion is None for e in train_examples):
-        raise OPDError(f"method {method.name!r} with lmbda < 1 trains on dataset completions, but {config.data.train!r} "
-                       "has records without one: add a 'completion' field (or a final assistant message), or set lmbda: 1.0")
+        raise OPDError(f"method {method.name!r} trains on dataset completions (lmbda < 1, or prefix_guidance.answer: "
+                       f"dataset), but {config.data.train!r} has records without one: add a 'completion' field (or a "
+                       "final assistant message), or set lmbda: 1.0 and prefix_guidance.answer: teacher")
     student = load_model(student_path, device)
     method.attach(student)
     # a frozen copy of the initial student, for the KL-to-reference regularizer
@@ -79,7 +82,10 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     teacher = build_teacher(config.teacher, tokenizer, student.config, device, amp_dtype)
     context = context_length(student) if teacher.model is None else min(context_length(student), context_length(teacher.model))
     eval_length = config.eval.max_completion_length or config.rollout.max_completion_length
-    validate_lengths(tokenizer, train_examples, config.rollout.max_completion_length, context, config.data.train)
+    budget = config.rollout.max_completion_length
+    # a guidance prefix (at most one answer, which is at most max_completion_length) goes before the budget
+    prefix = budget if config.objective.prefix_guidance.enabled else 0
+    validate_lengths(tokenizer, train_examples, budget, context, config.data.train, prefix)
     if eval_examples:
         validate_lengths(tokenizer, eval_examples, eval_length, context, config.data.eval)
 
@@ -125,26 +131,55 @@ def collect(run: Run, rng: random.Random, step: int) -> Rollouts:
 
 
 def teacher_prefixes(run: Run, examples, step: int) -> list[list[int]]:
-    """TrOPD guidance: the first ``floor(alpha(t) * len)`` tokens of the teacher's answer (its end token
-    excluded), ``alpha(t) = (1 + cos(pi t / T)) / 2`` annealed from 1 to 0 over ``T`` steps. The answer is the
-    dataset's completion where every example has one, else the teacher's greedy answer."""
-    horizon = run.config.objective.prefix_guidance.anneal_steps or run.config.optim.steps
-    alpha = 0.5 * (1 + math.cos(math.pi * min(step, horizon) / horizon))
-    if all(e.completion is not None for e in examples):
-        answers = from_dataset(run.tokenizer, examples, run.config.rollout.max_completion_length)
-    else:
-        answers = run.teacher.sample(examples, run.config.rollout.max_completion_length, greedy=True)
-    prefixes = []
-    for ids, mask in zip(answers.completion_ids.tolist(), answers.completion_mask.tolist()):
-        answer = [t for t, m in zip(ids, mask) if m and t != run.tokenizer.eos_token_id]
-        prefixes.append(answer[: int(alpha * len(answer))])
-    return prefixes
+    """TrOPD guidance: the first ``floor(alpha(t) * len)`` tokens of each prompt's answer (its end token
+    excluded), ``alpha(t)`` annealed from 1 to 0 over ``anneal_steps`` (``gates.guidance_fraction``)."""
+    guidance = run.config.objective.prefix_guidance
+    fraction = gates.guidance_fraction(step, guidance.anneal_steps or run.config.optim.steps)
+    return [answer[: int(fraction * len(answer))] for answer in guidance_answers(run, examples)]
+
+
+def guidance_answers(run: Run, examples) -> list[list[int]]:
+    """Each prompt's answer token ids without the end token: the teacher's greedy answer (deterministic, so
+    asked once per prompt and kept in ``run.guidance_answers``), or with ``answer: dataset`` the completion."""
+    length, eos = run.config.rollout.max_completion_length, run.tokenizer.eos_token_id
+
+    def ids(rollouts: Rollouts) -> list[list[int]]:
+        return [[t for t, m in zip(row, mask) if m and t != eos]
+                for row, mask in zip(rollouts.completion_ids.tolist(), rollouts.completion_mask.tolist())]
+
+    if run.config.objective.prefix_guidance.answer == "dataset":
+        return ids(from_dataset(run.tokenizer, examples, length))
+    keys = [json.dumps(e.messages, sort_keys=True) for e in examples]
+    missing = {k: e for k, e in zip(keys, examples) if k not in run.guidance_answers}
+    if missing:
+        answers = run.teacher.sample(list(missing.values()), length, greedy=True)
+        run.guidance_answers.update(zip(missing, ids(answers)))
+    return [run.guidance_answers[k] for k in keys]
 
 
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def student_forward(run: Run, batch: Rollouts) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(logits, hidden)`` of the completion positions, as much of each as the method asks for."""
+    needs_hidden, hidden_only = run.method.needs_hidden, run.method.hidden_only
+    with autocast(run.device, run.amp_dtype):
+        out = batch.completion_logits(run.student, return_hidden=needs_hidden or hidden_only, logits=not hidden_only)
+    return out if needs_hidden or hidden_only else (out, None)
+
+
+def step_advantage_moments(run: Run, batches: list[Rollouts], signals) -> tuple[float, float]:
+    """``credit.normalize`` over the whole step: every micro-batch's advantages first, without gradient, so that
+    accumulation does not change the loss. The RNG is forked so the gates draw the same uniforms again after."""
+    pairs = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        for batch, signal in zip(batches, signals):
+            logits, hidden = student_forward(run, batch)
+            pairs.append((run.method.token_loss(logits, batch, signal, hidden=hidden).stats["advantage"], batch.own_mask))
+    return credit.step_moments(pairs)
 
 
 def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
@@ -156,7 +191,9 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
     timings["rollout"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    signals = [run.teacher.score(b, run.method.teacher_support, run.method.top_k) for b in batches]
+    method = run.method
+    signals = [run.teacher.score(b, method.teacher_support, method.top_k, entropy=method.needs_teacher_entropy)
+               for b in batches]
     usage_keys = set().union(*(s.usage for s in signals))  # teacher calls and tokens (remote teachers)
     teacher_usage = {f"teacher_{k}": sum(s.usage.get(k, 0.0) for s in signals) for k in sorted(usage_keys)}
     if run.reference is not None:
@@ -170,15 +207,14 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
     # token mean (or sequence mean) over the whole step, so accumulation never changes the loss
     weights = [aggregation_weights(b.completion_mask, run.config.objective.aggregation) for b in batches]
     normalizer = max(1e-8, float(sum(w.sum() for w in weights)))
-    needs_hidden, hidden_only = run.method.needs_hidden, run.method.hidden_only
-    run.student.train()
+    # sampling ran without dropout; the loss pass does too unless the config keeps it (student.disable_dropout)
+    run.student.train(not run.config.student.disable_dropout)
+    if method.normalizes_advantages and len(batches) > 1:
+        method.advantage_moments = step_advantage_moments(run, batches, signals)
     sums: dict[str, float] = {"loss": 0.0}
     for batch, signal, weight in zip(batches, signals, weights):
-        with autocast(run.device, run.amp_dtype):
-            out = batch.completion_logits(run.student, return_hidden=needs_hidden or hidden_only,
-                                          logits=not hidden_only)
-        logits, hidden = out if needs_hidden or hidden_only else (out, None)
-        token_loss = run.method.token_loss(logits, batch, signal, hidden=hidden)
+        logits, hidden = student_forward(run, batch)
+        token_loss = method.token_loss(logits, batch, signal, hidden=hidden)
         loss = (token_loss.loss * weight).sum() / normalizer
         loss.backward()
         sums["loss"] += float(loss.detach())
@@ -190,6 +226,7 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
                 sums[name] = sums.get(name, 0.0) + float(token_sum(values, batch.completion_mask)) / total_tokens
             for name, value in token_loss.scalars.items():
                 sums[name] = sums.get(name, 0.0) + value * share
+    method.advantage_moments = None
     timings["forward_backward"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -233,8 +270,9 @@ def _describe(record: dict) -> str:
     parts = [f"loss {record['loss']:+.3f}"]
     if "advantage" in record:
         parts.append(f"adv {record['advantage']:+.3f}")
-    if "reverse_kl" in record:
-        parts.append(f"rkl {record['reverse_kl']:.3f}")
+    for key in ("reverse_kl_k1", "reverse_kl_on_support"):
+        if key in record:
+            parts.append(f"rkl {record[key]:.3f}")
     if "entropy" in record:
         parts.append(f"H {record['entropy']:.2f}")
     parts += [f"len {record['completion_length']:.1f}", f"{record['tokens_per_s']:.0f} tok/s"]

@@ -38,6 +38,9 @@ class Method:
     top_k: int | None = None
     needs_hidden: bool = False  # the loop also hands over the student's last hidden states
     hidden_only: bool = False  # ... and no logits: the method applies the LM head itself
+    needs_teacher_entropy: bool = False  # the teacher's full entropy per position, where it can give it
+    normalizes_advantages: bool = False  # standardises advantages with the step's moments (set by the loop)
+    advantage_moments: tuple[float, float] | None = None
 
     def state_source(self, rng: random.Random) -> StateSource:
         return "student"

@@ -8,7 +8,9 @@
     times:             position weights; prefix (guidance) tokens get beta * (-log pi_S(y_t)) instead.
 
 States that the student did not sample (teacher samples, dataset completions) get the direct form of the
-chosen support; on the sampled token that is cross-entropy (forward KL up to a constant).
+chosen support; on the sampled token that is cross-entropy, forward KL's gradient (``ObjectiveConfig``
+accepts it only with ``divergence: forward_kl``). Which points are accepted, and the gradient each trains
+on, is proved by enumeration in ``tests/test_axes_grid.py``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _cost_derivative(objective, l: torch.Tensor) -> torch.Tensor:
     """``d cost / d l`` for the sampled-token cost: ``phi'`` for f-divergences, the estimator's for reverse KL."""
     if objective.divergence != "reverse_kl":
         return phi_prime(_sampled_name(objective), l, objective.alpha)
-    return {"k1": torch.ones_like(l), "k2": l, "k3": 1 - torch.exp(-l)}[objective.estimator]
+    return {"k1": torch.ones_like(l), "k3": 1 - torch.exp(-l)}[objective.estimator]
 
 
 def _sampled_cost(objective, l: torch.Tensor) -> torch.Tensor:
@@ -52,6 +54,9 @@ class Formula(Method):
         self.objective = objective
         self.name = objective.method
         self.teacher_support, self.top_k = self._teacher_needs()
+        self.needs_teacher_entropy = objective.entropy_gate.enabled
+        self.normalizes_advantages = objective.credit.normalize
+        self.advantage_moments: tuple[float, float] | None = None  # the step's (mean, std), set by the loop
         self.value_head: torch.nn.Linear | None = None
         self.head: torch.nn.Module | None = None
 
@@ -73,7 +78,8 @@ class Formula(Method):
         return self.objective.states
 
     def needs_completions(self) -> bool:
-        return self.objective.lmbda < 1.0
+        guidance = self.objective.prefix_guidance
+        return self.objective.lmbda < 1.0 or (guidance.enabled and guidance.answer == "dataset")
 
     @property
     def needs_hidden(self) -> bool:
@@ -101,7 +107,7 @@ class Formula(Method):
         o = self.objective
         mask = rollouts.completion_mask
         if self.hidden_only:
-            return self._chunked(hidden, rollouts, teacher)
+            return TokenLoss(self._position_weighted(self._chunked(hidden, rollouts, teacher), mask))
         logprobs = student_logits.float().log_softmax(-1)
         token_logprobs = sampled(logprobs, rollouts.completion_ids)
         stats: dict[str, torch.Tensor] = {"entropy": entropy(logprobs.detach())}
@@ -110,33 +116,38 @@ class Formula(Method):
         if o.support != "sampled":
             loss = self._distributional(student_logits, logprobs, teacher, stats)
         elif rollouts.source != "student":
-            loss = -token_logprobs  # teacher or dataset states: cross-entropy on their tokens
-        elif o.grad_path == "direct":
+            loss = -token_logprobs  # teacher samples (or dataset completions): cross-entropy, forward KL's gradient
+        elif o.grad_path == "direct":  # k2: reverse KL's gradient; k3: forward KL's (ObjectiveConfig pairs them)
             loss = estimator(o.estimator, teacher.token_logprobs - token_logprobs)
-            stats["reverse_kl"] = (token_logprobs - teacher.token_logprobs).detach()
+            stats["reverse_kl_k1"] = (token_logprobs - teacher.token_logprobs).detach()
         else:
             loss = self._policy_gradient(logprobs, token_logprobs, rollouts, teacher, hidden, stats, scalars)
 
         if o.entropy_gate.enabled:
             ids, top = self._teacher_topk(teacher, o.entropy_gate.top_k)
-            full = teacher.logprobs
-            teacher_entropy = entropy(full) if full is not None else entropy(top.log_softmax(-1))
+            if teacher.entropy is not None:
+                teacher_entropy = stats["teacher_entropy"] = teacher.entropy
+            else:  # a teacher that gives only its top-k: the entropy of the top-k, renormalised
+                teacher_entropy = stats["teacher_entropy_topk"] = entropy(top.log_softmax(-1))
             gate = gates.entropy_gate(teacher_entropy, o.entropy_gate.threshold)
             loss = loss + o.entropy_gate.coef * gate * self._topk_forward_kl(logprobs, ids, top)
-            scalars["entropy_gate_rate"] = float(token_mean(gate, mask))
+            scalars["entropy_gate_rate"] = float(token_mean(gate, rollouts.own_mask))
         if o.ref_kl_coef:
             loss = loss + o.ref_kl_coef * regularizers.reference_kl(token_logprobs, rollouts.reference_logprobs)
         if o.entropy_coef:
             loss = loss + o.entropy_coef * regularizers.entropy_bonus(logprobs)
-        if o.position_decay < 1.0:
-            loss = loss * gates.position_weights(mask, o.position_decay)
+        loss = self._position_weighted(loss, mask)
         if rollouts.guidance_mask is not None:
             guided = rollouts.guidance_mask
             loss = torch.where(guided > 0, o.prefix_guidance.beta * -token_logprobs, loss)
             scalars["guidance_fraction"] = float(token_mean(guided, mask))
         return TokenLoss(loss, stats, scalars)
 
-    def _chunked(self, hidden, rollouts: Rollouts, teacher: TeacherSignal) -> TokenLoss:
+    def _position_weighted(self, loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        decay = self.objective.position_decay
+        return loss if decay == 1.0 else loss * gates.position_weights(mask, decay)
+
+    def _chunked(self, hidden, rollouts: Rollouts, teacher: TeacherSignal) -> torch.Tensor:
         """Full-vocabulary divergence from hidden states, ``vocab_chunk_size`` positions at a time."""
         o, mask = self.objective, rollouts.completion_mask
         keep = mask.bool()
@@ -144,23 +155,24 @@ class Formula(Method):
         per_token = chunked_full(hidden[keep], self.head, full[keep],
                                  lambda s, t: distributional(o.divergence, s, t, beta=o.beta, alpha=o.alpha),
                                  o.vocab_chunk_size, o.temperature)
-        loss = torch.zeros_like(mask, dtype=per_token.dtype).masked_scatter(keep, per_token)
-        return TokenLoss(loss)
+        return torch.zeros_like(mask, dtype=per_token.dtype).masked_scatter(keep, per_token)
 
     def _distributional(self, student_logits, logprobs, teacher: TeacherSignal, stats) -> torch.Tensor:
+        """``D(pi_T, pi_S)`` over the support, both sides at ``objective.temperature`` (no tail then: config)."""
         o = self.objective
-        student = logprobs if o.temperature == 1.0 else (student_logits.float() / o.temperature).log_softmax(-1)
-        if o.support == "teacher_topk":
+        temperature = o.temperature
+        student = logprobs if temperature == 1.0 else (student_logits.float() / temperature).log_softmax(-1)
+        if o.support == "teacher_topk":  # renormalising p^(1/T) over the top-k is the tempered teacher there
             ids, teacher_lp = self._teacher_topk(teacher, o.top_k)
-            s, t = restrict(student, teacher_lp / o.temperature if o.temperature != 1.0 else teacher_lp, ids, o.tail)
+            s, t = restrict(student, teacher_lp / temperature, ids, o.tail)
         else:
-            full = teacher.logprobs if o.temperature == 1.0 else (teacher.logprobs / o.temperature).log_softmax(-1)
+            full = teacher.logprobs if temperature == 1.0 else (teacher.logprobs / temperature).log_softmax(-1)
             s, t = (student, full) if o.support == "full" else student_topk(student, full, o.top_k, o.tail)
-        stats["reverse_kl"] = kl(s.detach(), t)
+        stats["reverse_kl_on_support"] = kl(s.detach(), t)
         return distributional(o.divergence, s, t, beta=o.beta, alpha=o.alpha)
 
     def _policy_gradient(self, logprobs, token_logprobs, rollouts, teacher, hidden, stats, scalars) -> torch.Tensor:
-        o, mask = self.objective, rollouts.completion_mask
+        o, mask, own = self.objective, rollouts.completion_mask, rollouts.own_mask
         if o.reward == "teacher":  # a text-only teacher's own per-token reward (chunk_opd): no log-ratio
             if teacher.token_advantages is None:
                 raise OPDError("objective.reward teacher (chunk_opd) needs per-chunk rewards from a text-only "
@@ -170,15 +182,15 @@ class Formula(Method):
         else:
             raw = (token_logprobs - teacher.token_logprobs).detach()  # l = log pi_S - log pi_T
             l = raw.clamp(-o.log_ratio_clip, o.log_ratio_clip)
-            scalars["log_ratio_clamp_rate"] = float(token_mean((raw != l).float(), mask))
+            scalars["log_ratio_clamp_rate"] = float(token_mean((raw != l).float(), own))
             reward = -_sampled_cost(o, l)
-            stats["reverse_kl"] = raw
+            stats["reverse_kl_k1"] = raw
         extra = torch.zeros_like(reward)
 
         if o.trust_region.enabled:
             tr = o.trust_region
             accepted = gates.trust_region(teacher.token_logprobs, token_logprobs, torch.rand_like(reward))
-            scalars["trust_frac"] = float(token_mean(accepted.float(), mask))
+            scalars["trust_frac"] = float(token_mean(accepted.float(), own))
             if tr.outliers == "mask":
                 reward = torch.where(accepted, reward, torch.zeros_like(reward))
             elif tr.outliers == "clip":
@@ -202,12 +214,12 @@ class Formula(Method):
                 scalars["value_explained_variance"] = credit.explained_variance(values.detach(), target, mask)
         if o.correction:
             advantage = advantage - _cost_derivative(o, l)
-        if o.credit.normalize:
-            m = mask.bool()
-            advantage = (advantage - advantage[m].mean()) / (advantage[m].std() + 1e-8) * mask
         stats["advantage"] = advantage
+        if o.credit.normalize:
+            mean, std = self.advantage_moments or credit.moments(advantage, own)
+            advantage = (advantage - mean) / (std + 1e-8) * mask
         sampler = rollouts.sampler_logprobs if rollouts.sampler_logprobs is not None else token_logprobs.detach()
-        return policy_gradient_loss(token_logprobs, sampler, advantage, o.ratio_clip) + extra
+        return policy_gradient_loss(token_logprobs, sampler, advantage) + extra
 
     def _values(self, logprobs, teacher: TeacherSignal, hidden, reward) -> torch.Tensor | None:
         """``V(s_t)`` for GAE, or None for plain discounted returns."""

@@ -6,5 +6,5 @@ reverse-KL gradient at each visited state (biased for the sequence-level objecti
 ``credit.gamma: 1`` for the unbiased return-to-go estimator).
 """
 
-PRESET = {"support": "sampled", "divergence": "reverse_kl", "estimator": "k1", "grad_path": "pg",
+PRESET = {"support": "sampled", "divergence": "reverse_kl", "grad_path": "pg",
           "credit": {"gamma": 0.0}}

@@ -7,6 +7,6 @@ paper's other variants). Off-policy guidance: the student continues from a cosin
 teacher's answer, and prefix tokens get ``0.001 * (-log pi_S)``.
 """
 
-PRESET = {"support": "sampled", "divergence": "reverse_kl", "estimator": "k1", "grad_path": "pg",
+PRESET = {"support": "sampled", "divergence": "reverse_kl", "grad_path": "pg",
           "trust_region": {"enabled": True, "outliers": "fkl", "top_k": 64, "fkl_mode": "advantage"},
           "prefix_guidance": {"enabled": True, "beta": 0.001}}

@@ -37,6 +37,26 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return discounted_cumsum(deltas, mask, gamma * lam)
 
 
+def moments(advantages: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """``(mean, standard deviation)`` over masked positions, for ``credit.normalize``."""
+    return step_moments([(advantages, mask)])
+
+
+def step_moments(pairs) -> tuple[float, float]:
+    """``(mean, standard deviation)`` over the masked positions of several ``(values, mask)`` micro-batches
+    together, so that standardising is the same whatever the split of a step."""
+    n = total = squares = 0.0
+    for values, mask in pairs:
+        m = mask.bool()
+        n += float(m.sum())
+        total += float(values[m].double().sum())
+        squares += float(values[m].double().pow(2).sum())
+    if n < 2:
+        return total / max(n, 1.0), 1.0
+    mean = total / n
+    return mean, max((squares - n * mean**2) / (n - 1), 0.0) ** 0.5
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """``1 - Var(returns - values) / Var(returns)`` over masked positions (1 is perfect, 0 is no better than a constant)."""
     m = mask.bool()

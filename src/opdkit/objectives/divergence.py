@@ -87,8 +87,19 @@ def distributional(name: str, student_logprobs: torch.Tensor, teacher_logprobs: 
     raise ValueError(f"unknown divergence {name!r}; known: {DISTRIBUTIONAL}")
 
 
+def _alpha_endpoint(name: str, alpha: float) -> str | None:
+    """Amari's alpha-divergence is KL at its ends: ``alpha -> 1`` reverse, ``alpha -> 0`` forward."""
+    if name != "alpha" or 0.0 < alpha < 1.0:
+        return None
+    return "alpha1" if alpha == 1.0 else "alpha0"
+
+
 def phi(name: str, l: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """Sampled-token cost ``phi(l) = f(e^l) e^{-l}`` with ``l = log pi_S(y) - log pi_T(y)``, ``y ~ pi_S``."""
+    """Sampled-token cost ``phi(l) = f(e^l) e^{-l}`` with ``l = log pi_S(y) - log pi_T(y)``, ``y ~ pi_S``.
+
+    For ``alpha`` at 0 or 1, the limit of its ``f`` (``-log u + u - 1``, ``u log u - u + 1``): the forward and
+    reverse KL with a zero-mean term, so that the cost is continuous in ``alpha``."""
+    name = _alpha_endpoint(name, alpha) or name
     if name == "reverse_kl":
         return l
     if name == "forward_kl":
@@ -101,11 +112,16 @@ def phi(name: str, l: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
         return (1 - torch.exp(-0.5 * l)).pow(2)
     if name == "alpha":
         return (torch.exp((alpha - 1) * l) - alpha - (1 - alpha) * torch.exp(-l)) / (alpha * (alpha - 1))
+    if name == "alpha1":
+        return l - 1 + torch.exp(-l)
+    if name == "alpha0":
+        return 1 - (1 + l) * torch.exp(-l)
     raise ValueError(f"unknown sampled-token divergence {name!r}; known: {SAMPLED}")
 
 
 def phi_prime(name: str, l: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """``d phi / d l = f'(e^l) - phi(l)``: the OPD+ correction term."""
+    endpoint = _alpha_endpoint(name, alpha)
     if name == "reverse_kl":
         f_prime = l + 1
     elif name == "forward_kl":
@@ -116,6 +132,10 @@ def phi_prime(name: str, l: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
         f_prime = 0.5 * torch.sign(l)
     elif name == "hellinger":
         f_prime = 1 - torch.exp(-0.5 * l)
+    elif endpoint == "alpha1":  # f(u) = u log u - u + 1
+        f_prime = l
+    elif endpoint == "alpha0":  # f(u) = -log u + u - 1
+        f_prime = 1 - torch.exp(-l)
     elif name == "alpha":
         f_prime = (torch.exp((alpha - 1) * l) - 1) / (alpha - 1)
     else:
@@ -126,9 +146,10 @@ def phi_prime(name: str, l: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
 def estimator(name: str, log_ratio: torch.Tensor) -> torch.Tensor:
     """Sampled-token estimate of ``KL(pi_S || pi_T)`` from ``r = log pi_T(y) - log pi_S(y)``.
 
-    k1 and k3 are unbiased for the value; their *gradients* differ by path: ``sg(k1)`` as a PG cost and
-    ``k2`` backpropagated directly both give the reverse-KL gradient; ``k3`` backpropagated directly
-    gives the forward-KL gradient.
+    k1 and k3 are unbiased for the value; their *gradients* differ by path: ``sg(k1)`` as a PG cost, ``sg(k3)``
+    with its OPD+ correction, and ``k2`` backpropagated directly give the reverse-KL gradient; ``k3``
+    backpropagated directly gives the forward-KL gradient; ``k1`` backpropagated has expected gradient 0 and
+    ``sg(k2)`` as a PG cost that of ``E[l^2/2]`` (``ObjectiveConfig`` refuses both).
     """
     if name == "k1":
         return -log_ratio

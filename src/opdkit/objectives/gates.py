@@ -4,10 +4,12 @@
   log space as ``log u < log pi_T(y) - log pi_S(y)``; rejected tokens are "outliers";
 - entropy gate (EOPD): ``1[H(pi) > tau]``;
 - position weights: ``w_t = decay^t``;
-- PPO ratio clipping for stale samples.
+- guidance schedule (TrOPD): the fraction of the answer given as a prefix at a step.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -25,3 +27,8 @@ def entropy_gate(entropy: torch.Tensor, threshold: float) -> torch.Tensor:
 def position_weights(mask: torch.Tensor, decay: float) -> torch.Tensor:
     positions = torch.arange(mask.shape[1], device=mask.device, dtype=mask.dtype)
     return decay ** positions * mask
+
+
+def guidance_fraction(step: int, horizon: int) -> float:
+    """``alpha(t) = (1 + cos(pi min(t, T) / T)) / 2``: 1 at the first step, 0 from step ``T`` on."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, horizon) / horizon))

@@ -30,28 +30,22 @@ def _with_tail(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.cat([logprobs, tail], dim=-1)
 
 
-def restrict(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, ids: torch.Tensor, tail: bool = False):
+def restrict(student_logprobs: torch.Tensor, teacher_on_support: torch.Tensor, ids: torch.Tensor, tail: bool = False):
     """``(student, teacher)`` log-probs on the support ``ids`` (``[..., k]``), renormalised or with a tail.
 
-    ``teacher_logprobs`` may already be gathered (``[..., k]``, as a server returns them) or full.
-    """
+    ``student_logprobs`` is over the whole vocabulary; ``teacher_on_support[..., j]`` is the teacher's
+    log-prob of ``ids[..., j]`` (as a server returns its top-k, or gathered by the caller)."""
     student = student_logprobs.gather(-1, ids)
-    teacher = teacher_logprobs if teacher_logprobs.shape[-1] == ids.shape[-1] else teacher_logprobs.gather(-1, ids)
     if tail:
-        return _with_tail(student), _with_tail(teacher)
-    return student.log_softmax(-1), teacher.log_softmax(-1)
-
-
-def teacher_topk(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, topk_teacher_logprobs: torch.Tensor,
-                 tail: bool = False):
-    """The teacher's top-k support (ids and log-probs as the teacher returned them)."""
-    return restrict(student_logprobs, topk_teacher_logprobs, topk_ids, tail)
+        return _with_tail(student), _with_tail(teacher_on_support)
+    return student.log_softmax(-1), teacher_on_support.log_softmax(-1)
 
 
 def student_topk(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, k: int, tail: bool = False):
-    """The student's top-k support; the ids are chosen without gradient."""
+    """The student's top-k support (the teacher's full distribution gathered on it); the ids are chosen
+    without gradient."""
     ids = student_logprobs.detach().topk(min(k, student_logprobs.shape[-1]), dim=-1).indices
-    return restrict(student_logprobs, teacher_logprobs, ids, tail)
+    return restrict(student_logprobs, teacher_logprobs.gather(-1, ids), ids, tail)
 
 
 def chunked_full(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], teacher_logprobs: torch.Tensor,

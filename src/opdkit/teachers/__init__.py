@@ -22,6 +22,7 @@ class TeacherSignal:
     logprobs: torch.Tensor | None = None  # [B, C, V] log-softmax over the vocabulary (support "full")
     topk_ids: torch.Tensor | None = None  # [B, C, k] (support "topk")
     topk_logprobs: torch.Tensor | None = None  # [B, C, k] log pi_T of those ids, normalised over the vocabulary
+    entropy: torch.Tensor | None = None  # [B, C] H(pi_T(.|s_t)) over the whole vocabulary, when asked and known
     token_advantages: torch.Tensor | None = None  # [B, C] logit-free per-token reward (chat teacher, chunk_opd)
     usage: dict[str, float] = field(default_factory=dict)  # remote teachers: calls, retries, tokens of this call
 
@@ -33,7 +34,11 @@ class Teacher(Protocol):
     model: object | None
     returns_logprobs: bool  # False for a text-only teacher
 
-    def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None) -> TeacherSignal: ...
+    def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None,
+              entropy: bool = False) -> TeacherSignal:
+        """The teacher's log-probs on ``support``; with ``entropy``, also its full entropy per position where it
+        has the whole distribution (a local model; None from a server, which gives only a top-k)."""
+        ...
 
     def sample(self, examples: list, max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
                greedy: bool = False) -> Rollouts: ...

@@ -126,7 +126,8 @@ class ChatTeacher:
                                   self.spec.fork_quantile, self.spec.smoothing_window))
         return out
 
-    def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None) -> TeacherSignal:
+    def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None,
+              entropy: bool = False) -> TeacherSignal:
         if support != "token":
             raise OPDError("a chat teacher returns text only, no log-probs: use objective.method chunk_opd "
                            "(or a teacher of kind server/local for log-prob objectives)")

@@ -7,6 +7,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data import Example
 from ..models import autocast
+from ..objectives.divergence import entropy as full_entropy
 from ..objectives.support import sampled
 from ..rollout import Rollouts, sample
 from . import Support, TeacherSignal
@@ -22,17 +23,18 @@ class LocalTeacher:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None) -> TeacherSignal:
+    def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None,
+              entropy: bool = False) -> TeacherSignal:
         with autocast(self.device, self.amp_dtype):
             logits = rollouts.completion_logits(self.model)
         logprobs = logits.float().log_softmax(-1)  # fp32 log-softmax whatever the matmul precision
         token = sampled(logprobs, rollouts.completion_ids) * rollouts.completion_mask
+        signal = TeacherSignal(token, entropy=full_entropy(logprobs) if entropy else None)
         if support == "full":
-            return TeacherSignal(token, logprobs=logprobs)
-        if support == "topk":
-            values, ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
-            return TeacherSignal(token, topk_ids=ids, topk_logprobs=values)
-        return TeacherSignal(token)
+            signal.logprobs = logprobs
+        elif support == "topk":
+            signal.topk_logprobs, signal.topk_ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+        return signal
 
     def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
                top_p: float = 1.0, greedy: bool = False) -> Rollouts:

@@ -399,7 +399,10 @@ class ServerTeacher:
         answers = self.client.map("/completions", payloads, check)
         return [parse_scores(a["choices"][0], ids, k, self.tokens) for a, (ids, _) in zip(answers, rows)]
 
-    def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None) -> TeacherSignal:
+    def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None,
+              entropy: bool = False) -> TeacherSignal:
+        """``entropy`` is never known here (a server gives a top-k, not the whole distribution): ``signal.entropy``
+        stays None and an entropy gate falls back to the top-k's."""
         if support == "full":
             raise OPDError("this objective needs the teacher's full-vocabulary log-probs, which a server does not return "
                            "(only the sampled token's and the top-k): use objective.method opd, or gkd with objective.top_k "
