@@ -105,7 +105,7 @@ def test_gkd_interior_matches_float64_mixture(distributions, beta):
     expected = beta * _reference_kl(pt, m) + (1 - beta) * _reference_kl(ps, m)
     got = generalized_jsd(s, t, beta)
     assert torch.allclose(got.double(), expected, atol=1e-5)
-    assert (got >= -1e-6).all()
+    assert (got > 1e-3).all()  # distinct distributions are apart
     assert torch.allclose(generalized_jsd(t, t, beta), torch.zeros_like(got), atol=1e-6)
 
 
