@@ -60,3 +60,33 @@ def test_shipped_configs_validate():
 
     for name in ("arith-opd.yaml", "smollm2-compress.yaml"):
         load_config(shipped_config(name))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["objective.estimator=k2"], r"k2 as a policy-gradient cost .* use estimator k1"),
+    (["objective.estimator=k3"], r"k3 as a detached policy-gradient cost .* set correction: true"),
+    (["objective.grad_path=direct", "objective.estimator=k1"], r"k1 backpropagated directly has zero expected gradient"),
+    (["objective.grad_path=direct", "objective.estimator=k3"], r"k3 backpropagated directly trains forward_kl's gradient"),
+    (["objective.temperature=2.0"], r"objective.temperature softens both distributions .*rollout.temperature sets"),
+    (["objective.method=gkd", "objective.tail=true"], r"tail keeps the mass outside a top-k support"),
+    (["objective.method=gkd", "objective.estimator=k3"], r"remove estimator"),
+    (["objective.method=gkd", "objective.credit.gamma=1.0"], r"credit.gamma shape the policy-gradient advantage"),
+    (["objective.credit.lam=0.9"], r"credit.lam is GAE's lambda and needs a value"),
+    (["objective.method=seqkd", "objective.trust_region.enabled=true"], r"trust_region gates the policy-gradient"),
+    (["objective.trust_region.outliers=mask"], r"trust_region.outliers set while trust_region.enabled is false"),
+    (["objective.method=opd_plus", "objective.correction=false"], r"stop-gradient advantage .* set correction: true"),
+    (["objective.method=seqkd", "objective.divergence=reverse_kl"], r"cross-entropy, whose gradient is forward KL's"),
+    (["objective.credit.gamma=1.0", "rollout.temperature=0.7"], r"credit.gamma > 0 .* use credit.gamma: 0"),
+    (["objective.ratio_clip=0.2"], r"objective.ratio_clip is no longer a key: PPO's clip acts on samples reused"),
+])
+def test_points_that_would_train_on_another_gradient_are_refused_with_the_fix(overrides, message):
+    with pytest.raises(OPDError, match=message):
+        load_config(base=BASE, overrides=overrides)
+
+
+def test_estimators_default_to_the_form_that_names_the_divergence():
+    assert load_config(base=BASE).objective.estimator == "k1"  # classic OPD
+    assert load_config(base=BASE, overrides=["objective.grad_path=direct"]).objective.estimator == "k2"
+    direct_fkl = ["objective.grad_path=direct", "objective.divergence=forward_kl"]
+    assert load_config(base=BASE, overrides=direct_fkl).objective.estimator == "k3"
+    assert load_config(base=BASE, overrides=["objective.method=opd_plus"]).objective.estimator is None  # phi
