@@ -125,5 +125,5 @@ def test_advantages_are_standardised_over_the_whole_step(tiny_config):
     step = credit.step_moments([(out.stats["advantage"], batch.own_mask) for _, batch, out, _ in seen])
     for _, _, _, moments in seen:
         assert moments == pytest.approx(step, rel=1e-6)
-    per_batch = credit.moments(seen[0][2].stats["advantage"], seen[0][1].own_mask)
+    per_batch = credit.step_moments([(seen[0][2].stats["advantage"], seen[0][1].own_mask)])
     assert abs(per_batch[0] - step[0]) > 1e-4  # the step's moments are not the first micro-batch's

@@ -193,10 +193,9 @@ class PrefixGuidanceConfig(_Strict):
     answer: Literal["teacher", "dataset"] = "teacher"
 
 
-def _changed(section: BaseModel, skip: tuple[str, ...] = ()) -> list[str]:
+def _changed(section: BaseModel) -> list[str]:
     """Fields of a config section that differ from their defaults."""
-    return [name for name, field in type(section).model_fields.items()
-            if name not in skip and getattr(section, name) != field.default]
+    return [name for name, field in type(section).model_fields.items() if getattr(section, name) != field.default]
 
 
 class ObjectiveConfig(_Strict):
@@ -341,7 +340,7 @@ class ObjectiveConfig(_Strict):
                 raise ValueError("reward: teacher (a text-only teacher's chunk rewards) is a policy-gradient reward on "
                                  "the sampled token without log-probs: support sampled, grad_path pg, and no "
                                  "correction, trust_region, entropy_gate or credit.value analytic")
-        if self.log_ratio_clip != 20.0 and not (self.policy_gradient and self.reward == "log_ratio"):
+        if "log_ratio_clip" in _changed(self) and not (self.policy_gradient and self.reward == "log_ratio"):
             raise ValueError("log_ratio_clip clamps the log-ratio of sampled-token policy-gradient rewards; this "
                              "objective has none: remove it")
 
@@ -380,30 +379,31 @@ class ObjectiveConfig(_Strict):
         return chosen
 
     def _check_credit(self) -> None:
-        credit = self.credit
-        if _changed(credit) and not self.policy_gradient:
-            raise ValueError(f"credit.{', credit.'.join(_changed(credit))} shape the policy-gradient advantage; this "
+        credit, changed = self.credit, _changed(self.credit)
+        if changed and not self.policy_gradient:
+            raise ValueError(f"credit.{', credit.'.join(changed)} shape the policy-gradient advantage; this "
                              "objective backpropagates its divergence directly: remove them")
-        if credit.lam != 1.0 and credit.value == "none":
+        if "lam" in changed and credit.value == "none":
             raise ValueError("credit.lam is GAE's lambda and needs a value: set credit.value: zero, analytic or "
                              "learned, or remove lam (value none is the discounted return at gamma)")
-        if credit.value_coef != 0.5 and credit.value != "learned":
+        if "value_coef" in changed and credit.value != "learned":
             raise ValueError("credit.value_coef weighs a learned value head's loss: set credit.value: learned, or "
                              "remove value_coef")
 
     def _check_gates(self) -> None:
         for name in ("trust_region", "entropy_gate", "prefix_guidance"):
             section = getattr(self, name)
-            if not section.enabled and _changed(section):
-                raise ValueError(f"{name}.{', '.join(_changed(section))} set while {name}.enabled is false: set "
+            changed = _changed(section)
+            if not section.enabled and changed:
+                raise ValueError(f"{name}.{', '.join(changed)} set while {name}.enabled is false: set "
                                  f"{name}.enabled: true, or remove them")
         tr = self.trust_region
         if tr.enabled:
             if not (self.policy_gradient and self.reward == "log_ratio"):
                 raise ValueError("trust_region gates the policy-gradient rewards of the student's sampled tokens: "
                                  "support: sampled, grad_path: pg, or remove trust_region")
-            unused = [k for k in ("top_k", "fkl_mode") if tr.outliers != "fkl" and k in _changed(tr)]
-            unused += ["clip_floor"] if tr.outliers != "clip" and "clip_floor" in _changed(tr) else []
+            uses = {"mask": (), "clip": ("clip_floor",), "fkl": ("top_k", "fkl_mode")}[tr.outliers]
+            unused = [k for k in _changed(tr) if k in ("clip_floor", "top_k", "fkl_mode") and k not in uses]
             if unused:
                 raise ValueError(f"trust_region.{', trust_region.'.join(unused)} do nothing with outliers: "
                                  f"{tr.outliers}: remove them, or change outliers")

@@ -216,7 +216,7 @@ class Formula(Method):
             advantage = advantage - _cost_derivative(o, l)
         stats["advantage"] = advantage
         if o.credit.normalize:
-            mean, std = self.advantage_moments or credit.moments(advantage, own)
+            mean, std = self.advantage_moments or credit.step_moments([(advantage, own)])
             advantage = (advantage - mean) / (std + 1e-8) * mask
         sampler = rollouts.sampler_logprobs if rollouts.sampler_logprobs is not None else token_logprobs.detach()
         return policy_gradient_loss(token_logprobs, sampler, advantage) + extra

@@ -37,11 +37,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return discounted_cumsum(deltas, mask, gamma * lam)
 
 
-def moments(advantages: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """``(mean, standard deviation)`` over masked positions, for ``credit.normalize``."""
-    return step_moments([(advantages, mask)])
-
-
 def step_moments(pairs) -> tuple[float, float]:
     """``(mean, standard deviation)`` over the masked positions of several ``(values, mask)`` micro-batches
     together, so that standardising is the same whatever the split of a step."""

@@ -121,7 +121,7 @@ def phi(name: str, l: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
 
 def phi_prime(name: str, l: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """``d phi / d l = f'(e^l) - phi(l)``: the OPD+ correction term."""
-    endpoint = _alpha_endpoint(name, alpha)
+    name = _alpha_endpoint(name, alpha) or name
     if name == "reverse_kl":
         f_prime = l + 1
     elif name == "forward_kl":
@@ -132,12 +132,12 @@ def phi_prime(name: str, l: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
         f_prime = 0.5 * torch.sign(l)
     elif name == "hellinger":
         f_prime = 1 - torch.exp(-0.5 * l)
-    elif endpoint == "alpha1":  # f(u) = u log u - u + 1
-        f_prime = l
-    elif endpoint == "alpha0":  # f(u) = -log u + u - 1
-        f_prime = 1 - torch.exp(-l)
     elif name == "alpha":
         f_prime = (torch.exp((alpha - 1) * l) - 1) / (alpha - 1)
+    elif name == "alpha1":  # f(u) = u log u - u + 1
+        f_prime = l
+    elif name == "alpha0":  # f(u) = -log u + u - 1
+        f_prime = 1 - torch.exp(-l)
     else:
         raise ValueError(f"unknown sampled-token divergence {name!r}; known: {SAMPLED}")
     return f_prime - phi(name, l, alpha)
