@@ -39,6 +39,9 @@ class LocalTeacherSpec(ModelSpec):
     """A local Hugging Face causal LM scored in-process: exact full-vocabulary log-probs."""
 
     kind: Literal["local"] = "local"
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the teacher's weights: auto follows the run's precision (bf16 on CUDA and on CPUs "
+        "with bf16 matrix units, float32 elsewhere); its log-softmax is always taken in float32")
 
 
 class _RemoteTeacherSpec(_Strict):
@@ -247,8 +250,10 @@ class ObjectiveConfig(_Strict):
     aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
     ref_kl_coef: float = Field(0.0, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
-    vocab_chunk_size: int | None = Field(None, ge=1, description="full support: apply the LM head this many "
-                                         "positions at a time, recomputed in backward (bounded memory)")
+    vocab_chunk_size: int | None = Field(None, ge=1, description="full support: positions per block when both LM "
+                                         "heads are applied block by block (default: as many as chunk_memory_mib allows)")
+    chunk_memory_mib: float = Field(256.0, gt=0, description="full support: memory for one block's [positions, "
+                                    "vocabulary] float32 tensors, which sets vocab_chunk_size when it is not given")
 
     @model_validator(mode="before")
     @classmethod
@@ -265,6 +270,13 @@ class ObjectiveConfig(_Strict):
     def policy_gradient(self) -> bool:
         """Route B: a detached advantage on the student's own sampled tokens."""
         return self.support == "sampled" and self.grad_path == "pg"
+
+    @property
+    def chunked(self) -> bool:
+        """The full-vocabulary divergence runs block by block from both models' hidden states (never an
+        ``[N, V]`` tensor whole); the terms that need every token's full log-probs run unchunked."""
+        return self.support == "full" and not (self.ref_kl_coef or self.entropy_coef or self.entropy_gate.enabled
+                                               or self.prefix_guidance.enabled)
 
     @model_validator(mode="after")
     def _coherent(self) -> "ObjectiveConfig":
@@ -293,10 +305,14 @@ class ObjectiveConfig(_Strict):
             raise ValueError("objective.temperature softens both distributions of a top-k or full-support divergence; "
                              "the sampled-token route scores the teacher at temperature 1 on the student's tokens, so "
                              "it would do nothing: remove it (rollout.temperature sets the sampling temperature)")
-        if self.vocab_chunk_size is not None and (self.support != "full" or self.ref_kl_coef or self.entropy_coef
-                                                  or self.entropy_gate.enabled or self.prefix_guidance.enabled):
-            raise ValueError("vocab_chunk_size applies to support: full with no ref_kl_coef, entropy_coef, entropy_gate "
-                             "or prefix_guidance (they need every token's log-prob): remove one or the other")
+        chunk_keys = {"vocab_chunk_size", "chunk_memory_mib"} & set(_changed(self))
+        if len(chunk_keys) == 2:
+            raise ValueError("vocab_chunk_size and chunk_memory_mib both set the block size of the full-vocabulary "
+                             "loss: give one of them")
+        if chunk_keys and not self.chunked:
+            raise ValueError(f"{chunk_keys.pop()} applies to support: full with no ref_kl_coef, entropy_coef, "
+                             "entropy_gate or prefix_guidance (they need every token's full log-probs, so the loss "
+                             "runs unchunked): remove one or the other")
 
     def _check_states(self) -> None:
         if self.states == "teacher":

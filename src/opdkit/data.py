@@ -162,13 +162,19 @@ class PromptSampler:
 
     def __init__(self, examples: list[Example], seed: int):
         self.examples, self.seed, self.position = examples, seed, 0
+        self._order: tuple[int, list[int]] | None = None  # (epoch, its permutation)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
 
     def next_batch(self, size: int) -> list[Example]:
         batch = []
         for _ in range(size):
             epoch, index = divmod(self.position, len(self.examples))
-            order = list(range(len(self.examples)))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            batch.append(self.examples[order[index]])
+            batch.append(self.examples[self._permutation(epoch)[index]])
             self.position += 1
         return batch

@@ -75,7 +75,7 @@ class Evaluator:
         with autocast(next(student.parameters()).device, self.amp_dtype):
             student_logprobs = rollouts.completion_logits(student).float().log_softmax(-1)
         if self._exact_kl:
-            return kl(student_logprobs, self.teacher.score(rollouts, "full").logprobs)
+            return kl(student_logprobs, self.teacher.score(rollouts, "full").full_logprobs())
         return sampled(student_logprobs, rollouts.completion_ids) - self.teacher.score(rollouts, "token").token_logprobs
 
     @torch.no_grad()

@@ -89,7 +89,7 @@ def save_batch(path: Path, batches: list[Rollouts], signals: list[TeacherSignal]
             "prompts": [e.messages for e in batch.examples],
             "completions": batch.texts(tokenizer),
             "rollouts": {k: v for k, v in vars(batch).items() if isinstance(v, torch.Tensor)},
-            "teacher": {k: v for k, v in asdict(teacher).items() if isinstance(v, torch.Tensor)},
+            "teacher": {k: v for k, v in vars(teacher).items() if isinstance(v, torch.Tensor)},
         } for batch, teacher in zip(batches, signals)],
     }
     torch.save(payload, path)

@@ -28,11 +28,12 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def load_model(path: str, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """float32 master weights, eval mode; training code switches to train mode itself."""
+def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Weights in ``dtype`` (float32 master weights for a student), eval mode; training code switches to train
+    mode itself."""
     folder = resolve_model_path(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except Exception as exc:  # whatever transformers raises on a broken folder
         raise OPDError(f"cannot load the model in {folder!r} ({type(exc).__name__}: {exc}); the folder must hold "
                        "config.json and complete weights as save_pretrained writes them: save the model again") from None

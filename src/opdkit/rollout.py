@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .decode import decode
 from .data import Example, left_pad, render_completion, render_prompt, right_pad
 
 
@@ -101,7 +102,7 @@ def sample(
     source: str = "student",
     prefixes: list[list[int]] | None = None,
 ) -> Rollouts:
-    """Batched sampling with the HF KV cache from left-padded prompts.
+    """Batched sampling over the KV cache from left-padded prompts (``decode.decode``), the model in eval mode.
 
     With ``prefixes`` (token ids of a teacher's answer prefix per prompt), the model continues after the
     prefix; the completion holds prefix + continuation, and ``guidance_mask`` marks the prefix tokens.
@@ -111,29 +112,11 @@ def sample(
     starts = [r + p for r, p in zip(rendered, prefixes)] if prefixes else rendered
     prompt_ids, prompt_mask = left_pad(starts, tokenizer.pad_token_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    generation = GenerationConfig(
-        max_new_tokens=max_completion_length,
-        do_sample=not greedy,
-        temperature=None if greedy else temperature,
-        top_p=None if greedy else top_p,
-        top_k=None if greedy else 0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        return_dict_in_generate=True,
-        output_scores=not greedy,
-    )
-    was_training = model.training
-    model.eval()
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation)
-    model.train(was_training)
-    completion_ids = out.sequences[:, prompt_ids.shape[1]:]
+    completion_ids, sampler_logprobs = decode(model, prompt_ids, prompt_mask, max_completion_length,
+                                              tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, top_p, greedy)
     completion_mask, truncated = _completion_mask(completion_ids, tokenizer.eos_token_id)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
-    sampler_logprobs = None
-    if not greedy:
-        scores = torch.stack(out.scores, dim=1).float()  # [B, C, V] processed (tempered, truncated) logits
-        sampler_logprobs = scores.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-        sampler_logprobs = sampler_logprobs * completion_mask
+    sampler_logprobs = None if greedy else sampler_logprobs * completion_mask
     rollouts = Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, examples, source,
                         sampler_logprobs)
     return _move_prefixes(rollouts, rendered, prefixes, tokenizer.pad_token_id) if prefixes else rollouts

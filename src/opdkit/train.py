@@ -77,8 +77,8 @@ def setup(config: Config, student_path: str | None = None) -> Run:
                        "final assistant message), or set lmbda: 1.0 and prefix_guidance.answer: teacher")
     student = load_model(student_path, device)
     method.attach(student)
-    # a frozen copy of the initial student, for the KL-to-reference regularizer
-    reference = load_model(student_path, device).requires_grad_(False) if config.objective.ref_kl_coef else None
+    # a frozen copy of the initial student for the KL-to-reference regularizer, in bf16 where the run is
+    reference = load_model(student_path, device, amp_dtype).requires_grad_(False) if config.objective.ref_kl_coef else None
     teacher = build_teacher(config.teacher, tokenizer, student.config, device, amp_dtype)
     context = context_length(student) if teacher.model is None else min(context_length(student), context_length(teacher.model))
     eval_length = config.eval.max_completion_length or config.rollout.max_completion_length
@@ -291,7 +291,8 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
     metrics_path = run.run_dir / "metrics.jsonl"
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(trainable_parameters(run), lr=config.optim.learning_rate,
+    # fused: one kernel over all parameters; measured here twice as fast as foreach, without its temporaries
+    optimizer = torch.optim.AdamW(trainable_parameters(run), lr=config.optim.learning_rate, fused=True,
                                   betas=config.optim.adam_betas, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 

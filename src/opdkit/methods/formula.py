@@ -15,6 +15,7 @@ on, is proved by enumeration in ``tests/test_axes_grid.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import torch
@@ -24,7 +25,7 @@ from ..objectives import credit, gates, regularizers
 from ..objectives.divergence import distributional, entropy, estimator, kl, phi, phi_prime
 from ..objectives.policy_gradient import policy_gradient_loss
 from ..objectives.reduce import token_mean
-from ..objectives.support import chunked_full, restrict, sampled, student_topk
+from ..objectives.support import chunk_rows, chunked_full, restrict, sampled, student_topk
 from ..rollout import Rollouts
 from ..teachers import TeacherSignal
 from . import Method, StateSource, TokenLoss
@@ -87,8 +88,8 @@ class Formula(Method):
 
     @property
     def hidden_only(self) -> bool:
-        """The loop hands over hidden states only; the LM head is applied in vocabulary chunks here."""
-        return self.objective.vocab_chunk_size is not None
+        """The loop hands over hidden states only; the LM heads are applied block by block here."""
+        return self.objective.chunked
 
     def attach(self, student: torch.nn.Module) -> None:
         """Keep what the method needs of the student: its LM head (chunked path) or a new value head."""
@@ -106,8 +107,11 @@ class Formula(Method):
                    hidden: torch.Tensor | None = None) -> TokenLoss:
         o = self.objective
         mask = rollouts.completion_mask
-        if self.hidden_only:
-            return TokenLoss(self._position_weighted(self._chunked(hidden, rollouts, teacher), mask))
+        if self.hidden_only and student_logits is None:  # the loop's path; given logits, the whole computation
+            loss, stats = self._chunked(hidden, rollouts, teacher)
+            return TokenLoss(self._position_weighted(loss, mask), stats)
+        if teacher.logprobs is None and teacher.hidden is not None:  # this call's unchunked terms need it whole
+            teacher = dataclasses.replace(teacher, logprobs=teacher.full_logprobs())
         logprobs = student_logits.float().log_softmax(-1)
         token_logprobs = sampled(logprobs, rollouts.completion_ids)
         stats: dict[str, torch.Tensor] = {"entropy": entropy(logprobs.detach())}
@@ -147,15 +151,23 @@ class Formula(Method):
         decay = self.objective.position_decay
         return loss if decay == 1.0 else loss * gates.position_weights(mask, decay)
 
-    def _chunked(self, hidden, rollouts: Rollouts, teacher: TeacherSignal) -> torch.Tensor:
-        """Full-vocabulary divergence from hidden states, ``vocab_chunk_size`` positions at a time."""
+    def _chunked(self, hidden, rollouts: Rollouts, teacher: TeacherSignal) -> tuple[torch.Tensor, dict]:
+        """Full-vocabulary divergence from the student's hidden states and the teacher's (or its log-probs),
+        both LM heads applied ``vocab_chunk_size`` positions at a time; ``[B, C]`` losses and stats."""
         o, mask = self.objective, rollouts.completion_mask
         keep = mask.bool()
-        full = teacher.logprobs if o.temperature == 1.0 else (teacher.logprobs / o.temperature).log_softmax(-1)
-        per_token = chunked_full(hidden[keep], self.head, full[keep],
-                                 lambda s, t: distributional(o.divergence, s, t, beta=o.beta, alpha=o.alpha),
-                                 o.vocab_chunk_size, o.temperature)
-        return torch.zeros_like(mask, dtype=per_token.dtype).masked_scatter(keep, per_token)
+        if teacher.hidden is not None:
+            teacher_hidden, teacher_head = teacher.hidden[keep], teacher.head
+            teacher_logits = lambda i, j: teacher_head(teacher_hidden[i:j])  # noqa: E731
+        else:
+            teacher_rows = teacher.logprobs[keep]
+            teacher_logits = lambda i, j: teacher_rows[i:j]  # noqa: E731
+        rows = o.vocab_chunk_size or chunk_rows(self.head.weight.shape[0], o.chunk_memory_mib)
+        per_token, student_entropy, reverse_kl = chunked_full(
+            hidden[keep], self.head, teacher_logits,
+            lambda s, t: distributional(o.divergence, s, t, beta=o.beta, alpha=o.alpha), rows, o.temperature)
+        scatter = lambda values: torch.zeros_like(mask, dtype=values.dtype).masked_scatter(keep, values)  # noqa: E731
+        return scatter(per_token), {"entropy": scatter(student_entropy), "reverse_kl_on_support": scatter(reverse_kl)}
 
     def _distributional(self, student_logits, logprobs, teacher: TeacherSignal, stats) -> torch.Tensor:
         """``D(pi_T, pi_S)`` over the support, both sides at ``objective.temperature`` (no tail then: config)."""

@@ -18,13 +18,30 @@ Support = Literal["token", "topk", "full"]
 
 @dataclass
 class TeacherSignal:
+    """What a teacher says about a batch of rollouts. The full distribution (support "full") comes either as
+    ``logprobs`` or, from a local teacher, as its last ``hidden`` states and LM ``head``: ``[B, C, d]`` instead
+    of ``[B, C, V]``, projected block by block where it is used (``full_logprobs`` materialises it whole)."""
+
     token_logprobs: torch.Tensor  # [B, C] log pi_T(y_t | s_t) of the rollout's tokens
     logprobs: torch.Tensor | None = None  # [B, C, V] log-softmax over the vocabulary (support "full")
+    hidden: torch.Tensor | None = None  # [B, C, d] last hidden states of the completion positions (support "full")
+    head: torch.nn.Module | None = None  # the teacher's LM head: logits = head(hidden)
     topk_ids: torch.Tensor | None = None  # [B, C, k] (support "topk")
     topk_logprobs: torch.Tensor | None = None  # [B, C, k] log pi_T of those ids, normalised over the vocabulary
     entropy: torch.Tensor | None = None  # [B, C] H(pi_T(.|s_t)) over the whole vocabulary, when asked and known
     token_advantages: torch.Tensor | None = None  # [B, C] logit-free per-token reward (chat teacher, chunk_opd)
     usage: dict[str, float] = field(default_factory=dict)  # remote teachers: calls, retries, tokens of this call
+
+    @property
+    def has_full(self) -> bool:
+        return self.logprobs is not None or self.hidden is not None
+
+    def full_logprobs(self) -> torch.Tensor:
+        """``[B, C, V]`` float32 log-probs over the whole vocabulary (from ``hidden`` when that is what came)."""
+        if self.logprobs is not None:
+            return self.logprobs
+        with torch.no_grad():
+            return self.head(self.hidden).float().log_softmax(-1)
 
 
 class Teacher(Protocol):
@@ -58,7 +75,8 @@ def build_teacher(spec, student_tokenizer, student_config, device: torch.device,
 
     if spec.kind == "local":
         check_tokenizers_match(student_tokenizer, load_tokenizer(spec.path))
-        model = load_model(spec.path, device)
+        dtype = {"auto": amp_dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[spec.dtype]
+        model = load_model(spec.path, device, dtype)
         if student_config.vocab_size != model.config.vocab_size:
             raise OPDError(f"student and teacher output layers differ in size ({student_config.vocab_size} vs "
                            f"{model.config.vocab_size}) although their tokenizers match: resize one embedding matrix")

@@ -1,4 +1,10 @@
-"""A local Hugging Face causal LM as the teacher."""
+"""A local Hugging Face causal LM as the teacher.
+
+Scoring never upcasts more than it needs: the sampled token's log-prob is its logit minus the logsumexp over
+the vocabulary, the top-k is taken on the raw logits before any float32 copy, and the full distribution is
+handed over as the last hidden states and the LM head, so that a full-vocabulary loss projects it block by
+block (``objectives.support.chunked_full``) and no ``[B, C, V]`` teacher tensor is held between stages.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..data import Example
 from ..models import autocast
 from ..objectives.divergence import entropy as full_entropy
-from ..objectives.support import sampled
+from ..objectives.support import chunk_rows
 from ..rollout import Rollouts, sample
 from . import Support, TeacherSignal
+
+BLOCK_MEMORY_MIB = 256  # per block of positions when the full distribution is reduced (token log-probs, entropy)
+
+
+def _reduce(logits: torch.Tensor, ids: torch.Tensor, entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(log_softmax(logits)[ids], logsumexp(logits), entropy or None)`` in float32, without a float32
+    log-softmax of the whole ``logits`` unless the entropy is asked for."""
+    lse = logits.float().logsumexp(-1)
+    token = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float() - lse
+    return token, lse, full_entropy(logits.float().log_softmax(-1)) if entropy else None
 
 
 class LocalTeacher:
@@ -22,18 +38,35 @@ class LocalTeacher:
         self.amp_dtype = amp_dtype
         self.device = next(model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     @torch.no_grad()
     def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None,
               entropy: bool = False) -> TeacherSignal:
+        mask, ids = rollouts.completion_mask, rollouts.completion_ids
+        if support == "full":  # hidden states and head; token log-probs and entropy block by block
+            with autocast(self.device, self.amp_dtype):
+                _, hidden = rollouts.completion_logits(self.model, return_hidden=True, logits=False)
+            head = self.model.get_output_embeddings()
+            flat_hidden, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
+            rows = chunk_rows(head.out_features, BLOCK_MEMORY_MIB, live=3)
+            blocks = []
+            for i in range(0, flat_hidden.shape[0], rows):
+                with autocast(self.device, self.amp_dtype):
+                    logits = head(flat_hidden[i : i + rows])
+                blocks.append(_reduce(logits, flat_ids[i : i + rows], entropy))
+            token = torch.cat([b[0] for b in blocks]).view_as(mask)
+            teacher_entropy = torch.cat([b[2] for b in blocks]).view_as(mask) if entropy else None
+            return TeacherSignal(token * mask, hidden=hidden, head=head, entropy=teacher_entropy)
         with autocast(self.device, self.amp_dtype):
             logits = rollouts.completion_logits(self.model)
-        logprobs = logits.float().log_softmax(-1)  # fp32 log-softmax whatever the matmul precision
-        token = sampled(logprobs, rollouts.completion_ids) * rollouts.completion_mask
-        signal = TeacherSignal(token, entropy=full_entropy(logprobs) if entropy else None)
-        if support == "full":
-            signal.logprobs = logprobs
-        elif support == "topk":
-            signal.topk_logprobs, signal.topk_ids = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+        token, lse, teacher_entropy = _reduce(logits, ids, entropy)
+        signal = TeacherSignal(token * mask, entropy=teacher_entropy)
+        if support == "topk":  # top-k of the raw logits, then only k values upcast
+            values, signal.topk_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+            signal.topk_logprobs = values.float() - lse.unsqueeze(-1)
         return signal
 
     def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
