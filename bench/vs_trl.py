@@ -3,7 +3,7 @@
     .venv/bin/python bench/vs_trl.py --pair smollm2 --rounds 2 --steps 10
     .venv/bin/python bench/vs_trl.py --pair arith --rounds 2 --steps 10
 
-TRL is an optional extra: ``pip install -e .[bench]``.
+TRL is an optional extra: ``pip install -e '.[bench]'``.
 
 Both sides do the same work: the same 64 training prompts, batch 4, ``--max-completion-length`` tokens
 sampled by the student at temperature 1, full-vocabulary reverse KL to the teacher on them (opdkit: ``gkd``
@@ -17,6 +17,10 @@ time from ``on_step_begin`` to ``on_step_end``, generation included), opdkit's p
 of the process, and the held-out reverse KL of the trained student, measured for every student by the same
 ``opdkit.evaluate.Evaluator`` in a separate process (evaluation is never timed). Prints a line per run, a
 summary of medians over rounds with the ratios ours / TRL, and writes everything as JSON to ``--output``.
+
+TRL's ``bf16=True`` in one process puts only generation in bf16: accelerate wraps ``model.forward`` in an
+autocast, but the loss reaches both models through ``_ForwardRedirection``, which swaps that ``forward`` out
+for the call, so the student's loss pass and the teacher's forward run in float32 (seen with forward hooks).
 """
 
 from __future__ import annotations
@@ -262,7 +266,7 @@ def main() -> None:
     if args.variant:
         return child(args)
     if importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None:
-        print("TRL is an optional extra: pip install -e .[bench]")
+        print("TRL is an optional extra: pip install -e '.[bench]'")
         sys.exit(2)
     builtin(args.pair, "teacher")  # build the scenario once, before any child needs it
     with tempfile.TemporaryDirectory(prefix="vs_trl-") as root:

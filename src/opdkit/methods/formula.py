@@ -25,7 +25,7 @@ from ..objectives import credit, gates, regularizers
 from ..objectives.divergence import distributional, entropy, estimator, kl, phi, phi_prime
 from ..objectives.policy_gradient import policy_gradient_loss
 from ..objectives.reduce import token_mean
-from ..objectives.support import chunk_rows, chunked_full, restrict, sampled, student_topk
+from ..objectives.support import chunked_full, restrict, sampled, student_topk
 from ..rollout import Rollouts
 from ..teachers import TeacherSignal
 from . import Method, StateSource, TokenLoss
@@ -161,11 +161,10 @@ class Formula(Method):
             teacher_logits = lambda i, j: teacher_head(teacher_hidden[i:j])  # noqa: E731
         else:
             teacher_rows = teacher.logprobs[keep]
-            teacher_logits = lambda i, j: teacher_rows[i:j]  # noqa: E731
-        rows = o.vocab_chunk_size or chunk_rows(self.head.weight.shape[0], o.chunk_memory_mib)
+            teacher_logits = lambda i, j: teacher_rows[i:j].clone()  # noqa: E731 (chunked_full overwrites it)
         per_token, student_entropy, reverse_kl = chunked_full(
-            hidden[keep], self.head, teacher_logits,
-            lambda s, t: distributional(o.divergence, s, t, beta=o.beta, alpha=o.alpha), rows, o.temperature)
+            hidden[keep], self.head, teacher_logits, o.divergence, beta=o.beta, alpha=o.alpha,
+            temperature=o.temperature, chunk_size=o.vocab_chunk_size, memory_mib=o.chunk_memory_mib)
         scatter = lambda values: torch.zeros_like(mask, dtype=values.dtype).masked_scatter(keep, values)  # noqa: E731
         return scatter(per_token), {"entropy": scatter(student_entropy), "reverse_kl_on_support": scatter(reverse_kl)}
 

@@ -87,6 +87,15 @@ def distributional(name: str, student_logprobs: torch.Tensor, teacher_logprobs: 
     raise ValueError(f"unknown divergence {name!r}; known: {DISTRIBUTIONAL}")
 
 
+def kl_direction(name: str, beta: float = 0.5, alpha: float = 0.5) -> str | None:
+    """``"reverse"`` or ``"forward"`` where ``distributional(name, ...)`` is exactly that KL, else None."""
+    if name == "reverse_kl" or (name == "jsd" and beta == 1.0) or (name == "alpha" and alpha == 1.0):
+        return "reverse"
+    if name == "forward_kl" or (name == "jsd" and beta == 0.0) or (name == "alpha" and alpha == 0.0):
+        return "forward"
+    return None
+
+
 def _alpha_endpoint(name: str, alpha: float) -> str | None:
     """Amari's alpha-divergence is KL at its ends: ``alpha -> 1`` reverse, ``alpha -> 0`` forward."""
     if name != "alpha" or 0.0 < alpha < 1.0:

@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from .divergence import distributional, kl_direction
+
 
 def sampled(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The sampled-token support: ``logprobs[b, t, ids[b, t]]``, ``[B, C, V] -> [B, C]``."""
@@ -47,57 +49,113 @@ def student_topk(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
     return restrict(student_logprobs, teacher_logprobs.gather(-1, ids), ids, tail)
 
 
-def chunk_rows(vocab_size: int, memory_mib: float, live: int = 6) -> int:
-    """Rows per block so that a block's ``live`` float32 ``[rows, V]`` tensors (student and teacher logits and
-    log-probs, the divergence's intermediates, its gradient) fit in ``memory_mib``."""
+def chunk_rows(vocab_size: int, memory_mib: float, live: int) -> int:
+    """Rows per block so that a block's ``live`` float32 ``[rows, V]`` tensors fit in ``memory_mib``."""
     return max(1, int(memory_mib * 2**20 // (live * 4 * vocab_size)))
 
 
-def chunked_full(hidden: torch.Tensor, head: torch.nn.Module, teacher_logits: Callable[[int, int], torch.Tensor],
-                 divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chunk_size: int,
-                 temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-position ``divergence(log_softmax(head(h) / T), log_softmax(teacher_logits(i, j) / T))`` for
-    ``hidden [N, d]``, ``chunk_size`` rows at a time, and, without gradient, the student's entropy (at
-    temperature 1) and ``KL(student || teacher)`` (at ``T``) per row as stats. ``teacher_logits(i, j)`` gives the teacher's ``[j - i, V]`` logits
-    (or log-probs: log-softmax is shift-invariant) of rows ``i:j``.
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``sum(a * b, -1)`` without an ``[rows, V]`` product."""
+    return torch.einsum("rv,rv->r", a, b)
 
-    No ``[N, V]`` tensor of either model exists: each block's gradient with respect to its logits is taken in
-    the forward pass and folded at once into the gradients of ``h`` and of the head (``[N, d]`` and ``[V, d]``),
-    so the backward pass costs no recomputation when every row gets the same upstream gradient (a token mean),
-    and recomputes each block once otherwise (a sequence mean, position weights): exact either way."""
-    return _FusedHeadDivergence.apply(hidden, head.weight, head.bias, teacher_logits, divergence, chunk_size, temperature)
+
+def chunked_full(hidden: torch.Tensor, head: torch.nn.Module, teacher_logits: Callable[[int, int], torch.Tensor],
+                 divergence: str, *, beta: float = 0.5, alpha: float = 0.5, temperature: float = 1.0,
+                 chunk_size: int | None = None, memory_mib: float = 256.0):
+    """``(loss, entropy, reverse_kl)`` per row of ``hidden [N, d]``: ``distributional(divergence)`` between
+    ``log_softmax(head(h) / T)`` and ``log_softmax(teacher_logits(i, j) / T)``, and, without gradient, the student's
+    entropy at ``T = 1`` and ``KL(student || teacher)`` at ``T``. ``teacher_logits(i, j)`` returns a fresh
+    ``[j - i, V]`` tensor of the teacher's logits (or log-probs) for rows ``i:j``; it is overwritten.
+
+    Rows go ``chunk_size`` at a time (default: as many as fit ``memory_mib``), so no ``[N, V]`` tensor of either
+    model exists. Each block's gradient with respect to its logits is taken in the forward pass (in closed form
+    where the divergence is a KL, by autograd otherwise) and folded at once into the gradients of ``h`` and of
+    the head (``[N, d]`` and ``[V, d]``): backward costs nothing more when every row gets the same upstream
+    gradient (a token mean) and recomputes each block once otherwise (a sequence mean, position weights)."""
+    direction = kl_direction(divergence, beta, alpha)
+    if chunk_size is None:
+        chunk_size = chunk_rows(head.weight.shape[0], memory_mib, live=4 if direction else 12)
+    block = _Block(teacher_logits, direction, lambda s, t: distributional(divergence, s, t, beta=beta, alpha=alpha),
+                   chunk_size, temperature)
+    return _FusedHeadDivergence.apply(hidden, head.weight, head.bias, block)
+
+
+class _Block:
+    """One block of rows: the loss, its gradient with respect to the student's logits, and the stats."""
+
+    def __init__(self, teacher_logits, direction, divergence, size, temperature):
+        self.teacher_logits, self.direction, self.divergence = teacher_logits, direction, divergence
+        self.size, self.temperature = size, temperature
+
+    def __call__(self, i: int, j: int, logits: torch.Tensor, upstream: torch.Tensor | None = None):
+        """``(loss, logits_grad, entropy, reverse_kl)`` for rows ``i:j`` given their float32 student logits
+        (overwritten); ``logits_grad`` is that of ``sum(upstream * loss)``, or of ``sum(loss)``."""
+        T = self.temperature
+        entropy = None
+        if T != 1.0:
+            logprobs = logits.log_softmax(-1)
+            entropy = -_dot(logprobs.exp(), logprobs)
+            del logprobs
+            logits.div_(T)
+        teacher = self.teacher_logits(i, j).float()
+        if T != 1.0:
+            teacher.div_(T)
+        if self.direction is None:  # d/dz = (d/d(z / T)) / T
+            loss, grad, student, teacher = self._autograd(logits, teacher, upstream)
+            p = student.exp()
+            reverse_kl = _dot(p, student) - _dot(p, teacher)
+            entropy = -_dot(p, student) if entropy is None else entropy
+        else:
+            student = logits.sub_(logits.logsumexp(-1, keepdim=True))
+            teacher = teacher.sub_(teacher.logsumexp(-1, keepdim=True))
+            p = student.exp()
+            entropy = -_dot(p, student) if entropy is None else entropy
+            if self.direction == "forward":  # KL(q || p); d/dz = (p - q) / T
+                q = teacher.exp()
+                loss = _dot(q, teacher) - _dot(q, student)
+                reverse_kl = _dot(p, student) - _dot(p, teacher)
+                grad = p.sub_(q)
+                del q
+            else:  # KL(p || q); d/dz = p * (log p - log q - KL) / T
+                reverse_kl = loss = _dot(p, student) - _dot(p, teacher)
+                grad = teacher.neg_().add_(student).sub_(loss.unsqueeze(-1)).mul_(p)
+            if upstream is not None:
+                grad.mul_(upstream.unsqueeze(-1))
+        if T != 1.0:
+            grad.div_(T)
+        return loss.detach(), grad, entropy, reverse_kl.detach()
+
+    def _autograd(self, logits, teacher, upstream):
+        with torch.enable_grad():
+            logits = logits.requires_grad_()
+            student = logits.log_softmax(-1)
+            teacher = teacher.log_softmax(-1)
+            loss = self.divergence(student, teacher)
+            weights = torch.ones_like(loss) if upstream is None else upstream
+            (grad,) = torch.autograd.grad(loss, logits, weights)
+        return loss, grad, student.detach(), teacher
 
 
 class _FusedHeadDivergence(torch.autograd.Function):
     @staticmethod
-    def _blocks(ctx, hidden, weight, bias, upstream=None):
-        """Yield ``(i, j, loss, logits_grad, student, teacher, student at T = 1)`` per block, ``loss`` and the gradient of
-        ``sum(upstream * loss)`` (or of ``sum(loss)``) with respect to the block's student logits."""
-        for i in range(0, hidden.shape[0], ctx.chunk_size):
-            j = min(i + ctx.chunk_size, hidden.shape[0])
-            with torch.enable_grad():
-                logits = torch.nn.functional.linear(hidden[i:j], weight, bias).float().requires_grad_()
-                student = (logits / ctx.temperature).log_softmax(-1)
-                teacher = (ctx.teacher_logits(i, j).float() / ctx.temperature).log_softmax(-1)
-                loss = ctx.divergence(student, teacher)
-                weights = torch.ones_like(loss) if upstream is None else upstream[i:j]
-                (logits_grad,) = torch.autograd.grad(loss, logits, weights)
-            untempered = student.detach() if ctx.temperature == 1.0 else logits.detach().log_softmax(-1)
-            yield i, j, loss.detach(), logits_grad, student.detach(), teacher, untempered
+    def _blocks(block: _Block, hidden, weight, bias, upstream=None):
+        """``(i, j, loss, logits_grad, entropy, reverse_kl)`` block by block."""
+        for i in range(0, hidden.shape[0], block.size):
+            j = min(i + block.size, hidden.shape[0])
+            logits = torch.nn.functional.linear(hidden[i:j], weight, bias).float()
+            yield i, j, *block(i, j, logits, None if upstream is None else upstream[i:j])
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_logits, divergence, chunk_size, temperature):
-        ctx.teacher_logits, ctx.divergence, ctx.chunk_size, ctx.temperature = teacher_logits, divergence, chunk_size, temperature
+    def forward(ctx, hidden, weight, bias, block: _Block):
+        ctx.block = block
         ctx.autocast = torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type)
         n = hidden.shape[0]
         loss, entropy, reverse_kl = (hidden.new_zeros(n, dtype=torch.float32) for _ in range(3))
         hidden_grad = torch.zeros(n, weight.shape[1], dtype=torch.float32, device=hidden.device)
         weight_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         bias_grad = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-        for i, j, block_loss, logits_grad, student, teacher, untempered in _FusedHeadDivergence._blocks(ctx, hidden, weight, bias):
-            loss[i:j] = block_loss
-            entropy[i:j] = -(untempered.exp() * untempered).sum(-1)
-            reverse_kl[i:j] = (student.exp() * (student - teacher)).sum(-1)
+        for i, j, block_loss, logits_grad, block_entropy, block_kl in _FusedHeadDivergence._blocks(block, hidden, weight, bias):
+            loss[i:j], entropy[i:j], reverse_kl[i:j] = block_loss, block_entropy, block_kl
             hidden_grad[i:j] = logits_grad @ weight.to(logits_grad.dtype)
             weight_grad += logits_grad.T @ hidden[i:j].to(logits_grad.dtype)
             if bias_grad is not None:
@@ -117,11 +175,11 @@ class _FusedHeadDivergence(torch.autograd.Function):
             else:  # row weights differ: each block once more, its logits' gradient weighted by them
                 weight_grad, bias_grad = torch.zeros_like(weight_grad), None if bias is None else torch.zeros_like(bias_grad)
                 with torch.autocast(hidden.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-                    for i, j, _, logits_grad, *_ in _FusedHeadDivergence._blocks(ctx, hidden, weight, bias, upstream):
+                    for i, j, _, logits_grad, *_ in _FusedHeadDivergence._blocks(ctx.block, hidden, weight, bias, upstream):
                         weight_grad += logits_grad.T @ hidden[i:j].to(logits_grad.dtype)
                         if bias_grad is not None:
                             bias_grad += logits_grad.sum(0)
                 grads[1], grads[2] = weight_grad, bias_grad
         grads[1] = None if grads[1] is None else grads[1].to(weight.dtype)
         grads[2] = None if grads[2] is None else grads[2].to(bias.dtype)
-        return (*grads, None, None, None, None)
+        return (*grads, None)

@@ -1,0 +1,167 @@
+"""Each fast path of a step against the plain computation it replaces (issue: a lean, fast step)."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from opdkit.config import ObjectiveConfig, load_config
+from opdkit.data import PromptSampler, left_pad, load_examples, render_prompt
+from opdkit.decode import ROW_MAJOR_ROWS, _fast_projections, choose, decode
+from opdkit.errors import OPDError
+from opdkit.models import load_model, load_tokenizer
+from opdkit.rollout import sample
+from opdkit.teachers import LocalTeacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- decoding ------------------------------------------------------------------------------------------
+def test_choose_applies_temperature_and_top_p_exactly_as_transformers_does():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50) * 3
+    expected = TopPLogitsWarper(0.8)(None, logits / 0.7).log_softmax(-1)
+    token, logprob = choose(logits, temperature=0.7, top_p=0.8)
+    assert torch.allclose(logprob, expected.gather(-1, token.unsqueeze(-1)).squeeze(-1), atol=1e-6)
+    assert torch.isfinite(expected.gather(-1, token.unsqueeze(-1))).all()  # never a token top-p removed
+
+
+def test_choose_draws_from_the_distribution():
+    probs = torch.tensor([0.0, 0.5, 0.2, 0.0, 0.3])
+    torch.manual_seed(1)
+    tokens, _ = choose(probs.log().expand(40_000, 5).contiguous())
+    freq = torch.bincount(tokens, minlength=5).float() / 40_000
+    assert freq[0] == 0 and freq[3] == 0  # zero-probability tokens are never drawn
+    assert torch.allclose(freq, probs, atol=0.01)  # 5 standard errors at n = 40,000
+
+
+def test_sampler_log_probs_at_a_temperature_and_top_p_equal_a_separate_forward_pass(tiny):
+    model, tokenizer = load_model(str(tiny / "student")), load_tokenizer(str(tiny / "student"))
+    torch.manual_seed(0)
+    rollouts = sample(model, tokenizer, load_examples(str(tiny / "train.jsonl"))[:6], max_completion_length=10,
+                      temperature=0.7, top_p=0.9)
+    logits = rollouts.completion_logits(model)
+    processed = torch.stack([TopPLogitsWarper(0.9)(None, row / 0.7) for row in logits])
+    expected = processed.log_softmax(-1).gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)
+    mask = rollouts.completion_mask.bool()
+    assert torch.allclose(rollouts.sampler_logprobs[mask], expected[mask], atol=1e-4)
+
+
+def test_greedy_decoding_equals_transformers_generate(tiny):
+    model, tokenizer = load_model(str(tiny / "teacher")), load_tokenizer(str(tiny / "teacher"))
+    examples = load_examples(str(tiny / "train.jsonl"))[:8]
+    ids, mask = left_pad([render_prompt(tokenizer, e.messages) for e in examples], tokenizer.pad_token_id)
+    ours, _ = decode(model, ids, mask, 12, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    config = GenerationConfig(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    theirs = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+    assert torch.equal(ours, theirs[:, : ours.shape[1]])
+
+
+def test_row_major_projections_give_the_same_logits(tiny):
+    model = load_model(str(tiny / "teacher"))
+    ids = torch.randint(0, model.config.vocab_size, (ROW_MAJOR_ROWS, 5))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with _fast_projections(model, ROW_MAJOR_ROWS):
+            fast = model(input_ids=ids).logits
+        assert "forward" not in vars(model.get_output_embeddings())  # restored after
+        assert torch.allclose(plain, fast, atol=1e-5)
+
+
+# ---- the teacher ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def scored(tiny):
+    student_tokenizer = load_tokenizer(str(tiny / "student"))
+    teacher = LocalTeacher(load_model(str(tiny / "teacher")), student_tokenizer)
+    torch.manual_seed(0)
+    batch = sample(load_model(str(tiny / "student")), student_tokenizer, load_examples(str(tiny / "train.jsonl"))[:6],
+                   max_completion_length=10)
+    with torch.no_grad():
+        full = batch.completion_logits(teacher.model).float().log_softmax(-1)
+    return teacher, batch, full
+
+
+def test_teacher_token_and_topk_log_probs_equal_the_full_log_softmax(scored):
+    teacher, batch, full = scored
+    mask = batch.completion_mask
+    token = full.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1) * mask
+    top_values, top_ids = full.topk(5, dim=-1)
+    signal = teacher.score(batch, "topk", top_k=5, entropy=True)
+    assert torch.allclose(signal.token_logprobs, token, atol=1e-5)
+    assert torch.equal(signal.topk_ids, top_ids) and torch.allclose(signal.topk_logprobs, top_values, atol=1e-5)
+    assert torch.allclose(signal.entropy, -(full.exp() * full).sum(-1), atol=1e-5)
+    assert signal.logprobs is None and signal.hidden is None  # nothing [B, C, V] kept
+
+
+def test_teacher_full_support_hands_over_hidden_states_that_give_the_same_distribution(scored):
+    teacher, batch, full = scored
+    signal = teacher.score(batch, "full", entropy=True)
+    assert signal.logprobs is None and signal.hidden.shape[-1] == teacher.model.config.hidden_size
+    assert torch.allclose(signal.full_logprobs(), full, atol=1e-5)
+    token = full.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1) * batch.completion_mask
+    assert torch.allclose(signal.token_logprobs, token, atol=1e-5)
+    assert torch.allclose(signal.entropy, -(full.exp() * full).sum(-1), atol=1e-5)
+
+
+def test_teacher_dtype_bf16_loads_bf16_weights_and_scores_close_to_fp32(tiny_config, scored):
+    from opdkit.train import setup
+
+    tiny_config["teacher"]["dtype"] = "bf16"
+    run = setup(load_config(base=tiny_config))
+    assert run.teacher.dtype == torch.bfloat16 and next(run.student.parameters()).dtype == torch.float32
+    _, batch, full = scored
+    token = full.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1) * batch.completion_mask
+    assert (run.teacher.score(batch).token_logprobs - token).abs().max() < 0.1
+
+
+# ---- the loss and the config ---------------------------------------------------------------------------
+def test_full_support_is_chunked_by_default_and_the_chunk_keys_are_checked():
+    assert ObjectiveConfig(method="gkd").chunked
+    assert not ObjectiveConfig(method="gkd", ref_kl_coef=0.1).chunked  # needs every token's log-prob: unchunked
+    with pytest.raises(ValueError, match="give one of them"):
+        ObjectiveConfig(method="gkd", vocab_chunk_size=8, chunk_memory_mib=64)
+    with pytest.raises(ValueError, match="chunk_memory_mib applies to support: full"):
+        ObjectiveConfig(method="gkd", top_k=5, support="teacher_topk", chunk_memory_mib=64)
+
+
+def _loss_peak(variant: str, case: str) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loss_memory.py"), "--variant", variant, "--case", case,
+                          "--threads", "2"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_chunked_loss_needs_a_quarter_of_the_plain_memory_or_less():
+    """Peak RSS of loss plus backward, each in a fresh process: 2,048 tokens, vocabulary 32,768."""
+    case = "32768:64:2048"
+    ours, plain = _loss_peak("ours", case), _loss_peak("plain", case)
+    assert abs(ours["loss"] - plain["loss"]) < 1e-4
+    assert ours["peak_mib"] <= 0.25 * plain["peak_mib"], (ours, plain)
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+def test_prompt_sampler_draws_one_seeded_permutation_per_epoch():
+    examples = list(range(7))
+    sampler = PromptSampler(examples, seed=3)
+    drawn = [x for _ in range(5) for x in sampler.next_batch(3)]  # 15 draws: two epochs and a bit
+    expected = []
+    for epoch in range(3):
+        order = list(range(7))
+        random.Random(3 * 1_000_003 + epoch).shuffle(order)
+        expected += order
+    assert drawn == expected[:15]
+    resumed = PromptSampler(examples, seed=3)
+    resumed.position = 9
+    assert resumed.next_batch(6) == expected[9:15]
+
+
+def test_bad_teacher_dtype_is_refused_before_loading(tiny_config):
+    tiny_config["teacher"]["dtype"] = "fp16"
+    with pytest.raises(OPDError, match="dtype"):
+        load_config(base=tiny_config)
