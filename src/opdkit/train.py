@@ -29,13 +29,14 @@ from .errors import Interrupted, OPDError
 from .evaluate import Evaluator
 from .faults import StopSignals, diagnose, save_batch
 from .methods import Method, build_method
-from .models import autocast, context_length, load_model, load_tokenizer, pick_device, resolve_precision, set_threads
+from .models import (autocast, context_length, load_model, load_tokenizer, machine_description, pick_device,
+                     resolve_precision, set_threads)
 from .objectives import credit, gates
 from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
 from .rollout import Rollouts, from_dataset, sample
 from .tasks import get_verifier
-from .teachers import Teacher, build_teacher
+from .teachers import LocalTeacher, Teacher, build_teacher
 
 
 @dataclass
@@ -155,6 +156,15 @@ def guidance_answers(run: Run, examples) -> list[list[int]]:
         answers = run.teacher.sample(list(missing.values()), length, greedy=True)
         run.guidance_answers.update(zip(missing, ids(answers)))
     return [run.guidance_answers[k] for k in keys]
+
+
+def precisions(run: Run) -> str:
+    """What each model computes in, for the run log."""
+    name = {torch.float32: "float32", torch.bfloat16: "bf16"}
+    student = "float32 weights" + (" with bf16 autocast" if run.amp_dtype == torch.bfloat16 else "")
+    teacher = f"{name[run.teacher.dtype]} weights" if isinstance(run.teacher, LocalTeacher) else f"{run.config.teacher.kind} teacher"
+    reference = f", reference {name[next(run.reference.parameters()).dtype]} weights" if run.reference is not None else ""
+    return f"student {student}, teacher {teacher}{reference}"
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -296,6 +306,7 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
                                   betas=config.optim.adam_betas, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 
+    console.print(f"{precisions(run)}; {machine_description(run.amp_dtype)}")
     if resume:
         loop = checkpoint.restore(run, optimizer, scheduler, rng, checkpoint.latest(run.run_dir))
         console.print(f"resuming {run.run_dir} after step {loop.step}")

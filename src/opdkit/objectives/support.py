@@ -170,8 +170,8 @@ class _FusedHeadDivergence(torch.autograd.Function):
         grads = [(upstream.unsqueeze(-1) * hidden_grad).to(hidden.dtype), None, None]
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             if upstream.numel() and bool((upstream == upstream[0]).all()):  # one scale for every row
-                grads[1] = upstream[0] * weight_grad if ctx.needs_input_grad[1] else None
-                grads[2] = upstream[0] * bias_grad if ctx.needs_input_grad[2] else None
+                grads[1] = weight_grad.mul_(upstream[0]) if ctx.needs_input_grad[1] else None  # in place: no copy
+                grads[2] = bias_grad.mul_(upstream[0]) if ctx.needs_input_grad[2] else None
             else:  # row weights differ: each block once more, its logits' gradient weighted by them
                 weight_grad, bias_grad = torch.zeros_like(weight_grad), None if bias is None else torch.zeros_like(bias_grad)
                 with torch.autocast(hidden.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
