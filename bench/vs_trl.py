@@ -51,9 +51,12 @@ def builtin(pair: str, name: str) -> str:
 
 
 def train_prompts(pair: str) -> list:
-    from opdkit.data import load_examples
+    """The 64 prompts in the order opdkit's sampler draws them (seed 0, first epoch); TRL reads them in that
+    order unshuffled, so both sides see the same prompts at every step."""
+    from opdkit.data import PromptSampler, load_examples
 
-    return load_examples(builtin(pair, "train"))[:TRAIN_PROMPTS]
+    examples = load_examples(builtin(pair, "train"))[:TRAIN_PROMPTS]
+    return PromptSampler(examples, seed=0).next_batch(len(examples))
 
 
 def after_first(values: list[float]) -> float:
@@ -71,9 +74,11 @@ def run_ours(args, workdir: Path) -> dict:
     import yaml
 
     from opdkit.cli import main as opd
+    from opdkit.data import load_examples
 
     prompts = workdir / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"messages": e.messages}) + "\n" for e in train_prompts(args.pair)))
+    prompts.write_text("".join(json.dumps({"messages": e.messages}) + "\n"
+                               for e in load_examples(builtin(args.pair, "train"))[:TRAIN_PROMPTS]))
     config = {
         "seed": 0, "output_dir": str(workdir / "run"), "threads": args.threads,
         "student": {"path": f"builtin:{args.pair}/student"}, "teacher": {"path": f"builtin:{args.pair}/teacher"},
@@ -129,7 +134,7 @@ def run_trl(args, workdir: Path, bf16: bool) -> dict:
         gradient_accumulation_steps=1, learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0,
         adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, max_grad_norm=1.0, beta=1.0, temperature=1.0,
         max_completion_length=args.max_completion_length, gradient_checkpointing=False, disable_dropout=True,
-        bf16=bf16, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, dataloader_num_workers=0, seed=0,
+        bf16=bf16, shuffle_dataset=False, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, dataloader_num_workers=0, seed=0,
     )
     timer = StepTimer()
     trainer = DistillationTrainer(

@@ -1,0 +1,111 @@
+"""Two parts of a step measured against what they replaced, on the SmolLM2 student, in one process.
+
+    .venv/bin/python bench/step_parts.py [--threads 2] [--batch 4] [--tokens 32]
+
+- decoding: ms per new token of ``opdkit.decode.decode`` (one token and its log-prob per step, ``W @ x.T`` for few
+  rows) against ``transformers``' ``generate(output_scores=True)`` followed by the ``[B, C, V]`` float32
+  log-softmax that the rollout used to read one log-prob per position from; alternated, medians of 3;
+- the optimizer: seconds and extra peak memory of one AdamW step over the student's parameters, ``fused`` against
+  ``foreach`` and the per-parameter loop, each in a fresh process (peak RSS is per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def student():
+    from opdkit.models import load_model
+    from opdkit.scenarios import resolve_builtin
+
+    return load_model(str(resolve_builtin("builtin:smollm2/student")))
+
+
+def decoding(args) -> dict:
+    import torch
+    from transformers import GenerationConfig
+
+    from opdkit.decode import decode
+
+    model = student()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, 40), generator=g)
+    mask = torch.ones_like(ids)
+    config = GenerationConfig(max_new_tokens=args.tokens, do_sample=True, top_k=0, return_dict_in_generate=True,
+                              output_scores=True, pad_token_id=0, eos_token_id=None)
+
+    def ours():
+        decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
+
+    def generate():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)
+        scores.gather(-1, out.sequences[:, ids.shape[1]:].unsqueeze(-1))
+
+    times: dict[str, list[float]] = {"ours": [], "generate": []}
+    with torch.no_grad():
+        ours(), generate()  # warm-up
+        for _ in range(3):
+            for name, fn in (("ours", ours), ("generate", generate)):
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) / args.tokens * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def optimizer_step(mode: str) -> dict:
+    import torch
+
+    model = student()
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[mode]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, **kwargs)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for _ in range(6):  # the first step allocates the state
+        start = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    state_mib = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": statistics.median(times[1:]), "extra_peak_mib": peak - base - state_mib,
+            "parameters_m": sum(p.numel() for p in params) / 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--optimizer", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    from opdkit.models import machine_description
+
+    torch.set_num_threads(args.threads)
+    if args.optimizer:
+        print(json.dumps(optimizer_step(args.optimizer)))
+        return
+    print(machine_description(torch.float32))
+    ms = decoding(args)
+    print(f"decoding, batch {args.batch}, {args.tokens} new tokens: ours {ms['ours']:.1f} ms/token, "
+          f"generate + [B, C, V] log-softmax {ms['generate']:.1f} ms/token ({ms['generate'] / ms['ours']:.2f}x)")
+    for mode in ("fused", "foreach", "loop"):
+        out = subprocess.run([sys.executable, __file__, "--optimizer", mode, "--threads", str(args.threads)],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"AdamW {mode:8s} over {r['parameters_m']:.0f}M parameters: {r['seconds']:.3f} s per step, "
+              f"{r['extra_peak_mib']:.0f} MiB peak above its state")
+
+
+if __name__ == "__main__":
+    main()
