@@ -165,3 +165,15 @@ def test_bad_teacher_dtype_is_refused_before_loading(tiny_config):
     tiny_config["teacher"]["dtype"] = "fp16"
     with pytest.raises(OPDError, match="dtype"):
         load_config(base=tiny_config)
+
+
+def test_reference_model_loads_in_the_runs_precision(tiny_config):
+    from opdkit.train import precisions, setup
+
+    tiny_config["precision"] = "bf16"
+    tiny_config["objective"] = {"method": "opd", "ref_kl_coef": 0.1}
+    run = setup(load_config(base=tiny_config))
+    assert next(run.reference.parameters()).dtype == torch.bfloat16
+    assert next(run.student.parameters()).dtype == torch.float32  # master weights stay float32
+    assert precisions(run) == ("student float32 weights with bf16 autocast, teacher bf16 weights, "
+                               "reference bf16 weights")
