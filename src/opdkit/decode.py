@@ -12,6 +12,7 @@ times faster here as ``W @ x.T`` than as ``x @ W.T`` (the LM head, ``[4, 576] x 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from transformers import PreTrainedModel
@@ -54,16 +55,20 @@ ROW_MAJOR_ROWS = 16  # at most this many rows per step: W @ x.T (measured faster
 @contextlib.contextmanager
 def _fast_projections(model: PreTrainedModel, rows: int):
     """Decode with ``W @ x.T`` in every CPU ``nn.Linear`` when a step has few rows; restored after. A fixed rule,
-    not a timing, so that the same seed gives the same bits in every run (a resumed run included)."""
-    swapped = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-               and rows <= ROW_MAJOR_ROWS]
-    for linear in swapped:
-        linear.forward = _row_major(linear)
-    try:
-        yield
-    finally:
+    not a timing, so that the same seed gives the same bits in every run (a resumed run included). Decoders that
+    share a model (server threads) take turns; a plain forward of the same model from another thread meanwhile
+    computes its products in this form too (equal up to float rounding)."""
+    lock = model.__dict__.setdefault("_opd_decode_lock", threading.Lock())
+    with lock:
+        swapped = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+                   and rows <= ROW_MAJOR_ROWS]
         for linear in swapped:
-            del linear.forward
+            linear.forward = _row_major(linear)
+        try:
+            yield
+        finally:
+            for linear in swapped:
+                del linear.forward
 
 
 @torch.no_grad()

@@ -161,19 +161,16 @@ class Engine:
 
     @torch.no_grad()
     def _generate(self, members: list[tuple[_Job, Sequence]]) -> None:
-        from transformers import GenerationConfig
-
         from .data import left_pad
+        from .decode import decode
 
         job0 = members[0][0]
-        greedy = job0.temperature == 0
         tok = self.tokenizer
         ids, mask = left_pad([job.prompt_ids for job, _ in members], tok.pad_token_id)
-        config = GenerationConfig(max_new_tokens=max(job.max_tokens for job, _ in members), do_sample=not greedy,
-                                  temperature=None if greedy else job0.temperature, top_p=None if greedy else job0.top_p,
-                                  top_k=None if greedy else 0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=config)
-        for (job, seq), row in zip(members, out[:, ids.shape[1]:].tolist()):
+        greedy = job0.temperature == 0
+        out, _ = decode(self.model, ids.to(self.device), mask.to(self.device), max(job.max_tokens for job, _ in members),
+                        tok.eos_token_id, tok.pad_token_id, 1.0 if greedy else job0.temperature, job0.top_p, greedy)
+        for (job, seq), row in zip(members, out.tolist()):
             new, reason = row[: job.max_tokens], "length"
             if tok.eos_token_id in new:
                 new, reason = new[: new.index(tok.eos_token_id) + 1], "stop"
