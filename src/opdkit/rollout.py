@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .decode import decode
 from .data import Example, left_pad, render_completion, render_prompt, right_pad
+from .decode import decode
+from .objectives.support import sampled_from_logits
 
 
 @dataclass
@@ -76,9 +77,8 @@ class Rollouts:
         return completion_logits
 
     def token_logprobs(self, model: PreTrainedModel) -> torch.Tensor:
-        """``[B, C]`` log-probs of the completion tokens under ``model`` (fp32 log-softmax), masked."""
-        logprobs = self.completion_logits(model).float().log_softmax(-1)
-        return logprobs.gather(-1, self.completion_ids.unsqueeze(-1)).squeeze(-1) * self.completion_mask
+        """``[B, C]`` float32 log-probs of the completion tokens under ``model``, masked."""
+        return sampled_from_logits(self.completion_logits(model), self.completion_ids)[0] * self.completion_mask
 
 
 def _completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,13 @@ def sampled(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
+def sampled_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_softmax(logits)[ids], logsumexp(logits))`` in float32, ``[B, C, V] -> [B, C]`` twice, without a
+    float32 log-softmax of the whole ``logits``."""
+    lse = logits.float().logsumexp(-1)
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float() - lse, lse
+
+
 def _with_tail(logprobs: torch.Tensor) -> torch.Tensor:
     """Append ``log(1 - sum p)`` as a last category (clamped away from log 0)."""
     tail = torch.log1p(-logprobs.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..data import Example
 from ..models import autocast
 from ..objectives.divergence import entropy as full_entropy
-from ..objectives.support import chunk_rows
+from ..objectives.support import chunk_rows, sampled_from_logits
 from ..rollout import Rollouts, sample
 from . import Support, TeacherSignal
 
@@ -24,8 +24,7 @@ BLOCK_MEMORY_MIB = 256  # per block of positions when the full distribution is r
 def _reduce(logits: torch.Tensor, ids: torch.Tensor, entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(log_softmax(logits)[ids], logsumexp(logits), entropy or None)`` in float32, without a float32
     log-softmax of the whole ``logits`` unless the entropy is asked for."""
-    lse = logits.float().logsumexp(-1)
-    token = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1).float() - lse
+    token, lse = sampled_from_logits(logits, ids)
     return token, lse, full_entropy(logits.float().log_softmax(-1)) if entropy else None
 
 
