@@ -230,11 +230,11 @@ def summarize(runs: list[dict]) -> dict:
 def machine(threads: int) -> dict:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    amx = bool(torch.cpu._is_amx_tile_supported())
-    # opdkit's precision: auto is bf16 autocast on a CPU with AMX, else fp32
-    return {"cpu": cpu, "amx": amx, "torch_threads": threads, "ours_precision": "bf16 autocast" if amx else "fp32"}
+    from opdkit.models import amx_available, machine_description, pick_device, resolve_precision
+
+    torch.set_num_threads(threads)
+    precision = resolve_precision("auto", pick_device())  # what opd train's precision: auto picked here
+    return {"description": machine_description(precision), "amx": amx_available(), "torch_threads": threads}
 
 
 def report(runs: list[dict], summary: dict, host: dict) -> None:
@@ -253,8 +253,7 @@ def report(runs: list[dict], summary: dict, host: dict) -> None:
     print("ours stages: " + ", ".join(f"{s} {t:.3f} s" for s, t in summary["medians"]["ours"]["stages_s"].items()))
     for name, ratio in summary["ratios"].items():
         print(f"{name:<35} time {ratio['time']:.2f}x  memory {ratio['memory']:.2f}x")
-    print(f"machine: {host['cpu']}, AMX {'yes' if host['amx'] else 'no'}, {host['torch_threads']} torch threads, "
-          f"ours in {host['ours_precision']}")
+    print(f"machine: {host['description']} (ours)")
 
 
 def main() -> None:

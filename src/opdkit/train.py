@@ -160,10 +160,10 @@ def guidance_answers(run: Run, examples) -> list[list[int]]:
 
 def precisions(run: Run) -> str:
     """What each model computes in, for the run log."""
-    name = {torch.float32: "float32", torch.bfloat16: "bf16"}
+    name = lambda dtype: {torch.float32: "float32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))  # noqa: E731
     student = "float32 weights" + (" with bf16 autocast" if run.amp_dtype == torch.bfloat16 else "")
-    teacher = f"{name[run.teacher.dtype]} weights" if isinstance(run.teacher, LocalTeacher) else f"{run.config.teacher.kind} teacher"
-    reference = f", reference {name[next(run.reference.parameters()).dtype]} weights" if run.reference is not None else ""
+    teacher = f"{name(run.teacher.dtype)} weights" if isinstance(run.teacher, LocalTeacher) else f"{run.config.teacher.kind} teacher"
+    reference = f", reference {name(next(run.reference.parameters()).dtype)} weights" if run.reference is not None else ""
     return f"student {student}, teacher {teacher}{reference}"
 
 

@@ -32,10 +32,6 @@ class TeacherSignal:
     token_advantages: torch.Tensor | None = None  # [B, C] logit-free per-token reward (chat teacher, chunk_opd)
     usage: dict[str, float] = field(default_factory=dict)  # remote teachers: calls, retries, tokens of this call
 
-    @property
-    def has_full(self) -> bool:
-        return self.logprobs is not None or self.hidden is not None
-
     def full_logprobs(self) -> torch.Tensor:
         """``[B, C, V]`` float32 log-probs over the whole vocabulary (from ``hidden`` when that is what came)."""
         if self.logprobs is not None:

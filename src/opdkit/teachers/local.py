@@ -50,7 +50,7 @@ class LocalTeacher:
                 _, hidden = rollouts.completion_logits(self.model, return_hidden=True, logits=False)
             head = self.model.get_output_embeddings()
             flat_hidden, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
-            rows = chunk_rows(head.out_features, BLOCK_MEMORY_MIB, live=3)
+            rows = chunk_rows(head.weight.shape[0], BLOCK_MEMORY_MIB, live=3)
             blocks = []
             for i in range(0, flat_hidden.shape[0], rows):
                 with autocast(self.device, self.amp_dtype):
