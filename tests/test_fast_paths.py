@@ -168,7 +168,8 @@ def test_bad_teacher_dtype_is_refused_before_loading(tiny_config):
 
 
 def test_reference_model_loads_in_the_runs_precision(tiny_config):
-    from opdkit.train import precisions, setup
+    from opdkit.console import precisions
+    from opdkit.train import setup
 
     tiny_config["precision"] = "bf16"
     tiny_config["objective"] = {"method": "opd", "ref_kl_coef": 0.1}

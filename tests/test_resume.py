@@ -46,7 +46,7 @@ sys.exit(main(["train", config]))
 '''
 
 # What the curve is made of: everything a step logs except wall-clock timings, throughput and memory.
-CLOCK = {"tokens_per_s", "peak_memory_mib", "wall_s"}
+CLOCK = {"tokens_per_s", "peak_memory_mib", "wall_s", "train_s"}
 
 
 def curve(run_dir) -> list[dict]:

@@ -44,7 +44,7 @@ def test_opd_train_cli_writes_logs_config_and_checkpoint(tiny_config, tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
-    for key in ("loss", "advantage", "reverse_kl_k1", "entropy", "completion_length", "truncation_rate", "tokens_per_s",
+    for key in ("loss", "advantage", "reverse_kl_k1", "student_entropy", "completion_length", "truncation_rate", "tokens_per_s",
                 "peak_memory_mib", "time_rollout", "time_teacher", "time_forward_backward", "time_optimizer"):
         assert key in steps[0], key
     assert load_config(run_dir / "config.yaml").optim.steps == 2

@@ -4,8 +4,9 @@ A checkpoint is a folder ``checkpoint-<step>`` in the run folder. It holds the s
 ``save_pretrained`` writes it (so ``opd eval --checkpoint`` reads it) and its tokenizer, plus
 ``trainer_state.pt``: optimizer, scheduler, the method's own parameters, the data position, every random
 generator (Python, NumPy, torch, the loop's ``random.Random``), the log so far and the best measurement so
-far. ``trainer_state.json`` repeats the step, its metrics and the best for people. ``best`` is a link to the
-checkpoint with the best ``checkpoint.best_metric``.
+far. ``trainer_state.json`` repeats the step, its metrics, the best and whether the run finished, for people
+and for checks that must not load a model. ``best`` is a link to the checkpoint with the best
+``checkpoint.best_metric``; ``final`` is the finished student alone, as ``save_pretrained`` writes it.
 
 Writing goes to ``.tmp-checkpoint-<step>``; every file and the folder are fsynced, the folder is renamed into
 place and the run folder fsynced. Only then are old checkpoints retired (renamed to ``.trash-*``, then
@@ -44,7 +45,8 @@ class LoopState:
     nonfinite_streak: int = 0  # skipped steps in a row
     best_step: int | None = None
     best_value: float | None = None
-    wall_s: float = 0.0  # training time up to this state, over every process that ran it
+    wall_s: float = 0.0  # the run's time up to this state (loading, evaluation and saving included), over processes
+    train_s: float = 0.0  # of which in training steps
     finished: bool = False  # the final evaluation ran
 
     def track_best(self, metric: str | None, measured: dict) -> bool:
@@ -71,6 +73,21 @@ def latest(run_dir: Path) -> Path:
         raise OPDError(f"{run_dir} holds no complete checkpoint to resume from (the run stopped before its first "
                        "save): start it again with opd train CONFIG, and set checkpoint.every to save more often")
     return found[-1]
+
+
+def check_folder(run_dir: Path, resume: bool, steps: int) -> None:
+    """The run folder suits the command, checked before any model loads: a new run's holds no checkpoint; a
+    resumed run's holds one, and a finished run continues only when ``steps`` extends it."""
+    if not resume:
+        return check_fresh(run_dir)
+    state = json.loads((latest(run_dir) / "trainer_state.json").read_text())
+    if state.get("finished") and steps <= state["step"]:
+        raise OPDError(f"the run in {run_dir} already finished its {state['step']} steps: to train further, extend "
+                       f"it with opd train --resume {run_dir} --set optim.steps=M (M > {state['step']}); the "
+                       "optimizer and schedule state carry on")
+    if steps < state["step"]:
+        raise OPDError(f"optim.steps {steps} is below the step the run in {run_dir} reached ({state['step']}): "
+                       f"set optim.steps to at least {state['step']}")
 
 
 def check_fresh(run_dir: Path) -> None:
@@ -131,18 +148,16 @@ def _write_state(folder: Path, run, optimizer, scheduler, rng: random.Random, lo
         "rng": _rng_state(),
     }
     best = {"metric": run.config.checkpoint.best_metric, "step": loop.best_step, "value": loop.best_value}
-    summary = json.dumps({"step": loop.step, "metrics": metrics, "best": best}, indent=2)
+    summary = json.dumps({"step": loop.step, "finished": loop.finished, "metrics": metrics, "best": best}, indent=2)
     _replace(folder / STATE, lambda f: torch.save(state, f))
     _replace(folder / "trainer_state.json", lambda f: f.write(summary.encode()))
 
 
 def restore(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random, path: Path) -> LoopState:
     """Load a checkpoint into a freshly set-up run, its optimizer, scheduler and loop generator."""
+    check_folder(run.run_dir, True, run.config.optim.steps)
     state = torch.load(path / STATE, weights_only=True)
     loop = LoopState(**state["loop"])
-    if loop.finished:
-        raise OPDError(f"the run in {run.run_dir} already finished ({path.name} holds its final evaluation); to train "
-                       f"further, start a new run with student.path: {path}")
     run.student.load_state_dict(load_model(str(path), run.device).state_dict())
     with torch.no_grad():
         for param, saved in zip(run.method.parameters(), state["method"], strict=True):
@@ -151,9 +166,28 @@ def restore(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random
     scheduler.load_state_dict(state["scheduler"])
     run.prompts.position = state["sampler_position"]
     run.history[:] = state["history"]
+    if loop.finished and run.history and "eval" not in run.history[-1]:  # its final evaluation becomes a mid-run one
+        run.history[-1]["eval"] = json.loads((path / "trainer_state.json").read_text())["metrics"]
     rng.setstate(state["loop_rng"])
     _set_rng_state(state["rng"])
     return loop
+
+
+def save_final(run) -> Path:
+    """``final/``: the student and its tokenizer alone (no trainer state), replaced atomically."""
+    final = run.run_dir / "final"
+    tmp, trash = run.run_dir / ".tmp-final", run.run_dir / ".trash-final"
+    for leftover in (tmp, trash):
+        shutil.rmtree(leftover, ignore_errors=True)
+    run.student.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    _fsync_tree(tmp)
+    if final.exists():
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    _fsync(run.run_dir)
+    shutil.rmtree(trash, ignore_errors=True)
+    return final
 
 
 def write_log(path: Path, records: list[dict]) -> None:

@@ -24,7 +24,8 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """A Hugging Face causal LM: a local folder, or ``builtin:<scenario>/<name>`` built on first use."""
 
-    path: str
+    path: str = Field(description="a local model folder (save_pretrained), a Hub id org/name already in the local "
+                      "Hugging Face cache, or builtin:<scenario>/<name>")
 
 
 class StudentSpec(ModelSpec):
@@ -32,13 +33,14 @@ class StudentSpec(ModelSpec):
     pass, so the importance ratio and the log-ratios carry no dropout noise; ``false`` keeps dropout in the
     loss pass only (sampling is always without), as a regularizer."""
 
-    disable_dropout: bool = True
+    disable_dropout: bool = Field(True, description="no dropout in sampling or the loss pass (as TRL); false keeps "
+                                  "it in the loss pass as a regularizer")
 
 
 class LocalTeacherSpec(ModelSpec):
     """A local Hugging Face causal LM scored in-process: exact full-vocabulary log-probs."""
 
-    kind: Literal["local"] = "local"
+    kind: Literal["local"] = Field("local", description="local: a model loaded in this process")
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="the teacher's weights: auto follows the run's precision (bf16 on CUDA and on CPUs "
         "with bf16 matrix units, float32 elsewhere); its log-softmax is always taken in float32")
@@ -74,16 +76,18 @@ class _RemoteTeacherSpec(_Strict):
     timeout_s: float = Field(60.0, gt=0, description="per-request timeout")
     max_retries: int = Field(4, ge=0, description="retries per request before on_failure applies")
     backoff_s: float = Field(0.5, gt=0, description="first backoff; doubles per retry, full jitter")
-    max_backoff_s: float = Field(30.0, gt=0)
+    max_backoff_s: float = Field(30.0, gt=0, description="longest wait between retries")
     replica_cooldown_s: float = Field(10.0, ge=0, description="how long a failing replica stays out of rotation")
-    on_failure: Literal["raise", "wait"] = "raise"
+    on_failure: Literal["raise", "wait"] = Field("raise", description="after max_retries: stop with an error, or "
+                                                 "keep retrying (the step waits)")
 
 
 class ServerTeacherSpec(_RemoteTeacherSpec):
     """Token and top-k log-probs of the student's exact ids through ``/v1/completions`` (echo or vLLM
     ``prompt_logprobs``). Objectives that need full-vocabulary logits (``gkd`` without ``top_k``) are refused."""
 
-    kind: Literal["server"]
+    kind: Literal["server"] = Field(description="server: an OpenAI-compatible server with log-probs (ours, vLLM, "
+                                    "SGLang, llama.cpp)")
     top_k: int = Field(20, ge=1, description="log-probs per position the server returns (servers cap it: often 5 or 20)")
     prompt_as: Literal["auto", "ids", "text"] = Field(
         "auto", description="send the student's token ids, or their text for servers that take only strings "
@@ -98,7 +102,7 @@ class ChatTeacherSpec(_RemoteTeacherSpec):
     ``chunk_length`` tokens, smoothed by a Dirichlet(``prior``) posterior, is the chunk's reward.
     """
 
-    kind: Literal["chat"]
+    kind: Literal["chat"] = Field(description="chat: a text-only chat API (objective.method: chunk_opd)")
     chunk_length: int = Field(8, ge=1, description="student tokens per audited chunk")
     samples_per_fork: int = Field(4, ge=1, description="teacher continuations per fork (K)")
     max_forks: int = Field(2, ge=1, description="audited chunks per rollout (M)")
@@ -131,9 +135,13 @@ class DataConfig(_Strict):
     ``answer`` optional), ``builtin:<scenario>/<split>``, or ``hf:<name>[:<config>]:<split>`` for a
     ``datasets`` dataset available offline."""
 
-    train: str
-    eval: str | None = None
+    train: str = Field(description="training prompts: a JSONL file, builtin:<scenario>/<split> or "
+                       "hf:<name>[:<config>]:<split>")
+    eval: str | None = Field(None, description="held-out prompts for before/after and periodic evaluation (same forms); "
+                             "null: no evaluation")
     task: str | None = Field(None, description="verifier name (see opdkit.tasks) or none")
+    chat_template: bool = Field(True, description="render prompts with the student tokenizer's chat template (which "
+                                "may add its default system prompt); false: the raw text, for base models")
     eval_size: int = Field(256, ge=1, description="held-out prompts used by eval")
 
 
@@ -141,9 +149,10 @@ class RolloutConfig(_Strict):
     """Student sampling. ``temperature``/``top_p`` shape the behaviour policy; the teacher is always
     scored at temperature 1 on the exact sampled ids."""
 
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_completion_length: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0, description="the student's sampling temperature (the importance ratio "
+                               "corrects for it)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the student's rollouts")
+    max_completion_length: int = Field(32, ge=1, description="new tokens per rollout at most; longer ones are truncated")
     batch_size: int = Field(32, ge=1, description="prompts per micro-batch")
 
 
@@ -154,9 +163,10 @@ class CreditConfig(_Strict):
     ``gamma = 0`` trains the per-token divergence at the visited states, ``gamma = 1`` (with ``lam = 1``) the
     sequence-level one; values are baselines and change neither."""
 
-    gamma: float = Field(0.0, ge=0, le=1)
+    gamma: float = Field(0.0, ge=0, le=1, description="discount of later tokens' rewards: 0 per-token, 1 sequence-level")
     lam: float = Field(1.0, ge=0, le=1, description="GAE's lambda (needs a value)")
-    value: Literal["none", "zero", "analytic", "learned"] = "none"
+    value: Literal["none", "zero", "analytic", "learned"] = Field(
+        "none", description="baseline for GAE: none (return-to-go), zero, analytic (-KL at the state) or learned (a value head)")
     value_coef: float = Field(0.5, ge=0, description="weight of the learned value head's regression loss")
     normalize: bool = Field(False, description="standardise advantages over the optimizer step's tokens")
 
@@ -166,8 +176,9 @@ class TrustRegionConfig(_Strict):
     outliers, handled by ``outliers``: ``mask`` (no signal), ``clip`` (reward floored at ``clip_floor``) or
     ``fkl`` (forward KL over the teacher's ``top_k``, as a detached reward or a direct loss per ``fkl_mode``)."""
 
-    enabled: bool = False
-    outliers: Literal["mask", "clip", "fkl"] = "fkl"
+    enabled: bool = Field(False, description="gate sampled tokens by min(1, pi_T/pi_S)")
+    outliers: Literal["mask", "clip", "fkl"] = Field("fkl", description="what rejected tokens get: no signal, a "
+                                                    "floored reward, or top-k forward KL")
     clip_floor: float = Field(-1.39, description="outliers: clip")
     top_k: int = Field(64, ge=1, description="outliers: fkl")
     fkl_mode: Literal["advantage", "direct"] = Field("advantage", description="outliers: fkl")
@@ -178,10 +189,10 @@ class EntropyGateConfig(_Strict):
     The entropy is the teacher's full one when it gives full log-probs (a local teacher), else the entropy of its
     top-k renormalised (a server); the step log names which (``teacher_entropy`` or ``teacher_entropy_topk``)."""
 
-    enabled: bool = False
-    threshold: float = Field(0.8, ge=0)
-    coef: float = Field(1.0, ge=0)
-    top_k: int = Field(16, ge=1)
+    enabled: bool = Field(False, description="add a top-k forward KL where the teacher is unsure")
+    threshold: float = Field(0.8, ge=0, description="teacher entropy (nats) above which the term applies")
+    coef: float = Field(1.0, ge=0, description="weight of the forward-KL term")
+    top_k: int = Field(16, ge=1, description="teacher tokens the forward KL runs over")
 
 
 class PrefixGuidanceConfig(_Strict):
@@ -190,10 +201,10 @@ class PrefixGuidanceConfig(_Strict):
     direct SFT term). ``answer: teacher`` is the teacher's greedy answer (computed once per prompt), ``dataset``
     the dataset's completion. The student still writes up to ``rollout.max_completion_length`` tokens after it."""
 
-    enabled: bool = False
-    beta: float = Field(0.001, ge=0)
-    anneal_steps: int | None = Field(None, ge=1, description="default: optim.steps")
-    answer: Literal["teacher", "dataset"] = "teacher"
+    enabled: bool = Field(False, description="continue from an annealed prefix of an answer (TrOPD guidance)")
+    beta: float = Field(0.001, ge=0, description="weight of the SFT term on prefix tokens")
+    anneal_steps: int | None = Field(None, ge=1, description="steps over which the prefix shrinks to 0 (default: optim.steps)")
+    answer: Literal["teacher", "dataset"] = Field("teacher", description="the teacher's greedy answer, or the dataset's completion")
 
 
 def _changed(section: BaseModel) -> list[str]:
@@ -224,32 +235,37 @@ class ObjectiveConfig(_Strict):
     enumeration) or is refused here with the fix.
     """
 
-    method: str = "opd"
+    method: str = Field("opd", description="a named preset filling every axis left unset (opd methods lists them)")
     reward: Literal["log_ratio", "teacher"] = Field(
         "log_ratio", description="per-token reward of the PG route: from the log-ratio to the teacher's log-probs, "
         "or returned by a text-only teacher (chunk_opd)")
-    states: Literal["student", "teacher"] = "student"
-    lmbda: float = Field(1.0, ge=0, le=1)
+    states: Literal["student", "teacher"] = Field("student", description="who samples the training states")
+    lmbda: float = Field(1.0, ge=0, le=1, description="fraction of batches on those states; the rest use the dataset's "
+                         "completions (GKD)")
     temperature: float = Field(1.0, gt=0, description="softens both sides of a top-k or full-support divergence")
-    support: Literal["sampled", "teacher_topk", "student_topk", "full"] = "sampled"
-    top_k: int | None = Field(None, ge=1)
-    tail: bool = False
-    divergence: Literal["reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "alpha", "skew_kl", "skew_rkl"] = "reverse_kl"
-    beta: float = Field(0.5, ge=0, le=1)
-    alpha: float = Field(0.5, ge=0, le=1)
+    support: Literal["sampled", "teacher_topk", "student_topk", "full"] = Field(
+        "sampled", description="tokens the divergence runs over at each state")
+    top_k: int | None = Field(None, ge=1, description="size of a top-k support")
+    tail: bool = Field(False, description="keep the mass outside a top-k support as one bucket (else renormalise)")
+    divergence: Literal["reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "alpha", "skew_kl", "skew_rkl"] = Field(
+        "reverse_kl", description="the f-divergence between teacher and student")
+    beta: float = Field(0.5, ge=0, le=1, description="jsd's interpolation (TRL's beta: 0 forward KL, 1 reverse KL)")
+    alpha: float = Field(0.5, ge=0, le=1, description="alpha-divergence order, or the skew KLs' mixing weight")
     estimator: Literal["k1", "k2", "k3"] | None = Field(None, description="sampled-token form of a KL (default: "
                                                         "k1 as a PG cost, k2/k3 backpropagated for reverse/forward KL)")
-    grad_path: Literal["pg", "direct"] = "pg"
-    correction: bool = False
+    grad_path: Literal["pg", "direct"] = Field("pg", description="policy gradient with a detached advantage, or "
+                                               "backpropagate the divergence directly")
+    correction: bool = Field(False, description="OPD+'s phi'(l) term that unbiases f-divergence advantages")
     log_ratio_clip: float = Field(20.0, gt=0, description="clamp |log pi_S - log pi_T| in sampled-token PG costs")
     credit: CreditConfig = CreditConfig()
     trust_region: TrustRegionConfig = TrustRegionConfig()
     entropy_gate: EntropyGateConfig = EntropyGateConfig()
     prefix_guidance: PrefixGuidanceConfig = PrefixGuidanceConfig()
-    position_decay: float = Field(1.0, gt=0, le=1)
-    aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
-    ref_kl_coef: float = Field(0.0, ge=0)
-    entropy_coef: float = Field(0.0, ge=0)
+    position_decay: float = Field(1.0, gt=0, le=1, description="weight decay**t on position t (1: every token alike)")
+    aggregation: Literal["token_mean", "sequence_mean"] = Field(
+        "token_mean", description="mean over the step's tokens, or per sequence then over sequences")
+    ref_kl_coef: float = Field(0.0, ge=0, description="weight of k3 KL to the frozen initial student")
+    entropy_coef: float = Field(0.0, ge=0, description="weight of an entropy bonus on the student")
     vocab_chunk_size: int | None = Field(None, ge=1, description="full support: positions per block when both LM "
                                          "heads are applied block by block (default: as many as chunk_memory_mib allows)")
     chunk_memory_mib: float = Field(256.0, gt=0, description="full support: memory for one block's [positions, "
@@ -436,37 +452,58 @@ class OptimConfig(_Strict):
     """AdamW with linear warm-up then cosine decay to ``min_lr_ratio * learning_rate``."""
 
     steps: int = Field(100, ge=1, description="optimizer steps")
-    learning_rate: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's (beta1, beta2)")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the cosine decay")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine decays to this fraction of the peak")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (null: no clipping)")
     max_nonfinite_steps: int = Field(3, ge=1, description="stop after this many skipped non-finite steps in a row")
 
 
 class EvalConfig(_Strict):
+    """Held-out measurement (``data.eval``) before training, every ``every`` steps and after."""
+
     every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="prompts per evaluation forward")
     max_completion_length: int | None = Field(None, ge=1, description="default: rollout's")
 
 
 class CheckpointConfig(_Strict):
     """Atomic checkpoints of the whole trainer state; the newest ``keep`` survive, plus the best one by
-    ``best_metric`` (lower ``reverse_kl``, higher otherwise), measured at every evaluation."""
+    ``best_metric`` (lower KL, higher otherwise), measured at every evaluation. The last step also writes
+    ``final/``, the student alone as ``save_pretrained`` writes it."""
 
-    every: int = Field(0, ge=0, description="save every N steps (0: only at the end, on a new best and on a stop)")
+    every: int | None = Field(None, ge=0, description="save every N steps (default: a tenth of optim.steps, so that "
+                              "--resume after a kill loses little; 0: only at the end, on a new best and on a stop)")
     keep: int = Field(2, ge=1, description="newest checkpoints kept (the best one is kept besides)")
-    best_metric: Literal["reverse_kl", "reverse_kl_k1", "accuracy", "token_agreement", "greedy_match"] | None = Field(
-        "reverse_kl", description="eval metric that picks the best checkpoint (null: keep the newest only); "
-        "reverse_kl_k1 is the sampled estimate a server teacher allows"
+    best_metric: Literal["auto", "reverse_kl", "reverse_kl_k1", "accuracy", "token_agreement", "greedy_match"] | None = Field(
+        "auto", description="eval metric that picks the best checkpoint (null: keep the newest only). auto: what the "
+        "teacher can measure: reverse_kl (exact) from a local teacher, reverse_kl_k1 (sampled estimate) from a "
+        "server, accuracy from a chat teacher with data.task, else token_agreement; none without data.eval"
     )
+
+    def save_every(self, steps: int) -> int:
+        """``every``, its default resolved for a run of ``steps`` optimizer steps."""
+        return max(1, steps // 10) if self.every is None else self.every
+
+
+class LoggingConfig(_Strict):
+    """What the console shows and the run folder keeps besides ``metrics.jsonl``."""
+
+    every: int | None = Field(None, ge=1, description="print one line every N steps where the console is not a "
+                              "terminal (default: about 20 lines per run); a terminal gets a live progress bar")
+    samples: int = Field(3, ge=0, description="evaluation completions (prompt, student, teacher) written to "
+                         "samples.jsonl at every evaluation and shown at the end")
+
+    def print_every(self, steps: int) -> int:
+        return self.every or max(1, steps // 20)
 
 
 class Config(_Strict):
-    seed: int = 0
-    output_dir: str = "runs/opd"
+    seed: int = Field(0, description="seeds sampling, shuffling and initialisation")
+    output_dir: str = Field("runs/opd", description="the run folder: config, metrics.jsonl, checkpoints, final model")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast where the CPU has AMX or on CUDA; master weights stay fp32"
     )
@@ -479,6 +516,30 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _best_metric_measurable(self) -> "Config":
+        """``checkpoint.best_metric``: ``auto`` resolved by what the teacher and data can measure; a metric they
+        cannot measure refused."""
+        kind, chosen = self.teacher.kind, self.checkpoint.best_metric
+        kl = {"local": "reverse_kl", "server": "reverse_kl_k1", "chat": None}[kind]
+        if chosen == "auto":
+            measurable = kl or ("accuracy" if self.data.task else "token_agreement")
+            self.checkpoint.best_metric = measurable if self.data.eval else None
+            return self
+        if chosen is None:
+            return self
+        if not self.data.eval:
+            raise ValueError(f"checkpoint.best_metric {chosen!r} is measured on held-out prompts, and data.eval is "
+                             "not set: set data.eval, or checkpoint.best_metric: null")
+        if chosen in ("reverse_kl", "reverse_kl_k1") and chosen != kl:
+            can = f"its sampled estimate reverse_kl_k1" if kl else "no KL (it returns text only)"
+            raise ValueError(f"checkpoint.best_metric {chosen!r} cannot be measured with a {kind} teacher, which "
+                             f"gives {can}: use {kl or 'token_agreement'}, or auto")
+        if chosen == "accuracy" and not self.data.task:
+            raise ValueError("checkpoint.best_metric 'accuracy' needs a verifier: set data.task, or use auto")
+        return self
 
     @model_validator(mode="after")
     def _sampling_fits_credit(self) -> "Config":

@@ -20,6 +20,10 @@ class Interrupted(Exception):
                          f"{checkpoint}. Continue with: opd train --resume {checkpoint.parent}")
 
 
+class Stopped(Exception):
+    """Ctrl-C where nothing could be saved first (while loading, or a second Ctrl-C): one line, no traceback."""
+
+
 def closest(name: str, valid: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest valid name, or an empty string."""
     match = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)  # a YAML value may be any type

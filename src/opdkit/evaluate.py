@@ -10,6 +10,9 @@
 - ``token_agreement``: the student's argmax equals the teacher's on the teacher's greedy answers (for a
   remote teacher, its greedy text tokenized by the student's tokenizer);
 - ``greedy_match``: the student's whole greedy answer equals the teacher's.
+
+Each call also keeps ``last_samples``: the first ``samples`` prompts with the student's and the teacher's greedy
+answers (and the reference answer where the dataset has one), for people to read.
 """
 
 from __future__ import annotations
@@ -43,9 +46,11 @@ class Evaluator:
     batch_size: int = 128
     seed: int = 0
     amp_dtype: torch.dtype = torch.float32
+    samples: int = 3
 
     def __post_init__(self):
         self._teacher_greedy: list[Rollouts] | None = None
+        self.last_samples: list[dict] = []
         self._exact_kl = self.teacher.model is not None  # full logits only from a local teacher
 
     def _greedy(self, model) -> list[Rollouts]:
@@ -78,6 +83,14 @@ class Evaluator:
             return kl(student_logprobs, self.teacher.score(rollouts, "full").full_logprobs())
         return sampled(student_logprobs, rollouts.completion_ids) - self.teacher.score(rollouts, "token").token_logprobs
 
+    def _samples(self, greedy: list[Rollouts]) -> list[dict]:
+        examples = self.examples[: self.samples]
+        students = [t for r in greedy for t in r.texts(self.tokenizer)][: len(examples)]
+        teachers = [t for r in self.teacher_greedy for t in r.texts(self.tokenizer)][: len(examples)]
+        return [{"prompt": e.messages[-1]["content"], "student": s, "teacher": t,
+                 **({"answer": e.answer} if e.answer is not None else {})}
+                for e, s, t in zip(examples, students, teachers)]
+
     @torch.no_grad()
     def __call__(self, student: PreTrainedModel) -> dict:
         was_training = student.training
@@ -100,6 +113,7 @@ class Evaluator:
             greedy_match += sum(a == b for a, b in zip(mine.texts(self.tokenizer), theirs.texts(self.tokenizer)))
         teacher_tokens = sum(r.num_tokens for r in self.teacher_greedy)
         student.train(was_training)
+        self.last_samples = self._samples(greedy)
         kl_name = "reverse_kl" if self._exact_kl else "reverse_kl_k1"
         return {
             "accuracy": self._accuracy(greedy),

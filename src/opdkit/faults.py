@@ -13,6 +13,7 @@ import signal
 import threading
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,18 +22,22 @@ from .teachers import TeacherSignal
 
 
 class StopSignals:
-    """Context manager: the first SIGINT or SIGTERM sets ``signum``; a second one acts as usual
-    (Ctrl-C twice interrupts at once). Outside the main thread signals cannot be caught: a no-op."""
+    """Context manager: the first SIGINT or SIGTERM sets ``signum`` and calls ``acknowledge`` (which tells the
+    person at once); a second one acts as usual (Ctrl-C twice interrupts at once). Outside the main thread
+    signals cannot be caught: a no-op."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, acknowledge: Callable[[], None] | None = None):
         self.signum: int | None = None
+        self.acknowledge = acknowledge
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame) -> None:
         self.signum = signum
         self._restore()
+        if self.acknowledge is not None:
+            self.acknowledge()
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():

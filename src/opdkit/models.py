@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -12,20 +13,43 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .errors import OPDError
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def resolve_model_path(path: str) -> str:
-    """A local folder as is; ``builtin:<scenario>/<name>`` is built into the cache on first use."""
+    """A local folder as is; ``builtin:<scenario>/<name>`` is built into the cache on first use; a Hub id
+    ``org/name`` resolves to its snapshot in the local Hugging Face cache (never downloaded: runs are offline)."""
     if path.startswith("builtin:"):
         from .scenarios import resolve_builtin
 
         return str(resolve_builtin(path))
+    if not Path(path).is_dir() and _HUB_ID.fullmatch(path):
+        return _from_hub_cache(path)
     if not Path(path).is_dir():
         raise OPDError(
             f"model folder {path!r} not found: give a local folder written by save_pretrained "
-            "(config.json and weights), or a built-in such as 'builtin:arith/teacher'"
+            "(config.json and weights), a Hub id org/name in the local cache, or a built-in such as 'builtin:arith/teacher'"
         )
     if not (Path(path) / "config.json").is_file():
         raise OPDError(f"model folder {path!r} has no config.json: it must be written by save_pretrained")
     return path
+
+
+def _from_hub_cache(repo_id: str) -> str:
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not cached (huggingface_hub raises one of several errors)
+        raise OPDError(
+            f"{repo_id!r} is neither a local folder nor a model in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and opdkit never downloads at run time: fetch it once on a machine with "
+            f"network (hf download {repo_id}, or huggingface-cli download {repo_id}) into that cache, or give "
+            "the path of a folder written by save_pretrained") from None
+    if not (Path(folder) / "config.json").is_file():
+        raise OPDError(f"the cached snapshot of {repo_id!r} ({folder}) has no config.json: download it again "
+                       f"completely (hf download {repo_id})")
+    return folder
 
 
 def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -53,8 +77,10 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def check_tokenizers_match(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
-    """Same vocabulary (token -> id), same end-of-sequence token, same chat rendering.
+def check_tokenizers_match(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase,
+                           chat_template: bool = True) -> None:
+    """Same vocabulary (token -> id), same end-of-sequence token, same chat rendering (where prompts are rendered
+    with a chat template).
 
     A mismatch silently corrupts the per-token signal (different ids mean different tokens) or makes
     lengths blow up (a student that never emits the teacher's end token), so it stops training here.
@@ -77,7 +103,7 @@ def check_tokenizers_match(student: PreTrainedTokenizerBase, teacher: PreTrained
             "tokenizer with the teacher's eos_token."
         )
     probe = [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]
-    if student.chat_template is not None or teacher.chat_template is not None:
+    if chat_template and (student.chat_template is not None or teacher.chat_template is not None):
         try:
             s_ids = student.apply_chat_template(probe, tokenize=True)
             t_ids = teacher.apply_chat_template(probe, tokenize=True)

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import render_prompt
@@ -219,15 +220,45 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", code:
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
 
 
-def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch_size: int = 32,
-               batch_wait_s: float = 0.005, max_pending: int = 256):
-    """The FastAPI application; ``app.state.engine`` is its :class:`Engine`. Past ``max_pending`` requests
-    in flight, new ones are refused with 503 and ``Retry-After`` so that memory stays bounded under load."""
-    from fastapi import FastAPI, Request
+class RequestLog:
+    """What the server says about its traffic, so a person sees a trainer reaching it: one line per request
+    (``each``), a line of rates every ``interval_s`` while requests come (``rate``), or nothing (``off``)."""
 
+    def __init__(self, mode: str = "off", write=print, interval_s: float = 10.0):
+        self.mode, self.write, self.interval_s = mode, write, interval_s
+        self._since, self._requests, self._tokens = time.monotonic(), 0, 0
+
+    def __call__(self, method: str, path: str, status: int, seconds: float, tokens: tuple[int, int] | None) -> None:
+        if self.mode == "each":
+            counted = f"  {tokens[0]} prompt + {tokens[1]} completion tokens" if tokens else ""
+            self.write(f"{time.strftime('%H:%M:%S')} {method} {path} {status} {seconds * 1000:.0f} ms{counted}")
+        elif self.mode == "rate":
+            self._requests += 1
+            self._tokens += sum(tokens or (0, 0))
+            elapsed = time.monotonic() - self._since
+            if elapsed >= self.interval_s:
+                self.write(f"{time.strftime('%H:%M:%S')} {self._requests} requests in {elapsed:.0f} s "
+                           f"({self._requests / elapsed:.1f}/s), {self._tokens / elapsed:.0f} tokens/s")
+                self._since, self._requests, self._tokens = time.monotonic(), 0, 0
+
+
+def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch_size: int = 32,
+               batch_wait_s: float = 0.005, max_pending: int = 256, log: RequestLog | None = None):
+    """The FastAPI application; ``app.state.engine`` is its :class:`Engine`. Past ``max_pending`` requests
+    in flight, new ones are refused with 503 and ``Retry-After`` so that memory stays bounded under load.
+    ``log`` hears of every request (its status, time and tokens)."""
     engine = Engine(model, tokenizer, max_batch_size, batch_wait_s)
     app = FastAPI(title="opd serve-teacher", version="1")
     app.state.engine = engine
+
+    if log is not None and log.mode != "off":
+        @app.middleware("http")
+        async def logged(request: Request, call_next):
+            started = time.perf_counter()
+            response = await call_next(request)
+            log(request.method, request.url.path, response.status_code, time.perf_counter() - started,
+                getattr(request.state, "tokens", None))
+            return response
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
@@ -277,7 +308,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
                                             "max_model_len": engine.context}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         if error := wrong_model(body.model):
             return error
         prompts = body.prompt
@@ -306,13 +337,14 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
                     choice["prompt_logprobs"] = _prompt_logprobs(seq, body.prompt_logprobs, tokenizer)
                 choices.append(choice)
         prompt_tokens = sum(len(ids) for ids in encoded)
+        request.state.tokens = (prompt_tokens, completion_tokens)
         return {"id": f"cmpl-{secrets.token_hex(8)}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
         if error := wrong_model(body.model):
             return error
         messages = body.messages
@@ -338,6 +370,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
                             "message": {"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)},
                             "logprobs": _chat_logprobs(seq, tokenizer) if body.logprobs else None})
         completion_tokens = sum(len(s.ids) - s.prompt_len for s in sequences)
+        request.state.tokens = (len(ids), completion_tokens)
         return {"id": f"chatcmpl-{secrets.token_hex(8)}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name, "choices": choices,
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
@@ -399,13 +432,13 @@ def _chat_logprobs(seq: Sequence, tokenizer) -> dict:
 
 
 def load_app(model_path: str, name: str | None = None, api_key: str | None = None, max_batch_size: int = 32,
-             max_pending: int = 256):
+             max_pending: int = 256, log: RequestLog | None = None):
     """The app for a local model folder or ``builtin:`` name, on the best device, in float32."""
     from .models import load_model, load_tokenizer, pick_device
 
     model = load_model(model_path, pick_device())
     return create_app(model, load_tokenizer(model_path), name or model_path, api_key, max_batch_size,
-                      max_pending=max_pending)
+                      max_pending=max_pending, log=log)
 
 
 @contextlib.contextmanager
@@ -433,13 +466,28 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
         sock.close()
 
 
+def config_snippet(host: str, port: int, name: str, api_key: bool) -> str:
+    """The ``teacher:`` section a training config needs to reach this server."""
+    reach = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # a wildcard listens everywhere; name one address
+    lines = ["teacher:", "  kind: server", f"  base_url: http://{reach}:{port}/v1", f"  model: {name}"]
+    if api_key:
+        lines.append("  api_key_env: OPD_SERVE_API_KEY   # the variable holding the key the server was given")
+    return "\n".join(lines)
+
+
 def serve(model_path: str, host: str, port: int, api_key: str | None, name: str | None, max_batch_size: int,
-          max_pending: int = 256, threads: int | None = None) -> None:
+          max_pending: int = 256, threads: int | None = None, log_requests: str = "each") -> None:
     """Serve until interrupted (the ``opd serve-teacher`` command)."""
     import uvicorn
 
     from .models import set_threads
 
     set_threads(threads)  # oversubscribed OpenMP threads make small models 10-25x slower
-    app = load_app(model_path, name, api_key, max_batch_size, max_pending)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    app = load_app(model_path, name, api_key, max_batch_size, max_pending, RequestLog(log_requests, flush_print))
+    flush_print(f"serving {name or model_path} on http://{host}:{port}/v1 (Ctrl-C stops it). In a training config:\n"
+                f"{config_snippet(host, port, name or model_path, api_key is not None)}")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def flush_print(line: str) -> None:
+    print(line, flush=True)  # seen at once through a pipe or a log file

@@ -3,8 +3,13 @@
 Every run starts from the config's student with the config's steps, batch size and learning rate; only
 ``objective.method`` and ``seed`` change. Each method runs as its preset defines it: a preset's values replace
 the config's ``objective`` keys (the config's other keys still apply), and ``--set`` overrides win over both.
-Written to ``<output_dir>/sweep.md`` (mean and spread over seeds of held-out accuracy and reverse KL, tokens/s),
+Written to ``<output_dir>/sweep.md`` (mean and spread over seeds of the held-out metrics the runs measured:
+accuracy with a task, else token agreement, and the reverse KL the teacher allows; tokens/s),
 ``<output_dir>/sweep.json`` and, with matplotlib, ``<output_dir>/sweep.png`` (the plotted metric against steps).
+
+Every config is validated, and every run folder checked, before the first run. Run again, a sweep reuses the
+runs that finished (read back from their ``metrics.jsonl``); ``resume`` also continues those that stopped
+part-way, which are otherwise refused before anything trains.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from .checkpoint import checkpoints, check_folder
 from .config import Config, deep_merge, load_config
+from .errors import OPDError
 from .methods import preset
 from .train import setup, train
 
@@ -111,25 +118,63 @@ def _values(measured: list[dict], key: str | None) -> list[float]:
     return [m[key] for m in measured if m.get(key) is not None]
 
 
+def finished_run(run_dir: Path) -> tuple[dict, list[dict]] | None:
+    """``(result, history)`` of a run folder whose run finished, read from its ``metrics.jsonl``; else None."""
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
+        return None
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if not records or not records[-1].get("final"):
+        return None
+    first, last = records[0], records[-1]
+    result = {"before": first["eval"], "after": last["eval"], "wall_s": last["wall_s"], "steps": last["step"]}
+    return result, [r for r in records[1:-1] if "loss" in r]
+
+
+def _plan(configs: dict[str, list[Config]], resume: bool) -> dict[Path, str]:
+    """Each run folder's fate: ``new``, ``done`` (reused) or ``resume``; a stopped run without ``resume`` is
+    refused here, before anything trains."""
+    plan = {}
+    for config in (c for cs in configs.values() for c in cs):
+        folder = Path(config.output_dir)
+        if finished_run(folder) is not None:
+            plan[folder] = "done"
+        elif checkpoints(folder):
+            if not resume:
+                raise OPDError(f"{folder} holds a run that stopped part-way: continue it with opd sweep ... --resume, "
+                               "or delete the folder to run it again")
+            check_folder(folder, True, config.optim.steps)
+            plan[folder] = "resume"
+        else:
+            plan[folder] = "new"
+    return plan
+
+
 def run_sweep(config_path: str, methods: list[str], seeds: list[int], overrides: list[str] = (),
-              output_dir: str | None = None, console: Console | None = None) -> dict:
+              output_dir: str | None = None, console: Console | None = None, resume: bool = False) -> dict:
     console = console or Console()
     base = load_config(config_path, overrides)  # the file's and the overrides' errors, before any run
     tree = yaml.safe_load(Path(config_path).read_text())
     root = Path(output_dir or f"{base.output_dir}-sweep")
     configs = sweep_configs(tree, methods, seeds, overrides, root, console)  # all checked before the first run
+    plan = _plan(configs, resume)
     plots = _plot_available(console)
     root.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for method, method_configs in configs.items():
         for config in method_configs:
-            console.rule(f"[bold]{method}[/] seed {config.seed}: {config.optim.steps} steps")
-            run = setup(config)
-            result = train(run, console)
-            tokens_per_s = statistics.fmean(r["tokens_per_s"] for r in run.history if "tokens_per_s" in r)
+            folder = Path(config.output_dir)
+            if plan[folder] == "done":
+                console.print(f"{method} seed {config.seed}: finished earlier, reusing {folder}", highlight=False)
+                result, history = finished_run(folder)
+            else:
+                console.rule(f"[bold]{method}[/] seed {config.seed}: {config.optim.steps} steps")
+                run = setup(config)
+                result, history = train(run, console, resume=plan[folder] == "resume"), run.history
+            tokens_per_s = statistics.fmean(r["tokens_per_s"] for r in history if "tokens_per_s" in r)
             runs[method].append({"seed": config.seed, "before": result["before"], "after": result["after"],
                                  "wall_s": result["wall_s"], "tokens_per_s": tokens_per_s,
-                                 "evals": _evals(result, run.history)})
+                                 "evals": _evals(result, history)})
     (root / "sweep.json").write_text(json.dumps(runs, indent=2))
     table = markdown_table(runs, base, config_path, methods, seeds, overrides)
     (root / "sweep.md").write_text(table)
@@ -142,24 +187,35 @@ def run_sweep(config_path: str, methods: list[str], seeds: list[int], overrides:
     return runs
 
 
-def _row(name: str, measured: list[dict], kl: str | None, results: list[dict] = ()) -> str:
-    cells = [_spread(_values(measured, "accuracy"), ".1%"), _spread(_values(measured, kl), ".4f"),
-             _spread([r["tokens_per_s"] for r in results], ".0f"), _spread([r["wall_s"] for r in results], ".0f")]
+FORMATS = {"accuracy": ".1%", "token_agreement": ".1%", "reverse_kl": ".4f", "reverse_kl_k1": ".4f"}
+
+
+def table_metrics(before: dict) -> list[str]:
+    """The columns a sweep's table shows: accuracy where a task measured it, else token agreement; then the
+    reverse KL the teacher allowed (none from a text-only teacher)."""
+    first = "accuracy" if before.get("accuracy") is not None else "token_agreement"
+    return [first, *(key for key in KL_KEYS if before.get(key) is not None)][:2]
+
+
+def _row(name: str, measured: list[dict], metrics: list[str], results: list[dict] = ()) -> str:
+    cells = [_spread(_values(measured, key), FORMATS[key]) for key in metrics]
+    cells += [_spread([r["tokens_per_s"] for r in results], ".0f"), _spread([r["wall_s"] for r in results], ".0f")]
     return f"| {name} | {' | '.join(cells)} |"
 
 
 def markdown_table(runs: dict, base: Config, config_path: str, methods, seeds, overrides) -> str:
     before = next(iter(runs.values()))[0]["before"]
-    kl = next((key for key in KL_KEYS if before.get(key) is not None), None)  # none from a text-only teacher
+    metrics = table_metrics(before)
     command = f"opd sweep {config_path} --methods {','.join(methods)} --seeds {','.join(map(str, seeds))}"
     command += "".join(f" --set {o}" for o in overrides)
+    header = " | ".join(METRICS[key] for key in metrics)
     lines = [f"Command: `{command}`", "",
              f"Budget per run: {base.optim.steps} steps x {base.rollout.batch_size} prompts, learning rate "
              f"{base.optim.learning_rate}, {len(seeds)} seeds; mean ± standard deviation over seeds.", "",
-             f"| method | held-out accuracy | {METRICS[kl] if kl else 'reverse KL to teacher'} | tokens/s | wall time (s) |",
-             "|---|---|---|---|---|",
-             _row("student before", [before], kl),
-             *(_row(method, [r["after"] for r in results], kl, results) for method, results in runs.items())]
+             f"| method | {header} | tokens/s | wall time (s) |",
+             "|---|" + "---|" * (len(metrics) + 2),
+             _row("student before", [before], metrics),
+             *(_row(method, [r["after"] for r in results], metrics, results) for method, results in runs.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -20,23 +20,22 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import checkpoint
 from .config import Config, dump_config
+from .console import RunView
 from .data import PromptSampler, load_examples, validate_lengths
 from .errors import Interrupted, OPDError
 from .evaluate import Evaluator
 from .faults import StopSignals, diagnose, save_batch
 from .methods import Method, build_method
-from .models import (autocast, context_length, load_model, load_tokenizer, machine_description, pick_device,
-                     resolve_precision, set_threads)
+from .models import autocast, context_length, load_model, load_tokenizer, pick_device, resolve_precision, set_threads
 from .objectives import credit, gates
 from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
 from .rollout import Rollouts, from_dataset, sample
 from .tasks import get_verifier
-from .teachers import LocalTeacher, Teacher, build_teacher
+from .teachers import Teacher, build_teacher
 
 
 @dataclass
@@ -68,6 +67,8 @@ def setup(config: Config, student_path: str | None = None) -> Run:
 
     student_path = student_path or config.student.path
     tokenizer = load_tokenizer(student_path)
+    if not config.data.chat_template:
+        tokenizer.chat_template = None  # prompts are their raw text (data.render_prompt), for base models
     verifier = get_verifier(config.data.task) if config.data.task else None
 
     train_examples = load_examples(config.data.train)
@@ -80,7 +81,7 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     method.attach(student)
     # a frozen copy of the initial student for the KL-to-reference regularizer, in bf16 where the run is
     reference = load_model(student_path, device, amp_dtype).requires_grad_(False) if config.objective.ref_kl_coef else None
-    teacher = build_teacher(config.teacher, tokenizer, student.config, device, amp_dtype)
+    teacher = build_teacher(config.teacher, tokenizer, student.config, device, amp_dtype, config.data.chat_template)
     context = context_length(student) if teacher.model is None else min(context_length(student), context_length(teacher.model))
     eval_length = config.eval.max_completion_length or config.rollout.max_completion_length
     budget = config.rollout.max_completion_length
@@ -91,7 +92,7 @@ def setup(config: Config, student_path: str | None = None) -> Run:
         validate_lengths(tokenizer, eval_examples, eval_length, context, config.data.eval)
 
     evaluator = Evaluator(teacher, tokenizer, eval_examples, verifier, eval_length, config.eval.batch_size,
-                          config.seed, amp_dtype)
+                          config.seed, amp_dtype, config.logging.samples)
     run_dir = Path(config.output_dir)
     return Run(config, student, teacher, tokenizer, method,
                PromptSampler(train_examples, config.seed), evaluator, device, amp_dtype, run_dir, reference)
@@ -158,15 +159,6 @@ def guidance_answers(run: Run, examples) -> list[list[int]]:
     return [run.guidance_answers[k] for k in keys]
 
 
-def precisions(run: Run) -> str:
-    """What each model computes in, for the run log."""
-    name = lambda dtype: {torch.float32: "float32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))  # noqa: E731
-    student = "float32 weights" + (" with bf16 autocast" if run.amp_dtype == torch.bfloat16 else "")
-    teacher = f"{name(run.teacher.dtype)} weights" if isinstance(run.teacher, LocalTeacher) else f"{run.config.teacher.kind} teacher"
-    reference = f", reference {name(next(run.reference.parameters()).dtype)} weights" if run.reference is not None else ""
-    return f"student {student}, teacher {teacher}{reference}"
-
-
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -230,8 +222,8 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
         sums["loss"] += float(loss.detach())
         share = batch.num_tokens / total_tokens
         with torch.no_grad():
-            if "entropy" not in token_loss.stats and logits is not None:
-                token_loss.stats["entropy"] = entropy(logits.float().log_softmax(-1))
+            if "student_entropy" not in token_loss.stats and logits is not None:
+                token_loss.stats["student_entropy"] = entropy(logits.float().log_softmax(-1))
             for name, values in token_loss.stats.items():
                 sums[name] = sums.get(name, 0.0) + float(token_sum(values, batch.completion_mask)) / total_tokens
             for name, value in token_loss.scalars.items():
@@ -276,29 +268,25 @@ def _write_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _describe(record: dict) -> str:
-    parts = [f"loss {record['loss']:+.3f}"]
-    if "advantage" in record:
-        parts.append(f"adv {record['advantage']:+.3f}")
-    for key in ("reverse_kl_k1", "reverse_kl_on_support"):
-        if key in record:
-            parts.append(f"rkl {record[key]:.3f}")
-    if "entropy" in record:
-        parts.append(f"H {record['entropy']:.2f}")
-    parts += [f"len {record['completion_length']:.1f}", f"{record['tokens_per_s']:.0f} tok/s"]
-    return "  ".join(parts)
+def _keep_samples(path: Path, step: int) -> None:
+    """On resume: drop evaluation samples written after the checkpoint's step."""
+    if path.is_file():
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        checkpoint.write_log(path, [r for r in records if r["step"] <= step])
 
 
 def train(run: Run, console: Console | None = None, resume: bool = False) -> dict:
     """Measure, train ``optim.steps`` steps, measure again; return ``{"before", "after", "teacher", ...}``.
 
-    ``resume``: continue from the latest checkpoint in the run folder exactly as if never stopped. A step
-    with a non-finite loss or gradient is skipped; ``optim.max_nonfinite_steps`` in a row stop the run with
-    an OPDError. SIGINT or SIGTERM save a checkpoint after the current step and raise ``Interrupted``.
+    ``resume``: continue from the latest checkpoint in the run folder exactly as if never stopped; a finished
+    run whose ``optim.steps`` was raised continues to the new horizon. A step with a non-finite loss or
+    gradient is skipped; ``optim.max_nonfinite_steps`` in a row stop the run with an OPDError. SIGINT or
+    SIGTERM save a checkpoint after the current step and raise ``Interrupted``.
     """
-    config, console = run.config, console or Console()
+    config, view = run.config, RunView(console or Console(), run)
+    steps, save_every = config.optim.steps, config.checkpoint.save_every(config.optim.steps)
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run.run_dir / "metrics.jsonl"
+    metrics_path, samples_path = run.run_dir / "metrics.jsonl", run.run_dir / "samples.jsonl"
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     # fused: one kernel over all parameters; measured here twice as fast as foreach, without its temporaries
@@ -306,60 +294,76 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
                                   betas=config.optim.adam_betas, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 
-    console.print(f"{precisions(run)}; {machine_description(run.amp_dtype)}")
     if resume:
         loop = checkpoint.restore(run, optimizer, scheduler, rng, checkpoint.latest(run.run_dir))
-        console.print(f"resuming {run.run_dir} after step {loop.step}")
+        _keep_samples(samples_path, loop.step)
     else:
         checkpoint.check_fresh(run.run_dir)
-        measure = bool(run.evaluator.examples)
-        loop = checkpoint.LoopState(before=run.evaluator(run.student) if measure else {},
-                                    teacher=run.evaluator.teacher_metrics() if measure else {})
+        samples_path.unlink(missing_ok=True)
+        loop = checkpoint.LoopState()
+    started = time.perf_counter() - loop.wall_s
+    view.banner(loop.step + 1, save_every)
+    if loop.finished:  # a finished run extended by a larger optim.steps
+        view.extended(loop.step, scheduler.get_last_lr()[0], config.optim.learning_rate * lr_lambda(config)(loop.step))
+        loop.finished = False
+
+    def evaluate(step: int) -> dict:
+        measured = run.evaluator(run.student)
+        if run.evaluator.last_samples:
+            _write_jsonl(samples_path, {"step": step, "samples": run.evaluator.last_samples})
+        return measured
+
+    if not resume and run.evaluator.examples:
+        loop.before, loop.teacher = evaluate(0), run.evaluator.teacher_metrics()
+    if not resume:
+        view.before(loop.before, loop.teacher)
     checkpoint.write_log(metrics_path, [{"step": 0, "eval": loop.before, "teacher": loop.teacher}, *run.history])
     dump_config(config, run.run_dir / "config.yaml")
-    started = time.perf_counter() - loop.wall_s
 
     def save(metrics: dict | None = None) -> Path:
         loop.wall_s = time.perf_counter() - started
-        return checkpoint.save(run, optimizer, scheduler, rng, loop, metrics)
+        saved = checkpoint.save(run, optimizer, scheduler, rng, loop, metrics)
+        due = loop.step + save_every - loop.step % save_every if save_every else 0
+        view.saved(saved, due if loop.step < due < steps else None)
+        return saved
 
-    columns = [TextColumn(f"[bold]{run.method.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.description}")]
-    with StopSignals() as stop, Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
-        task = progress.add_task("", total=config.optim.steps, completed=loop.step)
-        for step in range(loop.step + 1, config.optim.steps + 1):
-            record = {"step": step, **train_step(run, optimizer, scheduler, rng)}
-            loop.step = step
-            loop.nonfinite_streak = loop.nonfinite_streak + 1 if "nonfinite" in record else 0
-            evaluate = config.eval.every and step % config.eval.every == 0 and step < config.optim.steps
-            if evaluate and run.evaluator.examples:
-                record["eval"] = run.evaluator(run.student)
-            run.history.append(record)
-            _write_jsonl(metrics_path, record)
-            progress.update(task, advance=1, description=_describe(record))
-            if not console.is_terminal and (step % max(1, config.optim.steps // 10) == 0 or step == 1):
-                console.print(f"{run.method.name} step {step}/{config.optim.steps}  {_describe(record)}")
-            if "nonfinite" in record:
-                console.print(f"[yellow]step {step} skipped:[/] {record['nonfinite']} (batch: {record['nonfinite_batch']})")
-            if loop.nonfinite_streak >= config.optim.max_nonfinite_steps:
-                saved = save()
-                raise OPDError(f"{loop.nonfinite_streak} steps in a row had a non-finite loss or gradient (the limit is "
-                               f"optim.max_nonfinite_steps); likely cause: {record['nonfinite']}. Their batches are in "
-                               f"{run.run_dir / 'nonfinite'}; the last good weights are in {saved}: fix the cause, then "
-                               f"opd train --resume {run.run_dir}")
-            new_best = "eval" in record and loop.track_best(config.checkpoint.best_metric, record["eval"])
-            periodic = config.checkpoint.every and step % config.checkpoint.every == 0 and step < config.optim.steps
-            if periodic or new_best or stop.signum:
-                saved = save(record.get("eval"))
-            if stop.signum:
-                raise Interrupted(stop.signum, step, saved)
+    with StopSignals(lambda: view.interrupt(loop.step + 1)) as stop:
+        with view.live(loop.step):
+            for step in range(loop.step + 1, steps + 1):
+                record = {"step": step, **train_step(run, optimizer, scheduler, rng)}
+                loop.step, loop.train_s = step, loop.train_s + sum(v for k, v in record.items() if k.startswith("time_"))
+                loop.nonfinite_streak = loop.nonfinite_streak + 1 if "nonfinite" in record else 0
+                if config.eval.every and step % config.eval.every == 0 and step < steps and run.evaluator.examples:
+                    record["eval"] = evaluate(step)
+                run.history.append(record)
+                _write_jsonl(metrics_path, record)
+                view.step(record)
+                if loop.nonfinite_streak >= config.optim.max_nonfinite_steps:
+                    saved = save()
+                    raise OPDError(f"{loop.nonfinite_streak} steps in a row had a non-finite loss or gradient (the limit is "
+                                   f"optim.max_nonfinite_steps); likely cause: {record['nonfinite']}. Their batches are in "
+                                   f"{run.run_dir / 'nonfinite'}; the last good weights are in {saved}: fix the cause, then "
+                                   f"opd train --resume {run.run_dir}")
+                new_best = "eval" in record and loop.track_best(config.checkpoint.best_metric, record["eval"])
+                if "eval" in record:
+                    view.evaluation(step, record["eval"], new_best)
+                periodic = save_every and step % save_every == 0 and step < steps
+                if periodic or new_best or stop.signum:
+                    saved = save(record.get("eval"))
+                if stop.signum:
+                    raise Interrupted(stop.signum, step, saved)
 
-        after = run.evaluator(run.student) if run.evaluator.examples else {}
+        after = evaluate(steps) if run.evaluator.examples else {}  # a stop asked now still saves the last step
         loop.track_best(config.checkpoint.best_metric, after)
         loop.finished = True
-        _write_jsonl(metrics_path, {"step": config.optim.steps, "eval": after, "wall_s": time.perf_counter() - started})
-        final = save(after)
+        final_checkpoint = save(after)
+        final = checkpoint.save_final(run)
+    _write_jsonl(metrics_path, {"step": steps, "eval": after, "final": True, "wall_s": loop.wall_s, "train_s": loop.train_s})
     best = run.run_dir / "best"
-    return {"before": loop.before, "after": after, "teacher": loop.teacher, "wall_s": loop.wall_s,
-            "checkpoint": str(final), "best_checkpoint": str(best.resolve()) if best.exists() else None,
-            "method": run.method.name, "steps": config.optim.steps}
+    result = {"before": loop.before, "after": after, "teacher": loop.teacher, "wall_s": loop.wall_s,
+              "train_s": loop.train_s, "checkpoint": str(final_checkpoint), "final": str(final),
+              "best_checkpoint": str(best.resolve()) if best.exists() else None,
+              "best": {"metric": config.checkpoint.best_metric, "step": loop.best_step, "value": loop.best_value},
+              "method": run.method.name, "steps": steps}
+    view.summary(result, run.evaluator.last_samples)
+    return result

@@ -114,7 +114,7 @@ class Formula(Method):
             teacher = dataclasses.replace(teacher, logprobs=teacher.full_logprobs())
         logprobs = student_logits.float().log_softmax(-1)
         token_logprobs = sampled(logprobs, rollouts.completion_ids)
-        stats: dict[str, torch.Tensor] = {"entropy": entropy(logprobs.detach())}
+        stats: dict[str, torch.Tensor] = {"student_entropy": entropy(logprobs.detach())}
         scalars: dict[str, float] = {}
 
         if o.support != "sampled":
@@ -166,7 +166,7 @@ class Formula(Method):
             hidden[keep], self.head, teacher_logits, o.divergence, beta=o.beta, alpha=o.alpha,
             temperature=o.temperature, chunk_size=o.vocab_chunk_size, memory_mib=o.chunk_memory_mib)
         scatter = lambda values: torch.zeros_like(mask, dtype=values.dtype).masked_scatter(keep, values)  # noqa: E731
-        return scatter(per_token), {"entropy": scatter(student_entropy), "reverse_kl_on_support": scatter(reverse_kl)}
+        return scatter(per_token), {"student_entropy": scatter(student_entropy), "reverse_kl_full": scatter(reverse_kl)}
 
     def _distributional(self, student_logits, logprobs, teacher: TeacherSignal, stats) -> torch.Tensor:
         """``D(pi_T, pi_S)`` over the support, both sides at ``objective.temperature`` (no tail then: config)."""
@@ -179,7 +179,7 @@ class Formula(Method):
         else:
             full = teacher.logprobs if temperature == 1.0 else (teacher.logprobs / temperature).log_softmax(-1)
             s, t = (student, full) if o.support == "full" else student_topk(student, full, o.top_k, o.tail)
-        stats["reverse_kl_on_support"] = kl(s.detach(), t)
+        stats["reverse_kl_full" if o.support == "full" else "reverse_kl_topk"] = kl(s.detach(), t)
         return distributional(o.divergence, s, t, beta=o.beta, alpha=o.alpha)
 
     def _policy_gradient(self, logprobs, token_logprobs, rollouts, teacher, hidden, stats, scalars) -> torch.Tensor:

@@ -64,13 +64,15 @@ class Teacher(Protocol):
 from .local import LocalTeacher  # noqa: E402
 
 
-def build_teacher(spec, student_tokenizer, student_config, device: torch.device, amp_dtype: torch.dtype) -> Teacher:
-    """The teacher a config names, checked against the student before any training."""
+def build_teacher(spec, student_tokenizer, student_config, device: torch.device, amp_dtype: torch.dtype,
+                  chat_template: bool = True) -> Teacher:
+    """The teacher a config names, checked against the student before any training (``chat_template``: whether
+    prompts are rendered with the chat template, so whether the two templates must agree)."""
     from ..errors import OPDError
     from ..models import check_tokenizers_match, load_model, load_tokenizer
 
     if spec.kind == "local":
-        check_tokenizers_match(student_tokenizer, load_tokenizer(spec.path))
+        check_tokenizers_match(student_tokenizer, load_tokenizer(spec.path), chat_template)
         dtype = {"auto": amp_dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[spec.dtype]
         model = load_model(spec.path, device, dtype)
         if student_config.vocab_size != model.config.vocab_size:

@@ -1,0 +1,250 @@
+"""What a run shows a person: the banner, the live progress (a bar with rate and ETA on a terminal, one line every
+``logging.every`` steps elsewhere), evaluations as they are taken, warnings, saves, and the summary at the end.
+
+The loop in ``train.py`` calls these; none of them changes what the run computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .models import machine_description
+
+# metric key -> (label, format); the order is the order shown
+EVAL_METRICS = {
+    "accuracy": ("accuracy", ".1%"),
+    "reverse_kl": ("reverse KL to teacher, exact (nats/token)", ".4f"),
+    "reverse_kl_k1": ("reverse KL to teacher, k1 estimate (nats/token)", ".4f"),
+    "token_agreement": ("token agreement with teacher", ".1%"),
+    "greedy_match": ("greedy answer = teacher's", ".1%"),
+    "mean_length": ("mean greedy length (tokens)", ".1f"),
+}
+
+
+def _size(model: torch.nn.Module) -> str:
+    count = sum(p.numel() for p in model.parameters())
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.0f}K"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _value(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def eval_line(measured: dict) -> str:
+    return "  ".join(f"{EVAL_METRICS[k][0].split(' (')[0]} {_value(v, EVAL_METRICS[k][1])}"
+                     for k, v in measured.items() if k in EVAL_METRICS and v is not None)
+
+
+def step_line(record: dict) -> str:
+    """The per-step numbers people watch: loss, the KL the step measured, lr, gradient norm, time."""
+    parts = [f"loss {record['loss']:+.4f}"]
+    for key, label in (("reverse_kl_k1", "rkl~k1"), ("reverse_kl_topk", "rkl@topk"), ("reverse_kl_full", "rkl")):
+        if key in record:
+            parts.append(f"{label} {record[key]:.4f}")
+    if "student_entropy" in record:
+        parts.append(f"H {record['student_entropy']:.2f}")
+    seconds = sum(v for k, v in record.items() if k.startswith("time_"))
+    parts += [f"lr {record['lr']:.2e}", f"gnorm {record['grad_norm']:.2f}", f"len {record['completion_length']:.1f}",
+              f"{seconds:.2f} s/step"]
+    return "  ".join(parts)
+
+
+class RunView:
+    """The console side of one run."""
+
+    def __init__(self, console: Console, run):
+        self.console, self.run = console, run
+        self.progress: Progress | None = None
+        self._task = None
+        self._warned: set[str] = set()
+
+    # ---- start ------------------------------------------------------------------------------------------
+    def banner(self, first_step: int, save_every: int) -> None:
+        run, config = self.run, self.run.config
+        teacher = config.teacher
+        if teacher.kind == "local":
+            teacher_text = f"local {teacher.path} ({_size(run.teacher.model)} parameters)"
+        else:
+            urls = teacher.base_url if isinstance(teacher.base_url, str) else ", ".join(teacher.base_url)
+            teacher_text = f"{teacher.kind} {teacher.model} at {urls}"
+        data = f"{len(run.prompts.examples)} train prompts ({config.data.train})"
+        if run.evaluator.examples:
+            data += f", {len(run.evaluator.examples)} eval prompts ({config.data.eval})"
+        if config.data.task:
+            data += f", task {config.data.task}"
+        steps = config.optim.steps
+        accumulation = config.optim.gradient_accumulation_steps
+        schedule = (f"{steps} steps x {config.rollout.batch_size} prompts" + (f" x {accumulation} micro-batches"
+                    if accumulation > 1 else "") + f", {config.rollout.max_completion_length} new tokens at most, "
+                    f"lr {config.optim.learning_rate:g}")
+        if first_step > 1:
+            schedule += f"; resuming at step {first_step}"
+        saving = f"every {save_every} steps" if save_every else "at the end, on a new best and on a stop"
+        best = config.checkpoint.best_metric
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold")
+        table.add_column()
+        rows = [
+            ("method", f"{run.method.name}: {_method_line(run.method.name)}"),
+            ("student", f"{config.student.path} ({_size(run.student)} parameters)"),
+            ("teacher", teacher_text),
+            ("precision", precisions(run)),
+            ("machine", f"{run.device.type}: {machine_description(run.amp_dtype)}"),
+            ("data", data),
+            ("steps", schedule),
+            ("checkpoints", f"{saving}, newest {config.checkpoint.keep} kept" + (f", best by {best}" if best else "")),
+            ("output", str(run.run_dir)),
+        ]
+        for name, text in rows:
+            table.add_row(name, text)
+        self.console.rule("[bold]opd train")
+        self.console.print(table)
+        if run.amp_dtype == torch.bfloat16 and run.device.type == "cpu" and "without" in machine_description(run.amp_dtype):
+            self.warn("bf16", "precision bf16 on a processor without bf16 matrix units: the run computes in bf16 "
+                      "autocast as asked, but emulated, so it is likely slower than precision: fp32")
+        self.rendered_prompt()
+
+    def rendered_prompt(self) -> None:
+        """The first training prompt exactly as the student sees it, and how it was rendered."""
+        from .data import render_prompt
+
+        tokenizer, config = self.run.tokenizer, self.run.config
+        text = tokenizer.decode(render_prompt(tokenizer, self.run.prompts.examples[0].messages))
+        if tokenizer.chat_template is not None:
+            how = ("rendered with the student's chat template (it may add a default system prompt; "
+                   "data.chat_template: false sends the raw text, for base models)")
+        elif config.data.chat_template:
+            how = "raw text: the student's tokenizer has no chat template"
+        else:
+            how = "raw text (data.chat_template: false)"
+        self.console.print(f"[bold]first prompt[/], {how}:", highlight=False)
+        self.console.print(repr(text), markup=False, highlight=False)
+
+    # ---- during -----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def live(self, completed: int):
+        """The progress display for the steps from ``completed + 1`` on."""
+        self.start(completed)
+        try:
+            yield self
+        finally:
+            self.stop()
+
+    def start(self, completed: int) -> None:
+        steps = self.run.config.optim.steps
+        if self.console.is_terminal:
+            self.progress = Progress(TextColumn(f"[bold]{self.run.method.name}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                     TextColumn("{task.description}"), console=self.console, transient=False)
+            self.progress.start()
+            self._task = self.progress.add_task("starting the first step...", total=steps, completed=completed)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def step(self, record: dict) -> None:
+        step, steps = record["step"], self.run.config.optim.steps
+        if self.progress is not None:
+            self.progress.update(self._task, advance=1, description=step_line(record))
+        elif step == 1 or step == steps or step % self.run.config.logging.print_every(steps) == 0:
+            self.console.print(f"{self.run.method.name} step {step}/{steps}  {step_line(record)}", highlight=False)
+        if "nonfinite" in record:
+            self.console.print(f"[yellow]step {step} skipped:[/] {record['nonfinite']} (batch: {record['nonfinite_batch']})")
+        if record.get("truncation_rate", 0.0) > 0.5:
+            self.warn("truncation", f"step {step}: {record['truncation_rate']:.0%} of rollouts reached "
+                      f"rollout.max_completion_length ({self.run.config.rollout.max_completion_length}) without ending: "
+                      "the signal on their last tokens is cut off; raise max_completion_length, or check that the "
+                      "student emits its end token")
+
+    def evaluation(self, step: int, measured: dict, new_best: bool) -> None:
+        best = f"  (best {self.run.config.checkpoint.best_metric} so far)" if new_best else ""
+        self.console.print(f"[bold]eval at step {step}:[/] {eval_line(measured)}{best}", highlight=False)
+
+    def saved(self, path, next_due: int | None) -> None:
+        due = f"; next save at step {next_due}" if next_due else ""
+        self.console.print(f"saved {path.name}{due}", style="dim", highlight=False)
+
+    def warn(self, key: str, text: str) -> None:
+        """Print a warning once per run."""
+        if key not in self._warned:
+            self._warned.add(key)
+            self.console.print(f"[yellow]warning:[/] {text}", highlight=False)
+
+    def extended(self, finished_at: int, last_lr: float, next_lr: float) -> None:
+        steps = self.run.config.optim.steps
+        self.console.print(f"extending the finished run from {finished_at} to {steps} steps, with its optimizer and "
+                           f"schedule state: the schedule's horizon moves from {finished_at} to {steps} steps, so the "
+                           f"learning rate goes from {last_lr:.3g} (where it ended) to {next_lr:.3g} at step "
+                           f"{finished_at + 1}", highlight=False)
+
+    def interrupt(self, step: int) -> None:
+        self.console.print(f"[bold yellow]stop asked: finishing step {step}, then saving a checkpoint; press Ctrl-C "
+                           "again to stop now[/]")
+
+    # ---- measurements -----------------------------------------------------------------------------------
+    def before(self, measured: dict, teacher: dict) -> None:
+        if measured:
+            self.console.print(f"[bold]before training:[/] {eval_line(measured)}", highlight=False)
+        if teacher.get("accuracy") is not None:
+            self.console.print(f"[bold]teacher:[/] accuracy {teacher['accuracy']:.1%}", highlight=False)
+
+    def summary(self, result: dict, samples: list[dict]) -> None:
+        before, after, teacher = result["before"], result["after"], result["teacher"]
+        if after:
+            table = Table(title=f"held-out, before and after {result['steps']} steps of {result['method']}")
+            table.add_column("metric")
+            for column in ("before", "after", "teacher"):
+                table.add_column(column, justify="right")
+            for key, (label, fmt) in EVAL_METRICS.items():
+                if after.get(key) is not None or before.get(key) is not None:
+                    table.add_row(label, _value(before.get(key), fmt), _value(after.get(key), fmt),
+                                  _value(teacher.get(key), fmt) if key == "accuracy" else "")
+            self.console.print(table)
+        if samples:
+            table = Table(title="evaluation completions (greedy), after training", show_lines=True)
+            for column in ("prompt", "student", "teacher"):
+                table.add_column(column, overflow="fold")
+            for sample in samples:
+                table.add_row(sample["prompt"], sample["student"], sample.get("teacher") or "-")
+            self.console.print(table)
+        if result.get("best_checkpoint"):
+            best = result["best"]
+            self.console.print(f"best checkpoint: {result['best_checkpoint']} ({best['metric']} {best['value']:.4f} at "
+                               f"step {best['step']})", highlight=False)
+        self.console.print(f"final model: {result['final']} (loads with AutoModelForCausalLM.from_pretrained)", highlight=False)
+        self.console.print(f"time: {_duration(result['wall_s'])} in all, of which training steps "
+                           f"{_duration(result['train_s'])} (the rest: loading, evaluation, saving)", highlight=False)
+
+
+def _method_line(name: str) -> str:
+    from .catalog import method_summary
+
+    return method_summary(name)[0]
+
+
+def precisions(run) -> str:
+    """What each model computes in, for the run log."""
+    from .teachers import LocalTeacher
+
+    name = {torch.float32: "float32", torch.bfloat16: "bf16"}.get
+    student = "float32 weights" + (" with bf16 autocast" if run.amp_dtype == torch.bfloat16 else "")
+    teacher = (f"{name(run.teacher.dtype, str(run.teacher.dtype))} weights" if isinstance(run.teacher, LocalTeacher)
+               else "served")
+    reference = ""
+    if run.reference is not None:
+        dtype = next(run.reference.parameters()).dtype
+        reference = f", reference {name(dtype, str(dtype))} weights"
+    return f"student {student}, teacher {teacher}{reference}"
+
