@@ -28,30 +28,28 @@ import torch
 
 def nucleus(probs_NV: torch.Tensor, top_p: float, top_k: int | None = None, min_prob: float = 0.0) -> torch.Tensor:
     """``[N, V]`` bool: the smallest set of most likely entries whose mass reaches ``top_p`` (at least one; at most
-    ``top_k``), keeping only entries with probability ``>= min_prob``. Entries of probability 0 (outside a top-k
-    given as a scattered distribution) are never members."""
-    sorted_probs, order = probs_NV.sort(dim=-1, descending=True)
+    ``top_k``, and only the ``top_k`` largest are ever sorted), keeping only entries with probability
+    ``>= min_prob``. Entries of probability 0 (outside a top-k scattered into zeros) are never members."""
+    k = probs_NV.shape[-1] if top_k is None else min(top_k, probs_NV.shape[-1])
+    sorted_probs, order = probs_NV.topk(k, dim=-1)
     before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the entries ranked above
-    keep = before < top_p
-    if top_k is not None:
-        keep[..., top_k:] = False
-    keep &= (sorted_probs >= min_prob) & (sorted_probs > 0)
-    return torch.zeros_like(keep).scatter(-1, order, keep)
+    keep = (before < top_p) & (sorted_probs >= min_prob) & (sorted_probs > 0)
+    return torch.zeros_like(probs_NV, dtype=torch.bool).scatter(-1, order, keep)
 
 
 @dataclass
 class Route:
-    target_NV: torch.Tensor  # p*: a distribution per row (equal to the student's where nothing is routed)
-    routed_N: torch.Tensor  # bool: the row has negative feedback and a non-empty C_t
-    negative_N: torch.Tensor  # bool: the row has negative feedback
+    target_NV: torch.Tensor  # p*: a distribution per row (the student's own where the row is unroutable)
+    routed_N: torch.Tensor  # bool: C_t is not empty
     set_size_N: torch.Tensor  # |C_t|
     teacher_mass_N: torch.Tensor  # sum of pi_T over C_t
 
 
 def counterfactual_target(student_probs_NV: torch.Tensor, teacher_probs_NV: torch.Tensor, sampled_N: torch.Tensor,
-                          teacher_sampled_N: torch.Tensor, negative_N: torch.Tensor, *, student_top_p: float,
-                          student_top_k: int, student_min_prob: float, teacher_top_p: float, eta: float) -> Route:
-    """The counterfactual target ``p*`` of the module docstring, row by row, without gradient.
+                          teacher_sampled_N: torch.Tensor, *, student_top_p: float, student_top_k: int,
+                          student_min_prob: float, teacher_top_p: float, teacher_top_k: int | None = None,
+                          eta: float) -> Route:
+    """The counterfactual target ``p*`` of the module docstring for rows with negative feedback, without gradient.
 
     ``student_probs_NV`` is the student's distribution (detached); ``teacher_probs_NV`` the teacher's, either whole
     or its top-k scattered into zeros (then only the top-k can be teacher-supported); ``teacher_sampled_N`` is
@@ -59,16 +57,15 @@ def counterfactual_target(student_probs_NV: torch.Tensor, teacher_probs_NV: torc
     student = student_probs_NV.detach()
     sampled = sampled_N.unsqueeze(-1)
     reachable = nucleus(student, student_top_p, student_top_k, student_min_prob)
-    supported = nucleus(teacher_probs_NV, teacher_top_p)
-    candidates = (reachable & supported).scatter(-1, sampled, False) & negative_N.unsqueeze(-1)
+    supported = nucleus(teacher_probs_NV, teacher_top_p, teacher_top_k)
+    candidates = (reachable & supported).scatter(-1, sampled, False)
     teacher_on = torch.where(candidates, teacher_probs_NV, torch.zeros_like(teacher_probs_NV))
     mass = teacher_on.sum(-1)
     routed = mass > 0
     q = teacher_on / mass.clamp(min=1e-30).unsqueeze(-1)
     delta = eta * (student.gather(-1, sampled).squeeze(-1) - teacher_sampled_N).clamp(min=0) * routed
-    target = student + delta.unsqueeze(-1) * q
-    target = target.scatter_add(-1, sampled, -delta.unsqueeze(-1))
-    return Route(target, routed, negative_N, candidates.sum(-1), mass)
+    target = (student + delta.unsqueeze(-1) * q).scatter_add(-1, sampled, -delta.unsqueeze(-1))
+    return Route(target, routed, candidates.sum(-1), mass)
 
 
 def route_loss(student_logprobs_NV: torch.Tensor, target_NV: torch.Tensor) -> torch.Tensor:
