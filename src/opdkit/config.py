@@ -233,6 +233,10 @@ class CounterfactualRoutingConfig(_Strict):
     teacher_top_k: int = Field(20, ge=1, description="teacher log-probs per position read (a server: <= teacher.top_k)")
     eta: float = Field(1.0, gt=0, le=1, description="share of the excess mass pi_S(y) - pi_T(y) moved")
     coef: float = Field(1.0, gt=0, description="beta_R, the weight of the routing loss")
+    loss: Literal["kl", "mass_exact"] = Field(
+        "kl", description="kl: KL(p* || pi_S) backpropagated (the note's); mass_exact: the step that moves the "
+        "probabilities by exactly p* - pi_S to first order (ours; the KL's own step also feeds every other token "
+        "through the softmax's normaliser)")
 
 
 def _changed(section: BaseModel) -> list[str]:

@@ -183,7 +183,8 @@ class Formula(Method):
             loss = estimator(o.estimator, teacher.token_logprobs - token_logprobs)
             stats["reverse_kl_k1"] = (token_logprobs - teacher.token_logprobs).detach()
         else:
-            loss = self._policy_gradient(logprobs, token_logprobs, rollouts, teacher, hidden, stats, scalars)
+            loss = self._policy_gradient(student_logits, logprobs, token_logprobs, rollouts, teacher, hidden, stats,
+                                         scalars)
 
         if o.entropy_gate.enabled:
             ids, top = self._teacher_topk(teacher, o.entropy_gate.top_k)
@@ -240,7 +241,8 @@ class Formula(Method):
         stats["reverse_kl_on_support"] = kl(s.detach(), t)
         return distributional(o.divergence, s, t, beta=o.beta, alpha=o.alpha)
 
-    def _policy_gradient(self, logprobs, token_logprobs, rollouts, teacher, hidden, stats, scalars) -> torch.Tensor:
+    def _policy_gradient(self, logits, logprobs, token_logprobs, rollouts, teacher, hidden, stats,
+                         scalars) -> torch.Tensor:
         o, mask, own = self.objective, rollouts.completion_mask, rollouts.own_mask
         if o.reward == "teacher":  # a text-only teacher's own per-token reward (chunk_opd): no log-ratio
             if teacher.token_advantages is None:
@@ -292,10 +294,11 @@ class Formula(Method):
         sampler = rollouts.sampler_logprobs if rollouts.sampler_logprobs is not None else token_logprobs.detach()
         loss = policy_gradient_loss(token_logprobs, sampler, advantage)
         if o.routing == "cr":
-            loss = self._route(logprobs, loss, feedback, rollouts, teacher, scalars)
+            loss = self._route(logits, logprobs, loss, feedback, rollouts, teacher, scalars)
         return loss + extra
 
-    def _route(self, logprobs, loss, feedback, rollouts: Rollouts, teacher: TeacherSignal, scalars) -> torch.Tensor:
+    def _route(self, logits, logprobs, loss, feedback, rollouts: Rollouts, teacher: TeacherSignal,
+               scalars) -> torch.Tensor:
         """CR-OPD: on own tokens with ``feedback < -delta`` (the advantage before any normalisation) and a non-empty
         routed set, the PG term is replaced by ``coef * KL(p* || pi_S)`` (``objectives.routing``)."""
         cr, own = self.objective.cr, rollouts.own_mask.bool()
@@ -320,7 +323,8 @@ class Formula(Method):
         scalars["cr_teacher_mass"] = float(route.teacher_mass_N[routed].mean()) if n_routed else 0.0
         if n_routed == 0:
             return loss
-        routed_loss = cr.coef * routing.route_loss(student[routed], route.target_NV[routed])
+        routed_loss = cr.coef * routing.route_loss(logits[where][routed], route.target_NV[routed],
+                                                   route.moved_NV[routed], cr.loss)
         return loss.index_put((where[0][routed], where[1][routed]), routed_loss)
 
     def _values(self, logprobs, teacher: TeacherSignal, hidden, reward) -> torch.Tensor | None:

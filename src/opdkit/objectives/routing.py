@@ -16,7 +16,9 @@ it is known. For a token with negative feedback:
     p*_t = pi_S^sg, with p*(y_t) -= Delta_t and p*(v) += Delta_t q_t(v) on C_t,  q_t ∝ pi_T on C_t
     loss_t = KL(p*_t || pi_S(.|s_t))                                 backpropagated; d loss / d logits = pi_S - p*
 
-``p*`` equals ``pi_S^sg`` off ``{y_t} ∪ C_t``, so the gradient with respect to the logits is zero there.
+``p*`` equals ``pi_S^sg`` off ``{y_t} ∪ C_t``, so the gradient with respect to the logits is zero there. The
+softmax's normaliser still hands part of the freed mass to the other tokens; ``route_loss(kind="mass_exact")``
+(ours, ``cr.loss``) takes the step that moves the probabilities by exactly ``p* - pi_S`` to first order.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def nucleus(probs_NV: torch.Tensor, top_p: float, top_k: int | None = None, min_
 class Route:
     target_NV: torch.Tensor  # p*: a distribution per row (the student's own where the row is unroutable)
     routed_N: torch.Tensor  # bool: C_t is not empty
+    moved_NV: torch.Tensor  # bool: {y_t} ∪ C_t on routed rows, where p* differs from the student
     set_size_N: torch.Tensor  # |C_t|
     teacher_mass_N: torch.Tensor  # sum of pi_T over C_t
 
@@ -65,12 +68,29 @@ def counterfactual_target(student_probs_NV: torch.Tensor, teacher_probs_NV: torc
     q = teacher_on / mass.clamp(min=1e-30).unsqueeze(-1)
     delta = eta * (student.gather(-1, sampled).squeeze(-1) - teacher_sampled_N).clamp(min=0) * routed
     target = (student + delta.unsqueeze(-1) * q).scatter_add(-1, sampled, -delta.unsqueeze(-1))
-    return Route(target, routed, candidates.sum(-1), mass)
+    moved = (candidates | torch.zeros_like(candidates).scatter(-1, sampled, True)) & routed.unsqueeze(-1)
+    return Route(target, routed, moved, candidates.sum(-1), mass)
 
 
-def route_loss(student_logprobs_NV: torch.Tensor, target_NV: torch.Tensor) -> torch.Tensor:
-    """``KL(p* || pi_S)`` per row, ``[N]``: its gradient with respect to the student's logits is ``pi_S - p*``."""
-    return (torch.xlogy(target_NV, target_NV) - target_NV * student_logprobs_NV).sum(-1)
+def route_loss(student_logits_NV: torch.Tensor, target_NV: torch.Tensor, moved_NV: torch.Tensor,
+               kind: str = "kl") -> torch.Tensor:
+    """``KL(p* || pi_S)`` per row, ``[N]``, from the student's logits, with the gradient ``kind`` names:
+
+    - ``kl`` (the note's): the KL's own, ``pi_S - p*`` with respect to the logits. It is zero off ``{y} ∪ C``, yet a
+      step on it still moves mass to every other token through the softmax's normaliser (about half of the freed
+      mass, mostly to the student's mode, in ``tests/test_routing.py``);
+    - ``mass_exact`` (ours): ``(pi_S - p*) / pi_S`` on ``{y} ∪ C`` and zero elsewhere, the step under which the
+      probabilities move by exactly ``p* - pi_S`` to first order (the sum of ``pi_S`` times it is zero, so the
+      normaliser does not move): nothing reaches the tokens outside ``C``."""
+    logits = student_logits_NV.float()
+    logprobs = logits.log_softmax(-1)
+    target = target_NV
+    value = (torch.xlogy(target, target) - target * logprobs).sum(-1)
+    if kind == "kl":
+        return value
+    probs = logprobs.detach().exp()
+    step = torch.where(moved_NV, (probs - target) / probs.clamp(min=1e-30), torch.zeros_like(probs))
+    return value.detach() + (step * (logits - logits.detach())).sum(-1)
 
 
 def routing_share(probs_before_V: torch.Tensor, probs_after_V: torch.Tensor, sampled: int,
