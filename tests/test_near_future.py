@@ -368,3 +368,19 @@ def test_the_new_points_train_through_a_served_teacher(served, tiny_config, name
         assert [r["teacher_requests"] for r in steps] == [8 + r["teacher_bridge_calls"] for r in steps]
         assert all(r["teacher_completion_tokens"] >= r["teacher_bridge_tokens"] > 0 for r in steps)
         assert "teacher_bridge_retokenized" not in steps[0]  # ids came back as ids
+
+
+def test_opd_sweep_accepts_the_new_methods(tiny_config, tmp_path):
+    import yaml
+
+    from opdkit.cli import main
+
+    tiny_config["optim"] = {"steps": 1, "learning_rate": 1e-3}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    out = tmp_path / "s"
+    assert main(["sweep", str(path), "--methods", "opd,near_future,cr_opd", "--seeds", "0", "--output-dir", str(out),
+                 "--set", "objective.near_future.mode=teacher_bridge"]) != 0  # opd has no near_future: refused
+    assert main(["sweep", str(path), "--methods", "near_future,cr_opd", "--seeds", "0", "--output-dir", str(out)]) == 0
+    table = (out / "sweep.md").read_text()
+    assert "| near_future |" in table and "| cr_opd |" in table and "extra teacher tokens" in table

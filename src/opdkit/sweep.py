@@ -3,8 +3,9 @@
 Every run starts from the config's student with the config's steps, batch size and learning rate; only
 ``objective.method`` and ``seed`` change. Each method runs as its preset defines it: a preset's values replace
 the config's ``objective`` keys (the config's other keys still apply), and ``--set`` overrides win over both.
-Written to ``<output_dir>/sweep.md`` (mean and spread over seeds of held-out accuracy and reverse KL, tokens/s),
-``<output_dir>/sweep.json`` and, with matplotlib, ``<output_dir>/sweep.png`` (the plotted metric against steps).
+Written to ``<output_dir>/sweep.md`` (mean and spread over seeds of held-out accuracy and reverse KL, tokens/s,
+and the extra teacher tokens of near-future bridges), ``<output_dir>/sweep.json`` and, with matplotlib,
+``<output_dir>/sweep.png`` (the plotted metric against steps).
 """
 
 from __future__ import annotations
@@ -127,8 +128,9 @@ def run_sweep(config_path: str, methods: list[str], seeds: list[int], overrides:
             run = setup(config)
             result = train(run, console)
             tokens_per_s = statistics.fmean(r["tokens_per_s"] for r in run.history if "tokens_per_s" in r)
+            extra = sum(r.get("teacher_bridge_tokens", 0.0) for r in run.history)  # near-future bridges
             runs[method].append({"seed": config.seed, "before": result["before"], "after": result["after"],
-                                 "wall_s": result["wall_s"], "tokens_per_s": tokens_per_s,
+                                 "wall_s": result["wall_s"], "tokens_per_s": tokens_per_s, "extra_teacher_tokens": extra,
                                  "evals": _evals(result, run.history)})
     (root / "sweep.json").write_text(json.dumps(runs, indent=2))
     table = markdown_table(runs, base, config_path, methods, seeds, overrides)
@@ -144,7 +146,8 @@ def run_sweep(config_path: str, methods: list[str], seeds: list[int], overrides:
 
 def _row(name: str, measured: list[dict], kl: str | None, results: list[dict] = ()) -> str:
     cells = [_spread(_values(measured, "accuracy"), ".1%"), _spread(_values(measured, kl), ".4f"),
-             _spread([r["tokens_per_s"] for r in results], ".0f"), _spread([r["wall_s"] for r in results], ".0f")]
+             _spread([r["tokens_per_s"] for r in results], ".0f"), _spread([r["wall_s"] for r in results], ".0f"),
+             _spread([r["extra_teacher_tokens"] for r in results], ".0f")]
     return f"| {name} | {' | '.join(cells)} |"
 
 
@@ -156,8 +159,9 @@ def markdown_table(runs: dict, base: Config, config_path: str, methods, seeds, o
     lines = [f"Command: `{command}`", "",
              f"Budget per run: {base.optim.steps} steps x {base.rollout.batch_size} prompts, learning rate "
              f"{base.optim.learning_rate}, {len(seeds)} seeds; mean ± standard deviation over seeds.", "",
-             f"| method | held-out accuracy | {METRICS[kl] if kl else 'reverse KL to teacher'} | tokens/s | wall time (s) |",
-             "|---|---|---|---|---|",
+             f"| method | held-out accuracy | {METRICS[kl] if kl else 'reverse KL to teacher'} | tokens/s | wall time (s) "
+             "| extra teacher tokens |",
+             "|---|---|---|---|---|---|",
              _row("student before", [before], kl),
              *(_row(method, [r["after"] for r in results], kl, results) for method, results in runs.items())]
     return "\n".join(lines) + "\n"
