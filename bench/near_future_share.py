@@ -1,7 +1,7 @@
 """The near-future diagnostic of a student against its local teacher, on held-out prompts.
 
-    .venv/bin/python bench/near_future_share.py src/opdkit/configs/smollm2-compress.yaml
-    .venv/bin/python bench/near_future_share.py src/opdkit/configs/smollm2-compress.yaml --student runs/x/checkpoint-20
+    .venv/bin/python bench/near_future_share.py configs/smollm2-compress.yaml
+    .venv/bin/python bench/near_future_share.py configs/smollm2-compress.yaml --student runs/x/checkpoint-20
 
 Samples one completion per held-out prompt from the student (the config's rollout temperature and length, seed
 0), scores it with the teacher's full distribution, and prints ``opdkit.diagnostics.near_future_share`` at
