@@ -16,7 +16,8 @@ FORMULA_METHODS = [m for m in METHODS if preset(m).get("reward") != "teacher"]  
 EXPECTED_LOGS = {"tropd": ["trust_frac", "guidance_fraction", "reverse_kl_k1"],
                  "eopd": ["entropy_gate_rate", "teacher_entropy", "reverse_kl_k1"], "opd": ["advantage", "reverse_kl_k1"],
                  "gae_opd": ["advantage"], "vopd": ["advantage"], "opd_plus": ["advantage", "log_ratio_clamp_rate"],
-                 "gkd": ["reverse_kl_full"], "skew_kl": ["reverse_kl_full"]}
+                 "gkd": ["reverse_kl_full"], "skew_kl": ["reverse_kl_full"], "near_future": ["advantage"],
+                 "cr_opd": ["cr_routed_share", "cr_unroutable_share", "cr_set_size", "cr_teacher_mass"]}
 
 
 @pytest.mark.parametrize("method", FORMULA_METHODS)

@@ -35,10 +35,10 @@ TEACHERS = [
 @pytest.mark.parametrize("measured, header, cells, metric", TEACHERS)
 def test_table_and_plot_use_what_the_teacher_measured(tiny_config, tmp_path, measured, header, cells, metric):
     runs = {"opd": [{"seed": 0, "before": measured, "after": measured, "wall_s": 3.0, "tokens_per_s": 100.0,
-                     "evals": [(0, measured), (2, measured)]}]}
+                     "extra_teacher_tokens": 0.0, "evals": [(0, measured), (2, measured)]}]}
     table = markdown_table(runs, load_config(base=tiny_config), "c.yaml", ["opd"], [0], [])
-    assert f"| method | {header} | tokens/s | wall time (s) |" in table
-    assert f"| student before | {cells} | - | - |" in table and f"| opd | {cells} | 100 | 3 |" in table
+    assert f"| method | {header} | tokens/s | wall time (s) | extra teacher tokens |" in table
+    assert f"| student before | {cells} | - | - | - |" in table and f"| opd | {cells} | 100 | 3 | 0 |" in table
     assert plotted_metric(measured) == metric
     plot(runs, metric, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 10_000

@@ -207,6 +207,51 @@ class PrefixGuidanceConfig(_Strict):
     answer: Literal["teacher", "dataset"] = Field("teacher", description="the teacher's greedy answer, or the dataset's completion")
 
 
+class NearFutureConfig(_Strict):
+    """Near-future guidance (arXiv 2606.00305; OUR RECONSTRUCTION of its two options, see ``opdkit.methods.near_future``):
+    a token is judged by where it leads, not by itself alone.
+
+    ``mode: lookahead``: the policy-gradient advantage of token ``t`` is the windowed return of the next ``window``
+    log-ratio rewards at discount ``gamma`` (no extra teacher cost). ``mode: teacher_bridge``: at up to
+    ``max_positions`` high-loss tokens per rollout (the top ``high_loss_fraction`` of the batch by ``k1``, at least
+    ``window`` apart) the teacher writes ``window`` tokens from the student's prefix (greedy at ``temperature`` 0),
+    and ``bridge_weight`` times their cross-entropy is added to the token-level loss."""
+
+    enabled: bool = Field(False, description="judge tokens by where they lead (set by the near_future preset)")
+    mode: Literal["lookahead", "teacher_bridge"] = Field(
+        "lookahead", description="lookahead: a windowed return of log-ratio rewards; teacher_bridge: teacher "
+        "continuations at high-loss tokens")
+    window: int = Field(8, ge=1, description="W: rewards summed (lookahead) or teacher tokens per bridge")
+    gamma: float = Field(1.0, ge=0, le=1, description="lookahead: discount inside the window")
+    max_positions: int = Field(2, ge=1, description="teacher_bridge: M, bridges per rollout at most")
+    high_loss_fraction: float = Field(0.1, gt=0, le=1, description="teacher_bridge: q, the batch's share of "
+                                      "positions by k1 that count as high-loss")
+    bridge_weight: float = Field(0.1, gt=0, description="teacher_bridge: beta_bridge, per bridge token")
+    temperature: float = Field(0.0, ge=0, description="teacher_bridge: the teacher's sampling temperature (0: greedy)")
+
+
+class CounterfactualRoutingConfig(_Strict):
+    """CR-OPD's counterfactual routing (survey arXiv 2606.22793; OUR RECONSTRUCTION, see ``opdkit.objectives.routing``):
+    on tokens whose advantage is below ``-delta``, the policy-gradient term is replaced by ``coef * KL(p* || pi_S)``,
+    ``p*`` moving ``eta * (pi_S(y) - pi_T(y))_+`` of the sampled token's mass onto the tokens both in the student's
+    nucleus (``student_top_p``, at most ``student_top_k``, each ``>= student_min_prob``) and in the teacher's
+    (``teacher_top_p`` over its top ``teacher_top_k``), in proportion to the teacher's probabilities. Where that set
+    is empty the token keeps plain suppression (the policy gradient), counted as unroutable."""
+
+    delta: float = Field(0.0, ge=0, description="negative feedback: advantage < -delta")
+    student_top_p: float = Field(0.95, gt=0, le=1, description="the student's nucleus: tokens it can reach")
+    student_top_k: int = Field(20, ge=1, description="at most this many tokens in the student's nucleus")
+    student_min_prob: float = Field(1e-4, ge=0, lt=1, description="a reachable token's least student probability")
+    teacher_top_p: float = Field(0.9, gt=0, le=1, description="the teacher's nucleus: tokens it supports")
+    teacher_top_k: int = Field(20, ge=1, description="teacher log-probs per position read (a server: <= teacher.top_k)")
+    eta: float = Field(1.0, gt=0, le=1, description="share of the excess mass pi_S(y) - pi_T(y) moved")
+    coef: float = Field(1.0, gt=0, description="beta_R, the weight of the routing loss")
+    loss: Literal["kl", "mass_exact"] = Field(
+        "kl", description="kl: KL(p* || pi_S) backpropagated (the note's); mass_exact: the step that moves the "
+        "probabilities by exactly p* - pi_S to first order (ours; the KL's own step also feeds every other token "
+        "through the softmax's normaliser)")
+
+
 def _changed(section: BaseModel) -> list[str]:
     """Fields of a config section that differ from their defaults."""
     return [name for name, field in type(section).model_fields.items() if getattr(section, name) != field.default]
@@ -225,7 +270,9 @@ class ObjectiveConfig(_Strict):
       ``estimator`` picks the sampled-token form of a KL: k1 or k3 (with ``correction``) as a PG cost of reverse
       KL; k2 (reverse KL's gradient) or k3 (forward KL's) backpropagated directly. Unset, it is the natural one;
     - credit, gates (``trust_region``, ``entropy_gate``, ``position_decay``), ``aggregation``;
-    - regularizers: ``ref_kl_coef`` (k3 to the frozen initial student), ``entropy_coef``.
+    - regularizers: ``ref_kl_coef`` (k3 to the frozen initial student), ``entropy_coef``;
+    - beyond the single token: ``near_future`` (a windowed return, or teacher bridges from the student's states) and
+      ``routing: cr`` (where the mass a negative reward takes from the sampled token goes: ``cr``).
 
     Two temperatures: ``rollout.temperature`` shapes the student's sampling (and the importance ratio corrects
     for it); ``objective.temperature`` softens both distributions inside a top-k or full-support divergence
@@ -261,6 +308,10 @@ class ObjectiveConfig(_Strict):
     trust_region: TrustRegionConfig = TrustRegionConfig()
     entropy_gate: EntropyGateConfig = EntropyGateConfig()
     prefix_guidance: PrefixGuidanceConfig = PrefixGuidanceConfig()
+    near_future: NearFutureConfig = NearFutureConfig()
+    routing: Literal["none", "cr"] = Field("none", description="vocabulary routing of negative feedback: none "
+                                           "(the policy gradient's own), or cr (counterfactual, CR-OPD)")
+    cr: CounterfactualRoutingConfig = CounterfactualRoutingConfig()
     position_decay: float = Field(1.0, gt=0, le=1, description="weight decay**t on position t (1: every token alike)")
     aggregation: Literal["token_mean", "sequence_mean"] = Field(
         "token_mean", description="mean over the step's tokens, or per sequence then over sequences")
@@ -302,7 +353,17 @@ class ObjectiveConfig(_Strict):
         self.estimator = self._resolve_estimator()
         self._check_credit()
         self._check_gates()
+        self._check_near_future()
+        self._check_routing()
         return self
+
+    @property
+    def lookahead(self) -> bool:
+        return self.near_future.enabled and self.near_future.mode == "lookahead"
+
+    @property
+    def teacher_bridge(self) -> bool:
+        return self.near_future.enabled and self.near_future.mode == "teacher_bridge"
 
     def _check_support(self) -> None:
         topk = self.support in ("teacher_topk", "student_topk")
@@ -423,7 +484,7 @@ class ObjectiveConfig(_Strict):
                              "remove value_coef")
 
     def _check_gates(self) -> None:
-        for name in ("trust_region", "entropy_gate", "prefix_guidance"):
+        for name in ("trust_region", "entropy_gate", "prefix_guidance", "near_future"):
             section = getattr(self, name)
             changed = _changed(section)
             if not section.enabled and changed:
@@ -439,6 +500,47 @@ class ObjectiveConfig(_Strict):
             if unused:
                 raise ValueError(f"trust_region.{', trust_region.'.join(unused)} do nothing with outliers: "
                                  f"{tr.outliers}: remove them, or change outliers")
+
+
+    def _check_near_future(self) -> None:
+        nf = self.near_future
+        if not nf.enabled:
+            return
+        bridge_keys = ("max_positions", "high_loss_fraction", "bridge_weight", "temperature")
+        uses = ("window", "gamma") if nf.mode == "lookahead" else ("window",) + bridge_keys
+        unused = [k for k in _changed(nf) if k not in uses + ("enabled", "mode")]
+        if unused:
+            raise ValueError(f"near_future.{', near_future.'.join(unused)} do nothing with mode: {nf.mode}: remove "
+                             "them, or change mode")
+        if nf.mode == "lookahead":
+            if not (self.policy_gradient and self.reward == "log_ratio"):
+                raise ValueError("near_future lookahead is a windowed return of the sampled tokens' log-ratio rewards, "
+                                 "a policy-gradient advantage: set support: sampled, grad_path: pg (or use mode: "
+                                 "teacher_bridge, which adds to any objective)")
+            if self.credit.gamma > 0 or self.credit.value != "none":
+                raise ValueError("near_future lookahead sets the advantage itself (the return over near_future.window "
+                                 "tokens at near_future.gamma): remove credit.gamma and credit.value (GAE would add a "
+                                 "value bootstrap at the window's end, which is another objective)")
+            if nf.window == 1 or nf.gamma == 0:
+                raise ValueError("a lookahead window of one token (window: 1 or gamma: 0) is the immediate reward, "
+                                 "classic OPD: set window >= 2 and gamma > 0, or use method: opd")
+        elif self.states != "student":
+            raise ValueError("near_future teacher_bridge continues from the student's own states; with states: teacher "
+                             "there are none: set states: student, or remove near_future")
+
+    def _check_routing(self) -> None:
+        changed = _changed(self.cr)
+        if self.routing == "none":
+            if changed:
+                raise ValueError(f"cr.{', cr.'.join(changed)} set while routing is none: set routing: cr, or remove "
+                                 "them")
+            return
+        if not (self.policy_gradient and self.reward == "log_ratio" and self.divergence == "reverse_kl"
+                and self.estimator == "k1" and not self.correction):
+            raise ValueError("routing: cr reroutes the mass that a negative log-ratio reward (classic OPD's: support "
+                             "sampled, grad_path pg, divergence reverse_kl, estimator k1, no correction) takes from "
+                             "the sampled token; distributional supports already route to their target. Use those "
+                             "axes (method: cr_opd), or remove routing")
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -544,8 +646,9 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _sampling_fits_credit(self) -> "Config":
         tempered = self.rollout.temperature != 1.0 or self.rollout.top_p < 1.0
-        if tempered and self.objective.policy_gradient and self.objective.credit.gamma > 0:
-            raise ValueError("credit.gamma > 0 credits each token with the rewards of later tokens, which were sampled "
+        later = self.objective.credit.gamma > 0 or self.objective.lookahead
+        if tempered and self.objective.policy_gradient and later:
+            raise ValueError("credit.gamma > 0 (or a near_future lookahead) credits each token with the rewards of later tokens, which were sampled "
                              "from the tempered or truncated rollout distribution, not the student's; the per-token "
                              "importance ratio does not correct that: sample with rollout.temperature 1 and top_p 1, "
                              "or use credit.gamma: 0")

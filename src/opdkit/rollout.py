@@ -143,6 +143,17 @@ def _move_prefixes(rollouts: Rollouts, rendered: list[list[int]], prefixes: list
                     guidance_mask=torch.tensor([pad(r) for r in guidance_rows], device=device))
 
 
+def from_prefixes(prefixes: list[list[int]], continuations: list[list[int]], pad_id: int, eos_id: int,
+                  source: str, device: torch.device) -> Rollouts:
+    """Rollouts whose prompts are ``prefixes`` (token ids, left-padded) and whose completions are ``continuations``
+    (right-padded; truncated where no end token)."""
+    prompt_ids, prompt_mask = left_pad(prefixes, pad_id)
+    completion_ids, completion_mask = right_pad(continuations, pad_id, max(1, max(map(len, continuations))))
+    truncated = torch.tensor([eos_id not in c for c in continuations])
+    return Rollouts(prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
+                    completion_mask.float().to(device), truncated, [], source)
+
+
 def from_dataset(tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_completion_length: int) -> Rollouts:
     """Rollouts whose completions are the dataset's reference completions (off-policy states)."""
     prompt_ids, prompt_mask = left_pad([render_prompt(tokenizer, e.messages) for e in examples], tokenizer.pad_token_id)

@@ -4,8 +4,9 @@ Every run starts from the config's student with the config's steps, batch size a
 ``objective.method`` and ``seed`` change. Each method runs as its preset defines it: a preset's values replace
 the config's ``objective`` keys (the config's other keys still apply), and ``--set`` overrides win over both.
 Written to ``<output_dir>/sweep.md`` (mean and spread over seeds of the held-out metrics the runs measured:
-accuracy with a task, else token agreement, and the reverse KL the teacher allows; tokens/s),
-``<output_dir>/sweep.json`` and, with matplotlib, ``<output_dir>/sweep.png`` (the plotted metric against steps).
+accuracy with a task, else token agreement, and the reverse KL the teacher allows; tokens/s, and the extra teacher
+tokens of near-future bridges), ``<output_dir>/sweep.json`` and, with matplotlib, ``<output_dir>/sweep.png`` (the
+plotted metric against steps).
 
 Every config is validated, and every run folder checked, before the first run. Run again, a sweep reuses the
 runs that finished (read back from their ``metrics.jsonl``); ``resume`` also continues those that stopped
@@ -172,8 +173,9 @@ def run_sweep(config_path: str, methods: list[str], seeds: list[int], overrides:
                 run = setup(config)
                 result, history = train(run, console, resume=plan[folder] == "resume"), run.history
             tokens_per_s = statistics.fmean(r["tokens_per_s"] for r in history if "tokens_per_s" in r)
+            extra = sum(r.get("teacher_bridge_tokens", 0.0) for r in history)  # near-future bridges
             runs[method].append({"seed": config.seed, "before": result["before"], "after": result["after"],
-                                 "wall_s": result["wall_s"], "tokens_per_s": tokens_per_s,
+                                 "wall_s": result["wall_s"], "tokens_per_s": tokens_per_s, "extra_teacher_tokens": extra,
                                  "evals": _evals(result, history)})
     (root / "sweep.json").write_text(json.dumps(runs, indent=2))
     table = markdown_table(runs, base, config_path, methods, seeds, overrides)
@@ -199,7 +201,7 @@ def table_metrics(before: dict) -> list[str]:
 
 def _row(name: str, measured: list[dict], metrics: list[str], results: list[dict] = ()) -> str:
     cells = [_spread(_values(measured, key), FORMATS[key]) for key in metrics]
-    cells += [_spread([r["tokens_per_s"] for r in results], ".0f"), _spread([r["wall_s"] for r in results], ".0f")]
+    cells += [_spread([r[key] for r in results], ".0f") for key in ("tokens_per_s", "wall_s", "extra_teacher_tokens")]
     return f"| {name} | {' | '.join(cells)} |"
 
 
@@ -212,8 +214,8 @@ def markdown_table(runs: dict, base: Config, config_path: str, methods, seeds, o
     lines = [f"Command: `{command}`", "",
              f"Budget per run: {base.optim.steps} steps x {base.rollout.batch_size} prompts, learning rate "
              f"{base.optim.learning_rate}, {len(seeds)} seeds; mean ± standard deviation over seeds.", "",
-             f"| method | {header} | tokens/s | wall time (s) |",
-             "|---|" + "---|" * (len(metrics) + 2),
+             f"| method | {header} | tokens/s | wall time (s) | extra teacher tokens |",
+             "|---|" + "---|" * (len(metrics) + 3),
              _row("student before", [before], metrics),
              *(_row(method, [r["after"] for r in results], metrics, results) for method, results in runs.items())]
     return "\n".join(lines) + "\n"

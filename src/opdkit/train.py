@@ -196,6 +196,8 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
     method = run.method
     signals = [run.teacher.score(b, method.teacher_support, method.top_k, entropy=method.needs_teacher_entropy)
                for b in batches]
+    for batch, signal in zip(batches, signals):  # near-future bridges: the teacher continues from chosen student states
+        method.guide(batch, signal, run.teacher)
     usage_keys = set().union(*(s.usage for s in signals))  # teacher calls and tokens (remote teachers)
     teacher_usage = {f"teacher_{k}": sum(s.usage.get(k, 0.0) for s in signals) for k in sorted(usage_keys)}
     if run.reference is not None:

@@ -22,7 +22,8 @@ from ..rollout import Rollouts
 from ..teachers import Support, TeacherSignal
 
 StateSource = Literal["student", "teacher", "dataset"]
-METHODS = ("opd", "gkd", "seqkd", "opd_plus", "tropd", "gae_opd", "eopd", "vopd", "skew_kl", "chunk_opd")
+METHODS = ("opd", "gkd", "seqkd", "opd_plus", "tropd", "gae_opd", "eopd", "vopd", "skew_kl", "chunk_opd", "near_future",
+           "cr_opd")
 
 
 @dataclass
@@ -55,6 +56,10 @@ class Method:
     def parameters(self) -> list[torch.nn.Parameter]:
         """Trainable parameters the method owns besides the student's (a value head, say)."""
         return []
+
+    def guide(self, rollouts: Rollouts, teacher_signal: TeacherSignal, teacher) -> None:
+        """After the teacher scored a batch and before the loss: ask the teacher for more where the scores say so
+        (near-future bridges), into ``teacher_signal``. Most methods ask nothing."""
 
     def token_loss(self, student_logits: torch.Tensor, rollouts: Rollouts, teacher: TeacherSignal,
                    hidden: torch.Tensor | None = None) -> TokenLoss:

@@ -4,8 +4,11 @@
                        loss_t = k(log pi_T(y_t) - log pi_S(y_t)), backpropagated        support: sampled, direct
     Route B (PG):      loss_t = -(pi_S/mu)(y_t) * sg[A_t]                              support: sampled, pg
                        A_t = Credit(r)_t - [correction] phi'(l_t),  r_t = -cost(l_t) after the gates
+                       A_t = windowed return over the next W rewards              near_future: lookahead
+                       -> coef * KL(p*_t || pi_S) where A_t < -delta and C_t is not empty    routing: cr
     plus:              + entropy-gated top-k FKL + ref_kl_coef * k3(pi_ref) + entropy_coef * (-H(pi_S))
-    times:             position weights; prefix (guidance) tokens get beta * (-log pi_S(y_t)) instead.
+    times:             position weights; prefix (guidance) tokens get beta * (-log pi_S(y_t)) instead;
+    plus, at bridge origins t:  + bridge_weight * sum_k -log pi_S(b_k | x, y_<t, b_<k)    near_future: teacher_bridge
 
 States that the student did not sample (teacher samples, dataset completions) get the direct form of the
 chosen support; on the sampled token that is cross-entropy, forward KL's gradient (``ObjectiveConfig``
@@ -21,13 +24,14 @@ import random
 import torch
 
 from ..errors import OPDError
-from ..objectives import credit, gates, regularizers
+from ..models import autocast
+from ..objectives import bridge, credit, gates, regularizers, routing
 from ..objectives.divergence import distributional, entropy, estimator, kl, phi, phi_prime
 from ..objectives.policy_gradient import policy_gradient_loss
 from ..objectives.reduce import token_mean
-from ..objectives.support import chunked_full, restrict, sampled, student_topk
-from ..rollout import Rollouts
-from ..teachers import TeacherSignal
+from ..objectives.support import chunked_full, restrict, sampled, sampled_from_logits, student_topk
+from ..rollout import Rollouts, from_prefixes
+from ..teachers import Bridge, TeacherSignal
 from . import Method, StateSource, TokenLoss
 
 
@@ -60,6 +64,7 @@ class Formula(Method):
         self.advantage_moments: tuple[float, float] | None = None  # the step's (mean, std), set by the loop
         self.value_head: torch.nn.Linear | None = None
         self.head: torch.nn.Module | None = None
+        self.student: torch.nn.Module | None = None  # kept for the bridge's forward pass (near_future teacher_bridge)
 
     # ---- what the method needs from the loop ---------------------------------------------------------
     def _teacher_needs(self):
@@ -71,6 +76,8 @@ class Formula(Method):
             ks.append(o.trust_region.top_k)
         if o.entropy_gate.enabled:
             ks.append(o.entropy_gate.top_k)
+        if o.routing == "cr":
+            ks.append(o.cr.teacher_top_k)
         return ("topk", max(ks)) if ks else ("token", None)
 
     def state_source(self, rng: random.Random) -> StateSource:
@@ -92,8 +99,11 @@ class Formula(Method):
         return self.objective.chunked
 
     def attach(self, student: torch.nn.Module) -> None:
-        """Keep what the method needs of the student: its LM head (chunked path) or a new value head."""
+        """Keep what the method needs of the student: its LM head (chunked path), a new value head, or the student
+        itself for the forward pass over teacher bridges."""
         self.head = student.get_output_embeddings()
+        if self.objective.teacher_bridge:
+            self.student = student
         if self.needs_hidden:
             self.value_head = torch.nn.Linear(student.config.hidden_size, 1).to(next(student.parameters()).device)
             torch.nn.init.zeros_(self.value_head.weight)
@@ -102,6 +112,54 @@ class Formula(Method):
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.value_head.parameters()) if self.value_head is not None else []
 
+    # ---- near-future bridges: teacher continuations from the student's states, asked after scoring ----
+    def guide(self, rollouts: Rollouts, teacher_signal: TeacherSignal, teacher) -> None:
+        """``near_future.mode: teacher_bridge``: pick the batch's high-loss tokens (``objectives.bridge``), ask the
+        teacher to continue from the student's prefix before each, and set ``teacher_signal.bridge``; the calls and
+        tokens go into ``teacher_signal.usage`` (``bridge_calls``, ``bridge_tokens``, and a server's own counters).
+        ``k1`` is read from the sampler's log-probs, the student's own at rollout temperature 1 (the loss pass has
+        not run yet). Batches the student did not sample (dataset or teacher states) get no bridge."""
+        nf = self.objective.near_future
+        if not self.objective.teacher_bridge or rollouts.sampler_logprobs is None:
+            return
+        k1 = rollouts.sampler_logprobs - teacher_signal.token_logprobs
+        chosen = bridge.pick_positions(k1, rollouts.own_mask, nf.high_loss_fraction, nf.max_positions, nf.window)
+        origins = [(b, t) for b, positions in enumerate(chosen) for t in positions]
+        usage = teacher_signal.usage
+        usage["bridge_calls"] = usage.get("bridge_calls", 0.0) + len(origins)
+        usage.setdefault("bridge_tokens", 0.0)
+        if not origins:
+            return
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(rollouts.prompt_ids, rollouts.prompt_mask)]
+        completions = rollouts.completion_ids.tolist()
+        prefixes = [prompts[b] + completions[b][:t] for b, t in origins]
+        continuations = teacher.continue_ids(prefixes, nf.window, nf.temperature)
+        for key, value in teacher.take_usage().items():
+            usage[key] = usage.get(key, 0.0) + value
+        usage["bridge_tokens"] += sum(map(len, continuations))
+        tokenizer, device = teacher.tokenizer, rollouts.completion_ids.device
+        rows, positions = (torch.tensor(column, device=device) for column in zip(*origins))
+        teacher_signal.bridge = Bridge(from_prefixes(prefixes, continuations, tokenizer.pad_token_id,
+                                                     tokenizer.eos_token_id, "teacher", device), rows, positions)
+
+    def _with_bridge(self, result: TokenLoss, teacher: TeacherSignal, mask: torch.Tensor,
+                     main_pass: torch.Tensor) -> TokenLoss:
+        """Add ``bridge_weight`` times each bridge's cross-entropy at its origin; the student's forward over the
+        bridges runs at the main pass's precision (bf16 logits came from autocast)."""
+        if teacher.bridge is None:
+            return result
+        b = teacher.bridge.rollouts
+        with autocast(main_pass.device, main_pass.dtype):
+            logits = b.completion_logits(self.student)
+        token_logprobs = sampled_from_logits(logits, b.completion_ids)[0]
+        term = self.objective.near_future.bridge_weight * bridge.bridge_cross_entropy(
+            token_logprobs, b.completion_mask, teacher.bridge.rows, teacher.bridge.positions, tuple(mask.shape))
+        base = float((result.loss.detach().abs() * mask).sum())
+        added = float((term.detach() * mask).sum())
+        result.scalars["bridge_loss"] = added / max(1.0, float(mask.sum()))
+        result.scalars["bridge_share"] = added / max(1e-12, base + added)
+        return TokenLoss(result.loss + term, result.stats, result.scalars)
+
     # ---- the loss ------------------------------------------------------------------------------------
     def token_loss(self, student_logits: torch.Tensor, rollouts: Rollouts, teacher: TeacherSignal,
                    hidden: torch.Tensor | None = None) -> TokenLoss:
@@ -109,7 +167,7 @@ class Formula(Method):
         mask = rollouts.completion_mask
         if self.hidden_only and student_logits is None:  # the loop's path; given logits, the whole computation
             loss, stats = self._chunked(hidden, rollouts, teacher)
-            return TokenLoss(self._position_weighted(loss, mask), stats)
+            return self._with_bridge(TokenLoss(self._position_weighted(loss, mask), stats), teacher, mask, hidden)
         if teacher.logprobs is None and teacher.hidden is not None:  # this call's unchunked terms need it whole
             teacher = dataclasses.replace(teacher, logprobs=teacher.full_logprobs())
         logprobs = student_logits.float().log_softmax(-1)
@@ -125,7 +183,8 @@ class Formula(Method):
             loss = estimator(o.estimator, teacher.token_logprobs - token_logprobs)
             stats["reverse_kl_k1"] = (token_logprobs - teacher.token_logprobs).detach()
         else:
-            loss = self._policy_gradient(logprobs, token_logprobs, rollouts, teacher, hidden, stats, scalars)
+            loss = self._policy_gradient(student_logits, logprobs, token_logprobs, rollouts, teacher, hidden, stats,
+                                         scalars)
 
         if o.entropy_gate.enabled:
             ids, top = self._teacher_topk(teacher, o.entropy_gate.top_k)
@@ -145,7 +204,7 @@ class Formula(Method):
             guided = rollouts.guidance_mask
             loss = torch.where(guided > 0, o.prefix_guidance.beta * -token_logprobs, loss)
             scalars["guidance_fraction"] = float(token_mean(guided, mask))
-        return TokenLoss(loss, stats, scalars)
+        return self._with_bridge(TokenLoss(loss, stats, scalars), teacher, mask, student_logits)
 
     def _position_weighted(self, loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         decay = self.objective.position_decay
@@ -182,7 +241,8 @@ class Formula(Method):
         stats["reverse_kl_full" if o.support == "full" else "reverse_kl_topk"] = kl(s.detach(), t)
         return distributional(o.divergence, s, t, beta=o.beta, alpha=o.alpha)
 
-    def _policy_gradient(self, logprobs, token_logprobs, rollouts, teacher, hidden, stats, scalars) -> torch.Tensor:
+    def _policy_gradient(self, logits, logprobs, token_logprobs, rollouts, teacher, hidden, stats,
+                         scalars) -> torch.Tensor:
         o, mask, own = self.objective, rollouts.completion_mask, rollouts.own_mask
         if o.reward == "teacher":  # a text-only teacher's own per-token reward (chunk_opd): no log-ratio
             if teacher.token_advantages is None:
@@ -215,7 +275,9 @@ class Formula(Method):
                     extra = torch.where(accepted, extra, fkl)
 
         values = self._values(logprobs, teacher, hidden, reward)
-        if values is None:
+        if o.lookahead:
+            advantage = credit.windowed_return(reward, mask, o.near_future.gamma, o.near_future.window)
+        elif values is None:
             advantage = credit.returns_to_go(reward, mask, o.credit.gamma)
         else:
             advantage = credit.gae(reward, values.detach(), mask, o.credit.gamma, o.credit.lam)
@@ -225,12 +287,45 @@ class Formula(Method):
                 scalars["value_explained_variance"] = credit.explained_variance(values.detach(), target, mask)
         if o.correction:
             advantage = advantage - _cost_derivative(o, l)
-        stats["advantage"] = advantage
+        stats["advantage"] = feedback = advantage
         if o.credit.normalize:
             mean, std = self.advantage_moments or credit.step_moments([(advantage, own)])
             advantage = (advantage - mean) / (std + 1e-8) * mask
         sampler = rollouts.sampler_logprobs if rollouts.sampler_logprobs is not None else token_logprobs.detach()
-        return policy_gradient_loss(token_logprobs, sampler, advantage) + extra
+        loss = policy_gradient_loss(token_logprobs, sampler, advantage)
+        if o.routing == "cr":
+            loss = self._route(logits, logprobs, loss, feedback, rollouts, teacher, scalars)
+        return loss + extra
+
+    def _route(self, logits, logprobs, loss, feedback, rollouts: Rollouts, teacher: TeacherSignal,
+               scalars) -> torch.Tensor:
+        """CR-OPD: on own tokens with ``feedback < -delta`` (the advantage before any normalisation) and a non-empty
+        routed set, the PG term is replaced by ``coef * KL(p* || pi_S)`` (``objectives.routing``)."""
+        cr, own = self.objective.cr, rollouts.own_mask.bool()
+        where = ((feedback < -cr.delta) & own).nonzero(as_tuple=True)
+        n_negative = where[0].numel()
+        scalars["cr_negative_share"] = n_negative / max(1, int(own.sum()))
+        if n_negative == 0:
+            scalars.update(cr_routed_share=0.0, cr_unroutable_share=0.0, cr_set_size=0.0, cr_teacher_mass=0.0)
+            return loss
+        ids, top = self._teacher_topk(teacher, cr.teacher_top_k)
+        student = logprobs[where]  # [N, V]
+        teacher_probs = torch.zeros_like(student).scatter(-1, ids[where], top[where].float().exp())
+        route = routing.counterfactual_target(
+            student.detach().exp(), teacher_probs, rollouts.completion_ids[where], teacher.token_logprobs[where].exp(),
+            student_top_p=cr.student_top_p, student_top_k=cr.student_top_k, student_min_prob=cr.student_min_prob,
+            teacher_top_p=cr.teacher_top_p, teacher_top_k=cr.teacher_top_k, eta=cr.eta)
+        routed = route.routed_N
+        n_routed = int(routed.sum())
+        scalars["cr_routed_share"] = n_routed / max(1, int(own.sum()))
+        scalars["cr_unroutable_share"] = 1 - n_routed / n_negative
+        scalars["cr_set_size"] = float(route.set_size_N[routed].float().mean()) if n_routed else 0.0
+        scalars["cr_teacher_mass"] = float(route.teacher_mass_N[routed].mean()) if n_routed else 0.0
+        if n_routed == 0:
+            return loss
+        routed_loss = cr.coef * routing.route_loss(logits[where][routed], route.target_NV[routed],
+                                                   route.moved_NV[routed], cr.loss)
+        return loss.index_put((where[0][routed], where[1][routed]), routed_loss)
 
     def _values(self, logprobs, teacher: TeacherSignal, hidden, reward) -> torch.Tensor | None:
         """``V(s_t)`` for GAE, or None for plain discounted returns."""

@@ -3,6 +3,10 @@
 - immediate (``gamma = 0``): ``A_t = r_t`` (classic OPD; Tinker's ``kl_discount_factor = 0``);
 - return-to-go: ``G_t = sum_{k >= t} gamma^(k-t) r_k``; with ``gamma = 1`` it is the unbiased
   score-function gradient of the sequence-level objective;
+- windowed return (near-future lookahead): ``G_t = sum_{k=t}^{t+W-1} gamma^(k-t) r_k``, a token judged by the
+  next ``W`` rewards it leads to; its expected gradient is, at each visited state (held fixed), the gradient of
+  ``sum_a pi(a|s) Q_W(s, a)`` with ``Q_W`` the expected ``W``-step return under the current policy
+  (``W = 1`` is the immediate reward, ``W >= horizon`` the return-to-go; ``tests/test_axes_grid.py``);
 - baseline: ``A_t = G_t - b(s_t)``, unbiased for any action-independent ``b``;
 - GAE: ``delta_t = r_t + gamma V(s_{t+1}) - V(s_t)``, ``A_t = sum_l (gamma lam)^l delta_{t+l}``, with
   ``V = 0`` after the last token (end of sequence or truncation).
@@ -26,6 +30,14 @@ def discounted_cumsum(values: torch.Tensor, mask: torch.Tensor, discount: float)
 
 def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
     return discounted_cumsum(rewards, mask, gamma)
+
+
+def windowed_return(rewards_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float, window: int) -> torch.Tensor:
+    """``G_t = sum_{k=t}^{t+W-1} gamma^(k-t) r_k`` over masked positions (the window ends at the sequence's end),
+    ``[B, T]``: the full return minus ``gamma^W`` times the full return ``W`` tokens later."""
+    full = discounted_cumsum(rewards_BT, mask_BT, gamma)
+    later = torch.cat([full[:, window:], torch.zeros_like(full[:, :window])], dim=1)[:, : full.shape[1]]
+    return (full - gamma**window * later) * mask_BT
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:

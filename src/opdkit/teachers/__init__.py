@@ -17,6 +17,16 @@ Support = Literal["token", "topk", "full"]
 
 
 @dataclass
+class Bridge:
+    """Teacher continuations from states of the student's rollouts (near-future ``teacher_bridge``): row ``i`` of
+    ``rollouts`` continues rollout ``rows[i]`` from its prefix before completion position ``positions[i]``."""
+
+    rollouts: Rollouts  # prompt: x + y_<t (left-padded); completion: the teacher's tokens (source "teacher")
+    rows: torch.Tensor  # [N] long
+    positions: torch.Tensor  # [N] long
+
+
+@dataclass
 class TeacherSignal:
     """What a teacher says about a batch of rollouts. The full distribution (support "full") comes either as
     ``logprobs`` or, from a local teacher, as its last ``hidden`` states and LM ``head``: ``[B, C, d]`` instead
@@ -31,6 +41,7 @@ class TeacherSignal:
     entropy: torch.Tensor | None = None  # [B, C] H(pi_T(.|s_t)) over the whole vocabulary, when asked and known
     token_advantages: torch.Tensor | None = None  # [B, C] logit-free per-token reward (chat teacher, chunk_opd)
     usage: dict[str, float] = field(default_factory=dict)  # remote teachers: calls, retries, tokens of this call
+    bridge: Bridge | None = None  # near-future bridges, set by the method's ``guide`` after scoring
 
     def full_logprobs(self) -> torch.Tensor:
         """``[B, C, V]`` float32 log-probs over the whole vocabulary (from ``hidden`` when that is what came)."""
@@ -55,6 +66,11 @@ class Teacher(Protocol):
 
     def sample(self, examples: list, max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
                greedy: bool = False) -> Rollouts: ...
+
+    def continue_ids(self, prefixes: list[list[int]], max_new_tokens: int, temperature: float = 0.0) -> list[list[int]]:
+        """The teacher's continuation (token ids, through its end token if it ends) of each unpadded prefix of ids
+        (prompt and completion so far, in the student's tokenizer); greedy at temperature 0."""
+        ...
 
     def take_usage(self) -> dict[str, float]:
         """Calls and tokens since the last ``score`` or ``take_usage``."""
@@ -94,4 +110,4 @@ def build_teacher(spec, student_tokenizer, student_config, device: torch.device,
     raise OPDError(f"unknown teacher kind {spec.kind!r}")
 
 
-__all__ = ["LocalTeacher", "Support", "Teacher", "TeacherSignal", "build_teacher"]
+__all__ = ["Bridge", "LocalTeacher", "Support", "Teacher", "TeacherSignal", "build_teacher"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..data import Example
+from ..data import Example, left_pad
+from ..decode import decode
 from ..models import autocast
 from ..objectives.divergence import entropy as full_entropy
 from ..objectives.support import chunk_rows, sampled_from_logits
@@ -74,6 +75,16 @@ class LocalTeacher:
         with autocast(self.device, self.amp_dtype):
             return sample(self.model, self.tokenizer, examples, max_completion_length=max_completion_length,
                           temperature=temperature, top_p=top_p, greedy=greedy, source="teacher")
+
+    @torch.no_grad()
+    def continue_ids(self, prefixes: list[list[int]], max_new_tokens: int, temperature: float = 0.0) -> list[list[int]]:
+        """Continuations of the prefixes (ids) by ``decode.decode``, through the end token when one comes."""
+        ids, mask = left_pad(prefixes, self.tokenizer.pad_token_id)
+        eos = self.tokenizer.eos_token_id
+        with autocast(self.device, self.amp_dtype):
+            out, _ = decode(self.model, ids.to(self.device), mask.to(self.device), max_new_tokens, eos,
+                            self.tokenizer.pad_token_id, temperature or 1.0, greedy=temperature == 0)
+        return [row[: row.index(eos) + 1] if eos in row else row for row in out.tolist()]
 
     def take_usage(self) -> dict[str, float]:
         """A local teacher makes no calls to count."""

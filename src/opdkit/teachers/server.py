@@ -439,6 +439,29 @@ class ServerTeacher:
             signal.topk_ids, signal.topk_logprobs = ids.to(device), values.to(device)
         return signal
 
+    def continue_ids(self, prefixes: list[list[int]], max_new_tokens: int, temperature: float = 0.0) -> list[list[int]]:
+        """Continuations of the prefixes through ``/v1/completions``, sent as the student's token ids (as text with
+        ``prompt_as: text``). The ids come back as ``token_id:N`` tokens (``return_tokens_as_token_ids``, ours and
+        vLLM) or as token texts mapped to the student's ids; a continuation with a text that names no single id is
+        tokenized from its text instead, counted in the usage as ``bridge_retokenized``."""
+        payloads = [{"model": self.spec.model, "prompt": self.tokenizer.decode(p) if self.prompt_as == "text" else p,
+                     "max_tokens": max_new_tokens, "temperature": temperature, "logprobs": 0,
+                     "return_tokens_as_token_ids": True} for p in prefixes]
+        answers = self.client.map("/completions", payloads, _one_choice)
+        out = []
+        for answer in answers:
+            choice = answer["choices"][0]
+            tokens = (choice.get("logprobs") or {}).get("tokens")
+            ids = None if tokens is None else [self.tokens.id(t) for t in tokens]
+            if ids is None or None in ids:
+                ids = self.tokenizer(choice["text"], add_special_tokens=False)["input_ids"]
+                if choice.get("finish_reason") == "stop":
+                    ids.append(self.tokenizer.eos_token_id)
+                self.client._count(bridge_retokenized=1)
+            eos = self.tokenizer.eos_token_id
+            out.append(ids[: ids.index(eos) + 1] if eos in ids else ids[:max_new_tokens])
+        return out
+
     def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
                top_p: float = 1.0, greedy: bool = False) -> Rollouts:
         """Teacher completions of the prompts (for teacher-state methods and greedy teacher accuracy)."""
