@@ -242,15 +242,16 @@ def test_folder_checks_come_before_any_model_loads(tiny_config, tmp_path, monkey
     assert "not a run folder" in capsys.readouterr().out
 
 
-def test_extending_a_finished_run_keeps_optimizer_and_schedule_state(tiny_config, tmp_path, capsys):
+def test_extending_a_finished_run_keeps_optimizer_and_schedule_state(tiny_config, tmp_path):
     tiny_config["optim"] = {"steps": 2, "learning_rate": 1e-3}
     path = write_yaml(tiny_config, tmp_path / "c.yaml")
-    assert main(["train", str(path)]) == 0
+    first = opd("train", str(path))
+    assert first.returncode == 0, first.stdout + first.stderr
     run_dir = Path(tiny_config["output_dir"])
     finished_eval = records(run_dir)[-1]["eval"]
-    capsys.readouterr()
-    assert main(["train", "--resume", str(run_dir), "--set", "optim.steps=4"]) == 0
-    out = capsys.readouterr().out
+    extended = opd("train", "--resume", str(run_dir), "--set", "optim.steps=4")
+    assert extended.returncode == 0, extended.stdout + extended.stderr
+    out = " ".join(extended.stdout.split())
     assert "extending the finished run from 2 to 4 steps" in out and "horizon moves from 2 to 4" in out
     logged = records(run_dir)
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]
@@ -281,32 +282,36 @@ def test_eval_of_a_run_folder_and_of_the_untouched_student(tiny_config, tmp_path
     assert all(flag in helped.stdout for flag in ("--checkpoint", "--untouched", "RUN_DIR|CONFIG"))
 
 
-def test_sweep_reuses_finished_runs_and_refuses_stopped_ones_before_training(tiny_config, tmp_path, monkeypatch):
-    from rich.console import Console
-
-    import opdkit.sweep as sweep
-
+def test_sweep_reuses_finished_runs_and_refuses_stopped_ones_before_training(tiny_config, tmp_path):
     tiny_config["optim"] = {"steps": 1, "learning_rate": 1e-3}
     path = write_yaml(tiny_config, tmp_path / "c.yaml")
     out = tmp_path / "sweep"
-    first = sweep.run_sweep(str(path), ["opd"], [0, 1], [], str(out), Console(width=300))
-    table = (out / "sweep.md").read_text()
+    sweep = ("sweep", str(path), "--methods", "opd", "--seeds", "0,1", "--output-dir", str(out))
+    assert opd(*sweep).returncode == 0
+    table, logs = (out / "sweep.md").read_text(), sorted(out.glob("opd/seed*/metrics.jsonl"))
+    written = [log.stat().st_mtime_ns for log in logs]
 
-    def must_not_train(*args, **kwargs):
-        raise AssertionError("a finished run was trained again")
+    again = opd(*sweep)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("finished earlier, reusing") == 2
+    assert [log.stat().st_mtime_ns for log in logs] == written and (out / "sweep.md").read_text() == table
 
-    monkeypatch.setattr(sweep, "setup", must_not_train)
-    again = sweep.run_sweep(str(path), ["opd"], [0, 1], [], str(out), Console(width=300))
-    assert json.dumps(again) == json.dumps(first) and (out / "sweep.md").read_text() == table
+    # a run stopped part-way: refused before anything trains (gkd would run first), continued with --resume
+    stopped = logs[1]
+    stopped.write_text("".join(line + "\n" for line in stopped.read_text().splitlines()[:-1]))
+    refused = opd("sweep", str(path), "--methods", "gkd,opd", "--seeds", "0,1", "--output-dir", str(out))
+    assert refused.returncode == 2 and "stopped part-way" in refused.stdout and "--resume" in refused.stdout
+    assert not (out / "gkd").exists()
 
-    # a run stopped part-way: refused before anything trains, continued with resume
-    stopped = out / "opd" / "seed1"
-    (stopped / "metrics.jsonl").write_text("".join(line + "\n" for line in
-                                                   (stopped / "metrics.jsonl").read_text().splitlines()[:-1]))
-    state = json.loads((stopped / "checkpoint-1" / "trainer_state.json").read_text())
-    with pytest.raises(OPDError, match="stopped part-way.*--resume"):
-        sweep.run_sweep(str(path), ["opd", "gkd"], [0, 1], [], str(out), Console(width=300))
-    assert not (out / "gkd").exists() and state["finished"]
+
+def test_bf16_on_a_processor_without_bf16_units_says_so(tiny_config, tmp_path, monkeypatch, capsys):
+    import opdkit.console as console_module
+
+    monkeypatch.setattr(console_module, "amx_available", lambda: False)
+    tiny_config.update(precision="bf16", optim={"steps": 1, "learning_rate": 1e-3})
+    assert main(["train", str(write_yaml(tiny_config, tmp_path / "c.yaml"))]) == 0
+    out = capsys.readouterr().out
+    assert "precision bf16 on a processor without bf16 matrix units" in out and "bf16 autocast" in out
 
 
 def test_ctrl_c_while_loading_is_one_line(tiny_config, tmp_path, monkeypatch, capsys):

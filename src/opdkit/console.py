@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .models import machine_description
+from .models import amx_available, machine_description
 
 # metric key -> (label, format); the order is the order shown
 EVAL_METRICS = {
@@ -89,7 +89,9 @@ class RunView:
                     f"lr {config.optim.learning_rate:g}")
         if first_step > 1:
             schedule += f"; resuming at step {first_step}"
-        saving = f"every {save_every} steps" if save_every else "at the end, on a new best and on a stop"
+        next_save = (first_step - 1) // save_every * save_every + save_every if save_every else None
+        saving = (f"every {save_every} steps (next at step {next_save})" if next_save and next_save < steps
+                  else "at the end, on a new best and on a stop")
         best = config.checkpoint.best_metric
         table = Table.grid(padding=(0, 2))
         table.add_column(style="bold")
@@ -109,7 +111,7 @@ class RunView:
             table.add_row(name, text)
         self.console.rule("[bold]opd train")
         self.console.print(table)
-        if run.amp_dtype == torch.bfloat16 and run.device.type == "cpu" and "without" in machine_description(run.amp_dtype):
+        if run.amp_dtype == torch.bfloat16 and run.device.type == "cpu" and not amx_available():
             self.warn("bf16", "precision bf16 on a processor without bf16 matrix units: the run computes in bf16 "
                       "autocast as asked, but emulated, so it is likely slower than precision: fp32")
         self.rendered_prompt()
