@@ -365,8 +365,9 @@ def test_a_terminal_shows_banner_progress_and_acknowledges_ctrl_c_at_once(tiny_c
         read_until(lambda: b"s/step" in seen, 300)  # the first step's line in the progress display
         os.write(master, b"\x03")  # Ctrl-C typed at the terminal
         read_until(lambda: b"stop asked: finishing step" in seen, 30)
-        read_until(lambda: process.poll() is not None, 120)
+        read_until(lambda: process.poll() is not None, 120)  # returns early when the child closes the terminal
         read_until(lambda: b"opd train --resume" in seen, 10)
+        process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
@@ -376,3 +377,18 @@ def test_a_terminal_shows_banner_progress_and_acknowledges_ctrl_c_at_once(tiny_c
         assert needle in text, needle
     assert process.returncode == 128 + signal.SIGINT
     assert "Traceback" not in text
+
+
+def test_sweep_refuses_data_that_does_not_fit_a_method_before_any_run(tiny_config, tmp_path):
+    """TrOPD's guidance prefix goes before the completion budget: 30 + 30 tokens after the prompt do not fit the
+    tiny models' 64-token context, while classic OPD's 30 do. The sweep says so before opd's runs train."""
+    from rich.console import Console
+
+    from opdkit.sweep import run_sweep
+
+    tiny_config["rollout"]["max_completion_length"] = 30
+    tiny_config["optim"] = {"steps": 1, "learning_rate": 1e-3}
+    path = write_yaml(tiny_config, tmp_path / "c.yaml")
+    with pytest.raises(OPDError, match="guidance prefix of up to 30.*exceeds the model context of 64"):
+        run_sweep(str(path), ["opd", "tropd"], [0], [], str(tmp_path / "s"), Console(width=300))
+    assert not (tmp_path / "s" / "opd").exists()

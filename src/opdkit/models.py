@@ -121,7 +121,12 @@ def _ids(encoded) -> list[int]:
     return encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
 
 
-def context_length(model: PreTrainedModel) -> int:
+def context_length(model: PreTrainedModel | str) -> int:
+    """A model's context in tokens; a path is read from its config alone, without loading weights."""
+    if isinstance(model, str):
+        from transformers import AutoConfig
+
+        return int(getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "max_position_embeddings", 10**9))
     return int(getattr(model.config, "max_position_embeddings", 10**9))
 
 

@@ -27,7 +27,7 @@ from .checkpoint import checkpoints, check_folder
 from .config import Config, deep_merge, load_config
 from .errors import OPDError
 from .methods import preset
-from .train import setup, train
+from .train import check_data, setup, train
 
 # What the evaluator may have measured, in the order the plot prefers: accuracy needs a task, the exact reverse
 # KL a local teacher, its k1 estimate a server teacher; every teacher gives token agreement.
@@ -133,10 +133,11 @@ def finished_run(run_dir: Path) -> tuple[dict, list[dict]] | None:
 
 
 def _plan(configs: dict[str, list[Config]], resume: bool) -> dict[Path, str]:
-    """Each run folder's fate: ``new``, ``done`` (reused) or ``resume``; a stopped run without ``resume`` is
-    refused here, before anything trains."""
+    """Each run folder's fate: ``new``, ``done`` (reused) or ``resume``. Refused here, before anything trains: a
+    stopped run without ``resume``, and data that does not fit a method (a TrOPD prefix beyond the context)."""
     plan = {}
     for config in (c for cs in configs.values() for c in cs):
+        check_data(config)
         folder = Path(config.output_dir)
         if finished_run(folder) is not None:
             plan[folder] = "done"

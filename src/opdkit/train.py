@@ -57,32 +57,33 @@ class Run:
     guidance_answers: dict[str, list[int]] = field(default_factory=dict)  # the teacher's greedy answer per prompt
 
 
-def setup(config: Config, student_path: str | None = None) -> Run:
-    """Load models and data and check that they fit together; raise OPDError before any training."""
-    set_threads(config.threads)
-    torch.manual_seed(config.seed)
-    device = pick_device()
-    amp_dtype = resolve_precision(config.precision, device)
-    method = build_method(config.objective)
+@dataclass
+class Data:
+    """The prompts of a run, checked against the student's tokenizer and both models' context."""
 
+    tokenizer: object
+    train: list
+    eval: list
+    verifier: object | None
+
+
+def check_data(config: Config, student_path: str | None = None) -> Data:
+    """Read and check the data against the tokenizer and the models' configs, without loading any weights: what
+    ``setup`` does first, and what ``opd sweep`` does for every run before the first one trains."""
+    method = build_method(config.objective)
     student_path = student_path or config.student.path
     tokenizer = load_tokenizer(student_path)
     if not config.data.chat_template:
         tokenizer.chat_template = None  # prompts are their raw text (data.render_prompt), for base models
     verifier = get_verifier(config.data.task) if config.data.task else None
-
     train_examples = load_examples(config.data.train)
     eval_examples = load_examples(config.data.eval)[: config.data.eval_size] if config.data.eval else []
     if method.needs_completions() and any(e.completion is None for e in train_examples):
         raise OPDError(f"method {method.name!r} trains on dataset completions (lmbda < 1, or prefix_guidance.answer: "
                        f"dataset), but {config.data.train!r} has records without one: add a 'completion' field (or a "
                        "final assistant message), or set lmbda: 1.0 and prefix_guidance.answer: teacher")
-    student = load_model(student_path, device)
-    method.attach(student)
-    # a frozen copy of the initial student for the KL-to-reference regularizer, in bf16 where the run is
-    reference = load_model(student_path, device, amp_dtype).requires_grad_(False) if config.objective.ref_kl_coef else None
-    teacher = build_teacher(config.teacher, tokenizer, student.config, device, amp_dtype, config.data.chat_template)
-    context = context_length(student) if teacher.model is None else min(context_length(student), context_length(teacher.model))
+    local_teacher = config.teacher.kind == "local"
+    context = min(context_length(student_path), context_length(config.teacher.path) if local_teacher else 10**9)
     eval_length = config.eval.max_completion_length or config.rollout.max_completion_length
     budget = config.rollout.max_completion_length
     # a guidance prefix (at most one answer, which is at most max_completion_length) goes before the budget
@@ -90,12 +91,30 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     validate_lengths(tokenizer, train_examples, budget, context, config.data.train, prefix)
     if eval_examples:
         validate_lengths(tokenizer, eval_examples, eval_length, context, config.data.eval)
+    return Data(tokenizer, train_examples, eval_examples, verifier)
 
-    evaluator = Evaluator(teacher, tokenizer, eval_examples, verifier, eval_length, config.eval.batch_size,
+
+def setup(config: Config, student_path: str | None = None) -> Run:
+    """Load models and data and check that they fit together; raise OPDError before any training."""
+    set_threads(config.threads)
+    torch.manual_seed(config.seed)
+    device = pick_device()
+    amp_dtype = resolve_precision(config.precision, device)
+    method = build_method(config.objective)
+    data = check_data(config, student_path)
+
+    student_path = student_path or config.student.path
+    student = load_model(student_path, device)
+    method.attach(student)
+    # a frozen copy of the initial student for the KL-to-reference regularizer, in bf16 where the run is
+    reference = load_model(student_path, device, amp_dtype).requires_grad_(False) if config.objective.ref_kl_coef else None
+    teacher = build_teacher(config.teacher, data.tokenizer, student.config, device, amp_dtype, config.data.chat_template)
+    eval_length = config.eval.max_completion_length or config.rollout.max_completion_length
+    evaluator = Evaluator(teacher, data.tokenizer, data.eval, data.verifier, eval_length, config.eval.batch_size,
                           config.seed, amp_dtype, config.logging.samples)
     run_dir = Path(config.output_dir)
-    return Run(config, student, teacher, tokenizer, method,
-               PromptSampler(train_examples, config.seed), evaluator, device, amp_dtype, run_dir, reference)
+    return Run(config, student, teacher, data.tokenizer, method,
+               PromptSampler(data.train, config.seed), evaluator, device, amp_dtype, run_dir, reference)
 
 
 def trainable_parameters(run: Run) -> list[torch.nn.Parameter]:
