@@ -85,8 +85,9 @@ class Evaluator:
 
     def _samples(self, greedy: list[Rollouts]) -> list[dict]:
         examples = self.examples[: self.samples]
-        students = [t for r in greedy for t in r.texts(self.tokenizer)][: len(examples)]
-        teachers = [t for r in self.teacher_greedy for t in r.texts(self.tokenizer)][: len(examples)]
+        batches = -(-len(examples) // self.batch_size)  # decode only the batches that hold them
+        students = [t for r in greedy[:batches] for t in r.texts(self.tokenizer)][: len(examples)]
+        teachers = [t for r in self.teacher_greedy[:batches] for t in r.texts(self.tokenizer)][: len(examples)]
         return [{"prompt": e.messages[-1]["content"], "student": s, "teacher": t,
                  **({"answer": e.answer} if e.answer is not None else {})}
                 for e, s, t in zip(examples, students, teachers)]
