@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import types
 import typing
 from dataclasses import dataclass
 
@@ -36,9 +37,9 @@ class Section:
 def method_summary(name: str) -> tuple[str, str, dict]:
     """``(one-line definition, the rest of the docstring, preset values)`` of a named method."""
     doc = (importlib.import_module(f".methods.{name}", "opdkit").__doc__ or "").strip()
-    paragraph = " ".join(doc.split("\n\n")[0].split())
-    first = re.split(r"(?<=\.) (?=[A-Z`])", paragraph, maxsplit=1)[0]
-    return first, doc[len(doc.split("\n\n")[0]):].strip(), preset(name)
+    paragraph, _, rest = doc.partition("\n\n")
+    first = re.split(r"(?<=\.) (?=[A-Z`])", " ".join(paragraph.split()), maxsplit=1)[0]
+    return first, rest.strip(), preset(name)
 
 
 def _flat(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -57,7 +58,7 @@ def _kind(annotation) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
         return " | ".join(str(a) for a in args)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         named = [_kind(a) for a in args if a is not type(None)]
         return " | ".join(named) + (" | null" if type(None) in args else "")
     if origin in (tuple, list):

@@ -12,18 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .evaluate import METRICS
 from .models import amx_available, machine_description
-
-# metric key -> (label, format); the order is the order shown
-EVAL_METRICS = {
-    "accuracy": ("accuracy", ".1%"),
-    "reverse_kl": ("reverse KL to teacher, exact (nats/token)", ".4f"),
-    "reverse_kl_k1": ("reverse KL to teacher, k1 estimate (nats/token)", ".4f"),
-    "token_agreement": ("token agreement with teacher", ".1%"),
-    "greedy_match": ("greedy answer = teacher's", ".1%"),
-    "mean_length": ("mean greedy length (tokens)", ".1f"),
-}
-
 
 def _size(model: torch.nn.Module) -> str:
     count = sum(p.numel() for p in model.parameters())
@@ -41,8 +31,8 @@ def _value(value, fmt: str) -> str:
 
 
 def eval_line(measured: dict) -> str:
-    return "  ".join(f"{EVAL_METRICS[k][0].split(' (')[0]} {_value(v, EVAL_METRICS[k][1])}"
-                     for k, v in measured.items() if k in EVAL_METRICS and v is not None)
+    return "  ".join(f"{METRICS[k][0].split(' (')[0]} {_value(v, METRICS[k][1])}"
+                     for k, v in measured.items() if k in METRICS and v is not None)
 
 
 def step_line(record: dict) -> str:
@@ -135,25 +125,20 @@ class RunView:
     # ---- during -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def live(self, completed: int):
-        """The progress display for the steps from ``completed + 1`` on."""
-        self.start(completed)
-        try:
+        """The progress display for the steps from ``completed + 1`` on: a live bar on a terminal, else nothing
+        (``step`` prints a line every ``logging.every`` steps)."""
+        if not self.console.is_terminal:
             yield self
+            return
+        self.progress = Progress(TextColumn(f"[bold]{self.run.method.name}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 TextColumn("{task.description}"), console=self.console, transient=False)
+        self._task = self.progress.add_task("starting the first step...", total=self.run.config.optim.steps,
+                                            completed=completed)
+        try:
+            with self.progress:
+                yield self
         finally:
-            self.stop()
-
-    def start(self, completed: int) -> None:
-        steps = self.run.config.optim.steps
-        if self.console.is_terminal:
-            self.progress = Progress(TextColumn(f"[bold]{self.run.method.name}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                     TextColumn("{task.description}"), console=self.console, transient=False)
-            self.progress.start()
-            self._task = self.progress.add_task("starting the first step...", total=steps, completed=completed)
-
-    def stop(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
             self.progress = None
 
     def step(self, record: dict) -> None:
@@ -209,7 +194,7 @@ class RunView:
             table.add_column("metric")
             for column in ("before", "after", "teacher"):
                 table.add_column(column, justify="right")
-            for key, (label, fmt) in EVAL_METRICS.items():
+            for key, (label, fmt) in METRICS.items():
                 if after.get(key) is not None or before.get(key) is not None:
                     table.add_row(label, _value(before.get(key), fmt), _value(after.get(key), fmt),
                                   _value(teacher.get(key), fmt) if key == "accuracy" else "")

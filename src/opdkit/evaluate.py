@@ -31,6 +31,19 @@ from .tasks import Verifier
 from .teachers import Teacher
 
 
+# Every metric an evaluation may return: key -> (label, format), in the order tables show them and plots prefer
+# them (accuracy needs a task, the exact reverse KL a local teacher, its k1 estimate a server; every teacher gives
+# token agreement).
+METRICS = {
+    "accuracy": ("held-out accuracy", ".1%"),
+    "reverse_kl": ("exact reverse KL to teacher (nats/token)", ".4f"),
+    "reverse_kl_k1": ("reverse KL to teacher, k1 estimate (nats/token)", ".4f"),
+    "token_agreement": ("token agreement with teacher", ".1%"),
+    "greedy_match": ("greedy answer = teacher's", ".1%"),
+    "mean_length": ("mean greedy length (tokens)", ".1f"),
+}
+
+
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]

@@ -26,17 +26,10 @@ from rich.console import Console
 from .checkpoint import checkpoints, check_folder
 from .config import Config, deep_merge, load_config
 from .errors import OPDError
+from .evaluate import METRICS
 from .methods import preset
 from .train import check_data, setup, train
 
-# What the evaluator may have measured, in the order the plot prefers: accuracy needs a task, the exact reverse
-# KL a local teacher, its k1 estimate a server teacher; every teacher gives token agreement.
-METRICS = {
-    "accuracy": "held-out accuracy",
-    "reverse_kl": "exact reverse KL to teacher (nats/token)",
-    "reverse_kl_k1": "reverse KL to teacher, k1 estimate (nats/token)",
-    "token_agreement": "token agreement with teacher",
-}
 KL_KEYS = ("reverse_kl", "reverse_kl_k1")
 
 
@@ -190,9 +183,6 @@ def run_sweep(config_path: str, methods: list[str], seeds: list[int], overrides:
     return runs
 
 
-FORMATS = {"accuracy": ".1%", "token_agreement": ".1%", "reverse_kl": ".4f", "reverse_kl_k1": ".4f"}
-
-
 def table_metrics(before: dict) -> list[str]:
     """The columns a sweep's table shows: accuracy where a task measured it, else token agreement; then the
     reverse KL the teacher allowed (none from a text-only teacher)."""
@@ -201,7 +191,7 @@ def table_metrics(before: dict) -> list[str]:
 
 
 def _row(name: str, measured: list[dict], metrics: list[str], results: list[dict] = ()) -> str:
-    cells = [_spread(_values(measured, key), FORMATS[key]) for key in metrics]
+    cells = [_spread(_values(measured, key), METRICS[key][1]) for key in metrics]
     cells += [_spread([r[key] for r in results], ".0f") for key in ("tokens_per_s", "wall_s", "extra_teacher_tokens")]
     return f"| {name} | {' | '.join(cells)} |"
 
@@ -211,7 +201,7 @@ def markdown_table(runs: dict, base: Config, config_path: str, methods, seeds, o
     metrics = table_metrics(before)
     command = f"opd sweep {config_path} --methods {','.join(methods)} --seeds {','.join(map(str, seeds))}"
     command += "".join(f" --set {o}" for o in overrides)
-    header = " | ".join(METRICS[key] for key in metrics)
+    header = " | ".join(METRICS[key][0] for key in metrics)
     lines = [f"Command: `{command}`", "",
              f"Budget per run: {base.optim.steps} steps x {base.rollout.batch_size} prompts, learning rate "
              f"{base.optim.learning_rate}, {len(seeds)} seeds; mean ± standard deviation over seeds.", "",
@@ -238,7 +228,7 @@ def plot(runs: dict, metric: str, path: Path) -> None:
             ax.fill_between(steps, [min(col) for col in zip(*values)], [max(col) for col in zip(*values)],
                             color=line.get_color(), alpha=0.15)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(METRICS[metric])
+    ax.set_ylabel(METRICS[metric][0])
     ax.set_title("Same budget per method (mean over seeds; band: min to max)")
     ax.grid(alpha=0.3)
     ax.legend()

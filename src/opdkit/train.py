@@ -65,6 +65,7 @@ class Data:
     train: list
     eval: list
     verifier: object | None
+    eval_length: int  # new tokens per held-out completion
 
 
 def check_data(config: Config, student_path: str | None = None) -> Data:
@@ -91,7 +92,7 @@ def check_data(config: Config, student_path: str | None = None) -> Data:
     validate_lengths(tokenizer, train_examples, budget, context, config.data.train, prefix)
     if eval_examples:
         validate_lengths(tokenizer, eval_examples, eval_length, context, config.data.eval)
-    return Data(tokenizer, train_examples, eval_examples, verifier)
+    return Data(tokenizer, train_examples, eval_examples, verifier, eval_length)
 
 
 def setup(config: Config, student_path: str | None = None) -> Run:
@@ -109,8 +110,7 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     # a frozen copy of the initial student for the KL-to-reference regularizer, in bf16 where the run is
     reference = load_model(student_path, device, amp_dtype).requires_grad_(False) if config.objective.ref_kl_coef else None
     teacher = build_teacher(config.teacher, data.tokenizer, student.config, device, amp_dtype, config.data.chat_template)
-    eval_length = config.eval.max_completion_length or config.rollout.max_completion_length
-    evaluator = Evaluator(teacher, data.tokenizer, data.eval, data.verifier, eval_length, config.eval.batch_size,
+    evaluator = Evaluator(teacher, data.tokenizer, data.eval, data.verifier, data.eval_length, config.eval.batch_size,
                           config.seed, amp_dtype, config.logging.samples)
     run_dir = Path(config.output_dir)
     return Run(config, student, teacher, data.tokenizer, method,

@@ -86,7 +86,7 @@ class ApiClient:
         self._pool = ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix="opd-teacher")
         self.usage: dict[str, float] = {}
 
-    def _count(self, **values: float) -> None:
+    def count(self, **values: float) -> None:
         with self._lock:
             for key, value in values.items():
                 self.usage[key] = self.usage.get(key, 0) + value
@@ -118,14 +118,14 @@ class ApiClient:
             key = hashlib.sha256(json.dumps([path, payload], sort_keys=True).encode()).hexdigest()
             cached = self.cache / key[:2] / f"{key}.json"
             if cached.is_file():
-                self._count(requests=1, cache_hits=1)
+                self.count(requests=1, cache_hits=1)
                 return json.loads(cached.read_text())
-        self._count(requests=1)
+        self.count(requests=1)
         attempt, failures = 0, []
         while True:
             replica = self._pick()
             retry_after = None
-            self._count(http_calls=1)
+            self.count(http_calls=1)
             try:
                 response = self.http.post(replica.url + path, json=payload)
             except httpx.TransportError as exc:  # refused, reset, dropped mid-answer, timed out
@@ -139,7 +139,7 @@ class ApiClient:
                     except (ValueError, KeyError, TypeError, IndexError) as exc:  # JSONDecodeError is a ValueError
                         failure = f"{replica.url}: malformed answer ({type(exc).__name__}: {str(exc)[:200]})"
                     else:
-                        self._count(**{f"{k}": float(v) for k, v in (body.get("usage") or {}).items()
+                        self.count(**{f"{k}": float(v) for k, v in (body.get("usage") or {}).items()
                                        if k in ("prompt_tokens", "completion_tokens") and isinstance(v, (int, float))})
                         if key is not None:
                             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ class ApiClient:
             with self._lock:
                 replica.down_until = time.monotonic() + max(self.spec.replica_cooldown_s, retry_after or 0.0)
             attempt += 1
-            self._count(retries=1)
+            self.count(retries=1)
             if attempt > max_retries:
                 if self.spec.on_failure == "raise" or max_retries < self.spec.max_retries:
                     raise TeacherUnavailable(
@@ -457,7 +457,7 @@ class ServerTeacher:
                 ids = self.tokenizer(choice["text"], add_special_tokens=False)["input_ids"]
                 if choice.get("finish_reason") == "stop":
                     ids.append(self.tokenizer.eos_token_id)
-                self.client._count(bridge_retokenized=1)
+                self.client.count(bridge_retokenized=1)
             eos = self.tokenizer.eos_token_id
             out.append(ids[: ids.index(eos) + 1] if eos in ids else ids[:max_new_tokens])
         return out
