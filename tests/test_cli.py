@@ -165,7 +165,8 @@ def test_a_run_shows_banner_before_evals_and_summary_and_keeps_samples_and_final
 def test_raw_prompts_for_base_models_and_a_truncation_warning(tiny_config, tmp_path, capsys):
     tiny_config["data"]["chat_template"] = False
     tiny_config["rollout"]["max_completion_length"] = 2  # the random student never ends in 2 tokens
-    tiny_config["optim"]["steps"] = 1
+    tiny_config["optim"]["steps"] = 3
+    tiny_config["diagnostics"] = {"detectors": {"window": 1}}
     path = write_yaml(tiny_config, tmp_path / "c.yaml")
     assert main(["train", str(path)]) == 0
     out = capsys.readouterr().out
@@ -173,7 +174,9 @@ def test_raw_prompts_for_base_models_and_a_truncation_warning(tiny_config, tmp_p
     first = json.loads(Path(tiny_config["data"]["train"]).read_text().splitlines()[0])["prompt"]
     assert repr(first) in out.replace("\n", "") or first in out  # the prompt as sent: its text, no template
     assert "<|" not in out.split("first prompt")[1].splitlines()[1]
-    assert out.count("of rollouts reached rollout.max_completion_length (2)") == 1
+    assert out.count("of recent rollouts reached rollout.max_completion_length (2)") == 1  # once, though every step truncates
+    alerts = [a for r in records(tmp_path / "run") for a in r.get("alerts", [])]
+    assert [a["detector"] for a in alerts].count("truncation") == 1 and alerts[0]["step"] == 1
 
 
 def test_serve_teacher_help_shows_defaults():

@@ -591,6 +591,49 @@ class CheckpointConfig(_Strict):
         return max(1, steps // 10) if self.every is None else self.every
 
 
+class DetectorsConfig(_Strict):
+    """Failure detectors over the per-step diagnostics (``opdkit.detectors``): each warns once per run, in plain
+    words with the likely cause and what to try, and is recorded under ``alerts`` in ``metrics.jsonl``. A threshold
+    of null turns its detector off. "Recent" is the mean over the last ``window`` steps, "early" over the first."""
+
+    window: int = Field(5, ge=1, description="steps averaged for a recent (and an early) value; a detector that "
+                        "compares the two waits for twice as many steps")
+    truncation_rate: float | None = Field(0.5, gt=0, le=1, description="truncation: recent share of rollouts "
+                                          "that reach rollout.max_completion_length without ending, at or above")
+    length_growth: float | None = Field(2.0, gt=1, description="length inflation: recent mean completion length "
+                                        "at or above this multiple of the early one")
+    repeated_ngram_share: float | None = Field(0.3, gt=0, le=1, description="repetition loops: recent share of "
+                                               "n-grams that repeat an earlier one in their completion, at or above")
+    entropy_drop: float | None = Field(0.25, gt=0, lt=1, description="entropy collapse: recent student entropy at "
+                                       "or below this fraction of the early one")
+    negative_share: float | None = Field(0.9, gt=0.5, lt=1, description="one-sided signal: recent share of sampled "
+                                         "tokens with a negative signal at or above this, or at or below 1 minus it")
+    spike_factor: float | None = Field(5.0, gt=1, description="signal spike: a step's p99.9 |log-ratio| at or above "
+                                       "this multiple of the median of the steps before it (and of spike_floor)")
+    spike_floor: float = Field(10.0, gt=0, description="signal spike: the smallest p99.9 |log-ratio| (nats) that "
+                                "counts as a spike")
+    teacher_entropy_growth: float | None = Field(2.0, gt=1, description="teacher confidence decaying with position: "
+                                                 "recent teacher entropy in the last position bucket at or above this "
+                                                 "multiple of the first bucket's (needs a local teacher)")
+    topk_mass: float | None = Field(0.5, gt=0, lt=1, description="incompatible teacher: recent student mass on the "
+                                    "teacher's top-k below this (healthy pairs share 97-99%)")
+
+
+class DiagnosticsConfig(_Strict):
+    """Per-step diagnostics logged to ``metrics.jsonl`` at no extra forward pass (``opdkit.diagnostics``), the
+    token tables kept in ``tokens.jsonl``, and the failure detectors."""
+
+    top_k: int = Field(20, ge=0, description="k of the top-k mass and overlap diagnostics; a local teacher is asked "
+                       "for its top-k and entropy for them (0: only what the method needs); a server teacher gives them only "
+                       "when the method asks for its top-k")
+    position_buckets: int = Field(4, ge=1, description="equal buckets of completion positions for the signal, "
+                                  "teacher entropy and overlap by position")
+    ngram: int = Field(4, ge=2, description="n of the repeated n-gram share")
+    high_loss_fraction: float = Field(0.1, gt=0, le=1, description="tokens.jsonl: the share q of a kept step's "
+                                      "tokens flagged high-loss (largest k1), as in the near-future diagnostic")
+    detectors: DetectorsConfig = DetectorsConfig()
+
+
 class LoggingConfig(_Strict):
     """What the console shows and the run folder keeps besides ``metrics.jsonl``."""
 
@@ -619,6 +662,7 @@ class Config(_Strict):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
 
     @model_validator(mode="after")
     def _best_metric_measurable(self) -> "Config":

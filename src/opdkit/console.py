@@ -36,13 +36,19 @@ def eval_line(measured: dict) -> str:
 
 
 def step_line(record: dict) -> str:
-    """The per-step numbers people watch: loss, the KL the step measured, lr, gradient norm, time."""
+    """The per-step numbers people watch: loss, the KL the step measured, the student's entropy (and the teacher's),
+    the share of sampled tokens with a negative signal, the student's mass on the teacher's top-k, lr, gradient
+    norm, length, time."""
     parts = [f"loss {record['loss']:+.4f}"]
     for key, label in (("reverse_kl_k1", "rkl~k1"), ("reverse_kl_topk", "rkl@topk"), ("reverse_kl_full", "rkl")):
         if key in record:
             parts.append(f"{label} {record[key]:.4f}")
     if "student_entropy" in record:
-        parts.append(f"H {record['student_entropy']:.2f}")
+        parts.append(f"H {record['student_entropy']:.2f}" + (f"/{record['teacher_entropy']:.2f}" if "teacher_entropy" in record else ""))
+    if "signal_negative_share" in record:
+        parts.append(f"neg {record['signal_negative_share']:.0%}")
+    if "student_topk_mass" in record:
+        parts.append(f"top-k mass {record['student_topk_mass']:.0%}")
     seconds = sum(v for k, v in record.items() if k.startswith("time_"))
     parts += [f"lr {record['lr']:.2e}", f"gnorm {record['grad_norm']:.2f}", f"len {record['completion_length']:.1f}",
               f"{seconds:.2f} s/step"]
@@ -149,11 +155,10 @@ class RunView:
             self.console.print(f"{self.run.method.name} step {step}/{steps}  {step_line(record)}", highlight=False)
         if "nonfinite" in record:
             self.console.print(f"[yellow]step {step} skipped:[/] {record['nonfinite']} (batch: {record['nonfinite_batch']})")
-        if record.get("truncation_rate", 0.0) > 0.5:
-            self.warn("truncation", f"step {step}: {record['truncation_rate']:.0%} of rollouts reached "
-                      f"rollout.max_completion_length ({self.run.config.rollout.max_completion_length}) without ending: "
-                      "the signal on their last tokens is cut off; raise max_completion_length, or check that the "
-                      "student emits its end token")
+
+    def alert(self, alert) -> None:
+        """A failure detector that fired (``opdkit.detectors``): once per run, in plain words."""
+        self.console.print(f"[yellow]warning ({alert.detector}, step {alert.step}):[/] {alert.text()}", highlight=False)
 
     def evaluation(self, step: int, measured: dict, new_best: bool) -> None:
         best = f"  (best {self.run.config.checkpoint.best_metric} so far)" if new_best else ""

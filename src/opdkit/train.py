@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from . import checkpoint
+from . import checkpoint, detectors
 from .config import Config, dump_config
 from .console import RunView
 from .data import PromptSampler, load_examples, validate_lengths
+from .diagnostics import position_edges, step_diagnostics, token_signals
 from .errors import Interrupted, OPDError
 from .evaluate import Evaluator
 from .faults import StopSignals, diagnose, save_batch
@@ -203,6 +204,16 @@ def step_advantage_moments(run: Run, batches: list[Rollouts], signals) -> tuple[
     return credit.step_moments(pairs)
 
 
+def teacher_request(run: Run) -> tuple[str, int | None, bool]:
+    """``(support, top_k, entropy)`` to ask the teacher for: what the method needs and, from a local teacher (for
+    which they cost no extra forward pass), its top-k and entropy for the diagnostics (``diagnostics.top_k``)."""
+    method, k = run.method, run.config.diagnostics.top_k
+    support, top_k, entropy = method.teacher_support, method.top_k, method.needs_teacher_entropy
+    if run.teacher.model is None or not k:
+        return support, top_k, entropy
+    return ("topk" if support == "token" else support), max(top_k or 0, k), True
+
+
 def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its log record."""
     timings = {"rollout": 0.0, "teacher": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
@@ -213,8 +224,8 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
 
     start = time.perf_counter()
     method = run.method
-    signals = [run.teacher.score(b, method.teacher_support, method.top_k, entropy=method.needs_teacher_entropy)
-               for b in batches]
+    support, top_k, teacher_entropy = teacher_request(run)
+    signals = [run.teacher.score(b, support, top_k, entropy=teacher_entropy) for b in batches]
     for batch, signal in zip(batches, signals):  # near-future bridges: the teacher continues from chosen student states
         method.guide(batch, signal, run.teacher)
     usage_keys = set().union(*(s.usage for s in signals))  # teacher calls and tokens (remote teachers)
@@ -235,6 +246,9 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
     if method.normalizes_advantages and len(batches) > 1:
         method.advantage_moments = step_advantage_moments(run, batches, signals)
     sums: dict[str, float] = {"loss": 0.0}
+    cfg = run.config
+    exact_sampler = cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0 and cfg.student.disable_dropout
+    parts = []  # per-token diagnostics of each micro-batch (diagnostics.token_signals)
     for batch, signal, weight in zip(batches, signals, weights):
         logits, hidden = student_forward(run, batch)
         token_loss = method.token_loss(logits, batch, signal, hidden=hidden)
@@ -247,6 +261,9 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
                 token_loss.stats["student_entropy"] = entropy(logits.float().log_softmax(-1))
             for name, values in token_loss.stats.items():
                 sums[name] = sums.get(name, 0.0) + float(token_sum(values, batch.completion_mask)) / total_tokens
+            if run.teacher.returns_logprobs and batch.source == "student":
+                parts.append(token_signals(batch, signal, token_loss.loss, logits, token_loss.stats.get("student_entropy"),
+                                           exact_sampler))
             for name, value in token_loss.scalars.items():
                 sums[name] = sums.get(name, 0.0) + value * share
     method.advantage_moments = None
@@ -263,6 +280,8 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
     timings["optimizer"] = time.perf_counter() - start
 
     seconds = sum(timings.values())
+    edges = position_edges(cfg.rollout.max_completion_length, cfg.diagnostics.position_buckets)
+    diagnostics = step_diagnostics(parts, edges, cfg.diagnostics.ngram) if parts else {}
     lengths = torch.cat([b.lengths() for b in batches])
     skipped = {}
     if not finite:
@@ -271,6 +290,7 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
         skipped = {"nonfinite": reason, "nonfinite_batch": str(dump)}
     return {
         **sums,
+        **diagnostics,
         **skipped,
         **teacher_usage,
         "grad_norm": grad_norm,
@@ -357,8 +377,13 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
                 if config.eval.every and step % config.eval.every == 0 and step < steps and run.evaluator.examples:
                     record["eval"] = evaluate(step)
                 run.history.append(record)
+                alerts = detectors.check(run.history, config.diagnostics.detectors, config.rollout.max_completion_length)
+                if alerts:
+                    record["alerts"] = [a.as_record() for a in alerts]
                 _write_jsonl(metrics_path, record)
                 view.step(record)
+                for alert in alerts:
+                    view.alert(alert)
                 if loop.nonfinite_streak >= config.optim.max_nonfinite_steps:
                     saved = save()
                     raise OPDError(f"{loop.nonfinite_streak} steps in a row had a non-finite loss or gradient (the limit is "

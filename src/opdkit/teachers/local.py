@@ -22,11 +22,22 @@ from . import Support, TeacherSignal
 BLOCK_MEMORY_MIB = 256  # per block of positions when the full distribution is reduced (token log-probs, entropy)
 
 
-def _reduce(logits: torch.Tensor, ids: torch.Tensor, entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(log_softmax(logits)[ids], logsumexp(logits), entropy or None)`` in float32, without a float32
-    log-softmax of the whole ``logits`` unless the entropy is asked for."""
+def _reduce(logits: torch.Tensor, ids: torch.Tensor, entropy: bool, top_k: int | None
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(log_softmax(logits)[ids], entropy, top-k ids, top-k log-probs)`` in float32 over ``[..., V]`` logits, the
+    top-k taken on the raw logits before any upcast; the entropy is a float32 log-softmax block by block (rows of
+    ``BLOCK_MEMORY_MIB``), the others need none."""
     token, lse = sampled_from_logits(logits, ids)
-    return token, lse, full_entropy(logits.float().log_softmax(-1)) if entropy else None
+    teacher_entropy = topk_ids = topk_logprobs = None
+    if entropy:
+        flat = logits.reshape(-1, logits.shape[-1])
+        rows = chunk_rows(logits.shape[-1], BLOCK_MEMORY_MIB, live=2)
+        teacher_entropy = torch.cat([full_entropy(flat[i : i + rows].float().log_softmax(-1))
+                                     for i in range(0, flat.shape[0], rows)]).view(logits.shape[:-1])
+    if top_k:
+        values, topk_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        topk_logprobs = values.float() - lse.unsqueeze(-1)
+    return token, teacher_entropy, topk_ids, topk_logprobs
 
 
 class LocalTeacher:
@@ -45,8 +56,10 @@ class LocalTeacher:
     @torch.no_grad()
     def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None,
               entropy: bool = False) -> TeacherSignal:
+        """``top_k`` with support "full" also gives the top-k (for diagnostics), taken block by block."""
         mask, ids = rollouts.completion_mask, rollouts.completion_ids
-        if support == "full":  # hidden states and head; token log-probs and entropy block by block
+        k = top_k if support in ("topk", "full") else None
+        if support == "full":  # hidden states and head; token log-probs, entropy and top-k block by block
             with autocast(self.device, self.amp_dtype):
                 _, hidden = rollouts.completion_logits(self.model, return_hidden=True, logits=False)
             head = self.model.get_output_embeddings()
@@ -56,18 +69,16 @@ class LocalTeacher:
             for i in range(0, flat_hidden.shape[0], rows):
                 with autocast(self.device, self.amp_dtype):
                     logits = head(flat_hidden[i : i + rows])
-                blocks.append(_reduce(logits, flat_ids[i : i + rows], entropy))
-            token = torch.cat([b[0] for b in blocks]).view_as(mask)
-            teacher_entropy = torch.cat([b[2] for b in blocks]).view_as(mask) if entropy else None
-            return TeacherSignal(token * mask, hidden=hidden, head=head, entropy=teacher_entropy)
+                blocks.append(_reduce(logits, flat_ids[i : i + rows], entropy, k))
+            joined = [None if b[0] is None else torch.cat(b) for b in zip(*blocks)]
+            token, teacher_entropy, topk_ids, topk_logprobs = (
+                None if x is None else x.view(*mask.shape, *x.shape[1:]) for x in joined)
+            return TeacherSignal(token * mask, hidden=hidden, head=head, entropy=teacher_entropy, topk_ids=topk_ids,
+                                 topk_logprobs=topk_logprobs)
         with autocast(self.device, self.amp_dtype):
             logits = rollouts.completion_logits(self.model)
-        token, lse, teacher_entropy = _reduce(logits, ids, entropy)
-        signal = TeacherSignal(token * mask, entropy=teacher_entropy)
-        if support == "topk":  # top-k of the raw logits, then only k values upcast
-            values, signal.topk_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-            signal.topk_logprobs = values.float() - lse.unsqueeze(-1)
-        return signal
+        token, teacher_entropy, topk_ids, topk_logprobs = _reduce(logits, ids, entropy, k)
+        return TeacherSignal(token * mask, entropy=teacher_entropy, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
 
     def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
                top_p: float = 1.0, greedy: bool = False) -> Rollouts:
