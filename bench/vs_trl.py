@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 VARIANTS = ("ours", "trl-fp32", "trl-bf16")
-STAGES = ("rollout", "teacher", "forward_backward", "optimizer")
+STAGES = ("rollout", "teacher", "forward_backward", "optimizer", "diagnostics")
 TRAIN_PROMPTS, BATCH_SIZE, LEARNING_RATE = 64, 4, 1e-5
 HELDOUT_PROMPTS, EVAL_LENGTH, EVAL_BATCH = 32, 32, 16
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -216,7 +216,7 @@ def teacher_request(run: Run) -> tuple[str, int | None, bool]:
 
 def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its log record."""
-    timings = {"rollout": 0.0, "teacher": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
+    timings = {"rollout": 0.0, "teacher": 0.0, "forward_backward": 0.0, "optimizer": 0.0, "diagnostics": 0.0}
     start = time.perf_counter()
     step = scheduler.last_epoch  # optimizer steps completed so far
     batches = [collect(run, rng, step) for _ in range(run.config.optim.gradient_accumulation_steps)]
@@ -279,9 +279,12 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
     optimizer.zero_grad(set_to_none=True)
     timings["optimizer"] = time.perf_counter() - start
 
-    seconds = sum(timings.values())
+    start = time.perf_counter()
     edges = position_edges(cfg.rollout.max_completion_length, cfg.diagnostics.position_buckets)
     diagnostics = step_diagnostics(parts, edges, cfg.diagnostics.ngram) if parts else {}
+    timings["diagnostics"] = time.perf_counter() - start
+
+    seconds = sum(timings.values())
     lengths = torch.cat([b.lengths() for b in batches])
     skipped = {}
     if not finite:
