@@ -127,7 +127,7 @@ def test_the_run_log_and_the_run_folder_keep_the_findings(teacher_files, tiny_co
         train(setup(load_config(base=tiny_config)), console)
     shown = console.export_text()
     banner = shown[shown.index("teacher"):shown.index("precision")]
-    for finding in ("serves t", "top-k: 20", "prompt log-probs: come back", "alignment: OK", "temperature:",
+    for finding in ("identity: serves t", "top-k: 20", "prompt log-probs: come back", "alignment: OK", "temperature:",
                     "chat template: OK"):
         assert finding in banner, shown
     saved = json.loads((Path(tiny_config["output_dir"]) / "teacher_probe.json").read_text())

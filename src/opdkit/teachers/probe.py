@@ -69,8 +69,8 @@ class Probe:
         """One plain-words line per finding, for the run log."""
         card = ", ".join(x for x in (f"owned by {self.owned_by}" if self.owned_by else "",
                                      f"context {self.max_model_len}" if self.max_model_len else "") if x)
-        lines = [f"server {self.server} serves {', '.join(self.models)}" + (f" ({card})" if card else "") +
-                 f"; the student's tokens are sent as {'token ids' if self.prompt_as == 'ids' else 'text'}"]
+        lines = [f"identity: serves {', '.join(self.models)}" + (f" ({card})" if card else "") +
+                 f"; the student's tokens go as {'token ids' if self.prompt_as == 'ids' else 'their text'}"]
         if self.capped:
             refused = f" (refused {self.refused_top_k})" if self.refused_top_k else ""
             lines.append(f"top-k: at most {self.max_top_k} log-probs per position{refused}")
