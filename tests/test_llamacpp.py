@@ -29,6 +29,7 @@ from opdkit.models import load_model, load_tokenizer  # noqa: E402
 from opdkit.rollout import from_dataset  # noqa: E402
 from opdkit.scenarios.smollm2 import gguf_path  # noqa: E402
 from opdkit.teachers import LocalTeacher  # noqa: E402
+from opdkit.teachers.probe import probe  # noqa: E402
 from opdkit.teachers.server import ServerTeacher, sequences  # noqa: E402
 
 # measured here (docs/results.md): mean |diff| 0.054 nats, worst token 0.293, top-1 agreement 49/55 (the
@@ -97,3 +98,18 @@ def test_scores_through_llamacpp_agree_with_the_local_load_of_the_same_gguf(llam
           f"top-1 agreement {agree}/{total}, prompt sent as {teacher.prompt_as}, unmapped top-k texts {teacher.unmapped}")
     assert diff.mean() < MEAN_TOLERANCE and diff.max() < MAX_TOLERANCE
     assert agree / total > TOP1_AGREEMENT and total > 0.8 * int(mask.sum())
+
+
+def test_the_probe_reports_each_finding_on_llamacpp(llamacpp_server):
+    """Each finding is measured on a server nobody here wrote (text prompts, legacy echo without BOS ids)."""
+    tokenizer = load_tokenizer("builtin:smollm2/teacher")
+    spec = ServerTeacherSpec(kind="server", base_url=llamacpp_server, model="smollm2", timeout_s=120, concurrency=1)
+    teacher = ServerTeacher(spec, tokenizer)
+    found = probe(teacher)  # the findings, whether or not the run could use them
+    lines = found.lines()
+    print("\n".join(lines + found.problems(1, "auto", True)))
+    assert [line.split(":")[0] for line in lines] == ["identity", "top-k", "prompt log-probs", "alignment",
+                                                      "temperature", "chat template"]
+    assert found.models == ["smollm2"] and found.prompt_as == "text" and found.prompt_logprobs == "echo"
+    assert found.max_top_k >= 5 and found.aligned  # chat-template prompts start with the BOS, which it needs
+    assert found.temperature_applied_to_prompt is not None

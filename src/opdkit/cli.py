@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: all cores; 1 is far faster on a CPU shared with training)")
     p.add_argument("--log-requests", choices=["each", "rate", "off"], default="each",
                    help="one line per request, a line of request and token rates every 10 s, or nothing")
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="the most log-probs per position a request may ask for (more is refused with 400, as vLLM does)")
     return parser
 
 
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             from .serve import serve
 
             serve(args.model, args.host, args.port, args.api_key, args.served_model_name, args.max_batch_size,
-                  args.max_pending, args.threads, args.log_requests)
+                  args.max_pending, args.threads, args.log_requests, args.max_logprobs)
     except OPDError as exc:
         console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         return 2

@@ -88,7 +88,9 @@ class ServerTeacherSpec(_RemoteTeacherSpec):
 
     kind: Literal["server"] = Field(description="server: an OpenAI-compatible server with log-probs (ours, vLLM, "
                                     "SGLang, llama.cpp)")
-    top_k: int = Field(20, ge=1, description="log-probs per position the server returns (servers cap it: often 5 or 20)")
+    top_k: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="log-probs per position asked of the server (servers cap it: often 5 or 20); auto: the "
+        "most the server returns (found by the probe before training), at most 20 unless the objective reads more")
     prompt_as: Literal["auto", "ids", "text"] = Field(
         "auto", description="send the student's token ids, or their text for servers that take only strings "
         "(llama-cpp-python); auto: ids, falling back to text when the server refuses them")
@@ -715,10 +717,11 @@ class Config(_Strict):
                                  "(support full or student_topk, or credit.value analytic), which a server does not "
                                  "return: use support: teacher_topk with top_k <= teacher.top_k, a sampled-token method "
                                  "(opd, opd_plus, eopd, tropd, seqkd), or a local teacher")
-            if method.teacher_support == "topk" and method.top_k > self.teacher.top_k:
+            top_k = self.teacher.top_k
+            if method.teacher_support == "topk" and isinstance(top_k, int) and method.top_k > top_k:
                 raise ValueError(f"the objective needs the teacher's top {method.top_k} log-probs per position but "
-                                 f"teacher.top_k is {self.teacher.top_k}: lower the objective's top_k, or raise "
-                                 "teacher.top_k if the server allows it")
+                                 f"teacher.top_k is {top_k}: lower the objective's top_k, or raise teacher.top_k "
+                                 "(or set it to auto) if the server allows it")
         return self
 
 

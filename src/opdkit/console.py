@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from .evaluate import METRICS
 from .models import amx_available, machine_description
@@ -96,6 +97,7 @@ class RunView:
             ("method", f"{run.method.name}: {_method_line(run.method.name)}"),
             ("student", f"{config.student.path} ({_size(run.student)} parameters)"),
             ("teacher", teacher_text),
+            *(("", Text(line)) for line in probe_lines(run.teacher)),  # Text: no markup in a server's answers
             ("precision", precisions(run)),
             ("machine", f"{run.device.type}: {machine_description(run.amp_dtype)}"),
             ("data", data),
@@ -224,6 +226,12 @@ def _method_line(name: str) -> str:
     from .catalog import method_summary
 
     return method_summary(name)[0]
+
+
+def probe_lines(teacher) -> list[str]:
+    """What the probe found about a server teacher (nothing for other teachers), shown under the teacher."""
+    findings = getattr(teacher, "findings", None)
+    return findings.lines() if findings is not None else []
 
 
 def precisions(run) -> str:

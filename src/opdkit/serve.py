@@ -12,8 +12,13 @@ server share, so one client talks to all of them):
   ``temperature``, ``top_p``, ``stop``, ``logprobs``/``top_logprobs``, and vLLM's
   ``continue_final_message`` (the final assistant message is a prefix to continue).
 
-Log-probs are always the model's own at temperature 1 (``log_softmax(logits)``), whatever temperature
-the sampler used: the contract OPD needs. Requests from concurrent callers are queued and run in
+- ``POST /tokenize`` (vLLM's shape, at the root): a ``prompt`` or chat ``messages`` as the server renders
+  them, ``{"count", "max_model_len", "tokens"}``; the client's probe compares it with the student's rendering.
+
+Log-probs are the model's own at temperature 1 (``log_softmax(logits)``), whatever temperature the
+sampler used: the contract OPD needs (``logprobs_mode="processed"`` breaks it on purpose, as vLLM's
+``--logprobs-mode processed_logprobs`` does, so that clients can be tested against such a server). At most
+``max_logprobs`` log-probs per position are returned; asking for more is refused with 400, as vLLM does. Requests from concurrent callers are queued and run in
 batches of up to ``max_batch_size`` sequences by one worker that owns the model. With ``api_key`` set,
 a request without ``Authorization: Bearer <key>`` is refused with 401.
 """
@@ -22,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
@@ -35,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .data import render_prompt
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # the default cap on log-probs per position, vLLM's too
 
 
 class _Request(BaseModel):
@@ -56,8 +63,8 @@ class CompletionRequest(_Request):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0)
+    prompt_logprobs: int | None = Field(None, ge=0)
     return_tokens_as_token_ids: bool = False
 
 
@@ -65,8 +72,19 @@ class ChatRequest(_Request):
     messages: list[dict]
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0)
     continue_final_message: bool = False
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize``: a ``prompt`` (special tokens added) or ``messages`` rendered by the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    add_generation_prompt: bool = True
 
 
 @dataclass
@@ -97,8 +115,10 @@ class _Job:
 class Engine:
     """Batched sampling and scoring; one worker thread owns the model, an asyncio task feeds it."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_wait_s: float = 0.005):
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_wait_s: float = 0.005,
+                 logprobs_mode: str = "raw"):
         self.model = model.eval().requires_grad_(False)
+        self.logprobs_mode = logprobs_mode  # raw: log_softmax(logits); processed: of logits / the request's temperature
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
@@ -186,7 +206,11 @@ class Engine:
 
         ids, mask = right_pad([seq.ids for _, seq in members], self.tokenizer.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        logprobs = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        if self.logprobs_mode == "processed":
+            temperatures = [job.temperature if job.temperature > 0 else 1.0 for job, _ in members]
+            logits = logits / torch.tensor(temperatures, device=logits.device)[:, None, None]
+        logprobs = logits.log_softmax(-1)
         targets = ids[:, 1:]
         token = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         k = max(1, max(job.top_k for job, _ in members))
@@ -243,11 +267,20 @@ class RequestLog:
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch_size: int = 32,
-               batch_wait_s: float = 0.005, max_pending: int = 256, log: RequestLog | None = None):
+               batch_wait_s: float = 0.005, max_pending: int = 256, log: RequestLog | None = None,
+               max_logprobs: int = MAX_LOGPROBS, logprobs_mode: Literal["raw", "processed"] = "raw",
+               shift_prompt_logprobs: int = 0):
     """The FastAPI application; ``app.state.engine`` is its :class:`Engine`. Past ``max_pending`` requests
     in flight, new ones are refused with 503 and ``Retry-After`` so that memory stays bounded under load.
-    ``log`` hears of every request (its status, time and tokens)."""
-    engine = Engine(model, tokenizer, max_batch_size, batch_wait_s)
+    ``log`` hears of every request (its status, time and tokens).
+
+    Three settings make the server behave like others that a client must detect (``opdkit.teachers.probe``):
+    ``max_logprobs`` caps the log-probs per position (vLLM's ``--max-logprobs``); ``logprobs_mode="processed"``
+    returns log-probs of the logits divided by the request's temperature (vLLM's ``processed_logprobs``);
+    ``shift_prompt_logprobs=1`` reports at each position the log-probs of the next one, the echoed tokens
+    themselves unchanged (what llama-cpp-python 0.3.36 does to an echoed prompt that lacks the BOS).
+    The last two exist to test clients against: OPD needs neither."""
+    engine = Engine(model, tokenizer, max_batch_size, batch_wait_s, logprobs_mode)
     app = FastAPI(title="opd serve-teacher", version="1")
     app.state.engine = engine
 
@@ -297,6 +330,13 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
             return f"prompt of {len(prompt_ids)} tokens + max_tokens {max_tokens} exceeds the context of {engine.context}"
         return None
 
+    def too_many(*asked: int | None):
+        k = max((a for a in asked if a is not None), default=0)
+        if k > max_logprobs:
+            return _error(400, f"requested {k} log-probs per position, which is greater than the max allowed: "
+                               f"{max_logprobs} (opd serve-teacher --max-logprobs raises it)")
+        return None
+
     def wrong_model(name: str | None):
         if name in (None, model_name):
             return None
@@ -309,7 +349,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        if error := wrong_model(body.model):
+        if error := wrong_model(body.model) or too_many(body.logprobs, body.prompt_logprobs):
             return error
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -327,6 +367,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
             for seq in sequences:
                 new = seq.ids[seq.prompt_len:]
                 completion_tokens += len(new)
+                if shift_prompt_logprobs and top_k is not None:
+                    seq = _shifted(seq, shift_prompt_logprobs)
                 text = tokenizer.decode(new, skip_special_tokens=True)
                 if body.echo:
                     text = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) + text
@@ -345,7 +387,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        if error := wrong_model(body.model):
+        if error := wrong_model(body.model) or too_many(body.top_logprobs):
             return error
         messages = body.messages
         if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
@@ -376,7 +418,28 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
                           "total_tokens": len(ids) + completion_tokens}}
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        if error := wrong_model(body.model):
+            return error
+        if (body.prompt is None) == (body.messages is None):
+            return _error(400, "give either prompt or messages")
+        if body.messages is not None:
+            if tokenizer.chat_template is None:
+                return _error(400, "this model's tokenizer has no chat template")
+            ids = list(tokenizer.apply_chat_template(body.messages, add_generation_prompt=body.add_generation_prompt,
+                                                     tokenize=True, return_dict=True)["input_ids"])
+        else:
+            ids = tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
+        return {"count": len(ids), "max_model_len": engine.context, "tokens": ids}
+
     return app
+
+
+def _shifted(seq: Sequence, by: int) -> Sequence:
+    """``seq`` with every position's log-probs moved ``by`` positions earlier (the last ones repeated): a fault."""
+    move = lambda values: values[by:] + values[-by:]  # noqa: E731
+    return dataclasses.replace(seq, token_logprobs=move(seq.token_logprobs), topk=move(seq.topk), ranks=move(seq.ranks))
 
 
 def _top_dict(seq: Sequence, position: int, k: int, token_text) -> dict[str, float]:
@@ -432,13 +495,13 @@ def _chat_logprobs(seq: Sequence, tokenizer) -> dict:
 
 
 def load_app(model_path: str, name: str | None = None, api_key: str | None = None, max_batch_size: int = 32,
-             max_pending: int = 256, log: RequestLog | None = None):
+             max_pending: int = 256, log: RequestLog | None = None, max_logprobs: int = MAX_LOGPROBS):
     """The app for a local model folder or ``builtin:`` name, on the best device, in float32."""
     from .models import load_model, load_tokenizer, pick_device
 
     model = load_model(model_path, pick_device())
     return create_app(model, load_tokenizer(model_path), name or model_path, api_key, max_batch_size,
-                      max_pending=max_pending, log=log)
+                      max_pending=max_pending, log=log, max_logprobs=max_logprobs)
 
 
 @contextlib.contextmanager
@@ -476,14 +539,16 @@ def config_snippet(host: str, port: int, name: str, api_key: bool) -> str:
 
 
 def serve(model_path: str, host: str, port: int, api_key: str | None, name: str | None, max_batch_size: int,
-          max_pending: int = 256, threads: int | None = None, log_requests: str = "each") -> None:
+          max_pending: int = 256, threads: int | None = None, log_requests: str = "each",
+          max_logprobs: int = MAX_LOGPROBS) -> None:
     """Serve until interrupted (the ``opd serve-teacher`` command)."""
     import uvicorn
 
     from .models import set_threads
 
     set_threads(threads)  # oversubscribed OpenMP threads make small models 10-25x slower
-    app = load_app(model_path, name, api_key, max_batch_size, max_pending, RequestLog(log_requests, flush_print))
+    app = load_app(model_path, name, api_key, max_batch_size, max_pending, RequestLog(log_requests, flush_print),
+                   max_logprobs)
     flush_print(f"serving {name or model_path} on http://{host}:{port}/v1 (Ctrl-C stops it). In a training config:\n"
                 f"{config_snippet(host, port, name or model_path, api_key is not None)}")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

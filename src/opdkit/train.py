@@ -110,7 +110,8 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     method.attach(student)
     # a frozen copy of the initial student for the KL-to-reference regularizer, in bf16 where the run is
     reference = load_model(student_path, device, amp_dtype).requires_grad_(False) if config.objective.ref_kl_coef else None
-    teacher = build_teacher(config.teacher, data.tokenizer, student.config, device, amp_dtype, config.data.chat_template)
+    teacher = build_teacher(config.teacher, data.tokenizer, student.config, device, amp_dtype, config.data.chat_template,
+                            method.top_k if method.teacher_support == "topk" else 1)
     evaluator = Evaluator(teacher, data.tokenizer, data.eval, data.verifier, data.eval_length, config.eval.batch_size,
                           config.seed, amp_dtype, config.logging.samples)
     run_dir = Path(config.output_dir)
@@ -363,6 +364,8 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
         view.before(loop.before, loop.teacher)
     checkpoint.write_log(metrics_path, [{"step": 0, "eval": loop.before, "teacher": loop.teacher}, *run.history])
     dump_config(config, run.run_dir / "config.yaml")
+    if (findings := getattr(run.teacher, "findings", None)) is not None:  # a server teacher's probe
+        (run.run_dir / "teacher_probe.json").write_text(json.dumps(findings.as_dict(), indent=2) + "\n")
 
     def save(metrics: dict | None = None) -> Path:
         loop.wall_s = time.perf_counter() - started

@@ -81,9 +81,10 @@ from .local import LocalTeacher  # noqa: E402
 
 
 def build_teacher(spec, student_tokenizer, student_config, device: torch.device, amp_dtype: torch.dtype,
-                  chat_template: bool = True) -> Teacher:
+                  chat_template: bool = True, top_k_needed: int = 1) -> Teacher:
     """The teacher a config names, checked against the student before any training (``chat_template``: whether
-    prompts are rendered with the chat template, so whether the two templates must agree)."""
+    prompts are rendered with the chat template, so whether the two templates must agree; ``top_k_needed``: the
+    teacher log-probs per position the objective reads). A server teacher keeps its probe's ``findings``."""
     from ..errors import OPDError
     from ..models import check_tokenizers_match, load_model, load_tokenizer
 
@@ -99,7 +100,7 @@ def build_teacher(spec, student_tokenizer, student_config, device: torch.device,
         from .server import ServerTeacher
 
         teacher = ServerTeacher(spec, student_tokenizer)
-        teacher.probe()
+        teacher.probe(top_k_needed, chat_template)
         return teacher
     if spec.kind == "chat":
         from .chat import ChatTeacher

@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import httpx
 import torch
@@ -33,6 +33,9 @@ from ..data import Example, render_completion, render_prompt
 from ..errors import OPDError
 from ..rollout import Rollouts
 from . import Support, TeacherSignal
+
+if TYPE_CHECKING:
+    from .probe import Probe
 
 
 class TeacherUnavailable(OPDError):
@@ -188,6 +191,10 @@ class ApiClient:
 
     def models(self) -> list[str]:
         """Model names from ``GET /v1/models`` of the first replica that answers."""
+        return [card["id"] for card in self.model_cards()]
+
+    def model_cards(self) -> list[dict]:
+        """The entries of ``GET /v1/models`` (``id``, and ``owned_by``, ``max_model_len`` where the server says)."""
         errors = []
         for replica in self.replicas:
             try:
@@ -199,11 +206,28 @@ class ApiClient:
                 raise OPDError(f"teacher server {replica.url} refused the API key (HTTP 401): set teacher.api_key_env "
                                "to the variable that holds the server's key")
             try:
-                return [m["id"] for m in response.json()["data"]]
+                cards = response.json()["data"]
+                if all(isinstance(card["id"], str) for card in cards):
+                    return cards
             except (ValueError, KeyError, TypeError):
-                errors.append(f"{replica.url}: HTTP {response.status_code} {response.text[:200]}")
+                pass
+            errors.append(f"{replica.url}: HTTP {response.status_code} {response.text[:200]}")
         raise TeacherUnavailable(f"no teacher replica answered GET /models: {errors}. Start the server "
                                  "(opd serve-teacher MODEL --port 8000) or fix teacher.base_url")
+
+    def post_once(self, path: str, payload: dict, root: bool = False) -> dict | None:
+        """One POST to the first replica, not retried: the JSON answer, or None for any failure (an endpoint the
+        server lacks, a refusal, no answer). ``root``: the path is under the server's root, not the base URL
+        (vLLM serves ``/tokenize`` there)."""
+        url = self.replicas[0].url
+        if root and url.endswith("/v1"):
+            url = url[: -len("/v1")]
+        self.count(http_calls=1)
+        try:
+            response = self.http.post(url + path, json=payload)
+            return response.json() if response.status_code == 200 else None
+        except (httpx.TransportError, ValueError):
+            return None
 
     def check_model(self, name: str) -> None:
         served = self.models()
@@ -357,30 +381,28 @@ class ServerTeacher:
         self.tokens = TokenMap(tokenizer)
         self.unmapped = 0
         self.prompt_as = "ids" if spec.prompt_as == "auto" else spec.prompt_as
+        self.top_k = spec.top_k if isinstance(spec.top_k, int) else None  # auto: chosen by probe()
+        self.findings = None  # the probe's, for the run log
 
     def take_usage(self) -> dict[str, float]:
         """Calls and tokens since the last ``score`` or ``take_usage`` (``score`` reports its own in the signal)."""
         return self.client.take_usage()
 
-    def probe(self) -> None:
-        """Before training: the model is served, it takes the prompt as ids (else as text, with ``auto``),
-        echoes the student's tokens back unchanged, and returns ``top_k`` log-probs per position."""
-        self.client.check_model(self.spec.model)
-        ids = render_prompt(self.tokenizer, [{"role": "user", "content": "Hello, world! 12+34=46"}])
-        scored = None
-        if self.spec.prompt_as == "auto":
-            try:  # one try: llama-cpp-python refuses id prompts with a 500, not worth retrying
-                answer = self.client.post("/completions", self._payload(ids, self.spec.top_k), max_retries=0)
-                scored = parse_scores(answer["choices"][0], ids, self.spec.top_k, self.tokens)
-            except (OPDError, KeyError, IndexError, TypeError, ValueError):
-                self.prompt_as = "text"  # the echoed tokens are still checked against the student's ids
-        if scored is None:
-            scored = self.score_ids([(ids, 1)], self.spec.top_k)[0]
-        returned = max(len(t) for t in scored.topk)  # some positions may lose entries to ambiguous texts
-        if returned < min(self.spec.top_k, len(self.tokenizer) - 1):
-            raise OPDError(f"the teacher server returns {returned} log-probs per position, fewer than teacher.top_k "
-                           f"{self.spec.top_k}: lower teacher.top_k (servers often cap it at 5 or 20)")
-        self.client.take_usage()
+    def probe(self, top_k_needed: int = 1, chat_template: bool = True) -> "Probe":
+        """Before training: ask the server what it supports (``opdkit.teachers.probe``), choose how to send the
+        prompt and how many log-probs to ask for (``teacher.top_k: auto``), and refuse, with the reasons and
+        the fixes, what the objective (which reads ``top_k_needed`` log-probs per position) cannot use.
+        ``chat_template``: prompts are rendered with the student's chat template, so the server's must agree."""
+        from .probe import probe
+
+        found = probe(self, top_k_needed, chat_template)
+        problems = found.problems(top_k_needed, self.spec.top_k, chat_template)
+        if problems:
+            raise OPDError("the teacher server cannot feed this run:\n" + "\n".join(f"  - {p}" for p in problems) +
+                           "\nwhat the probe found:\n" + "\n".join(f"  {line}" for line in found.lines()))
+        self.top_k = found.top_k(self.spec.top_k, top_k_needed)
+        self.findings = found
+        return found
 
     def _payload(self, ids: list[int], k: int) -> dict:
         prompt = self.tokenizer.decode(ids) if self.prompt_as == "text" else ids
@@ -406,10 +428,12 @@ class ServerTeacher:
         if support == "full":
             raise OPDError("this objective needs the teacher's full-vocabulary log-probs, which a server does not return "
                            "(only the sampled token's and the top-k): use objective.method opd, or gkd with objective.top_k "
-                           f"<= teacher.top_k ({self.spec.top_k}), or a local teacher")
+                           f"<= teacher.top_k ({self.top_k or self.spec.top_k}), or a local teacher")
         k = top_k if support == "topk" else 1
-        if k > self.spec.top_k:
-            raise OPDError(f"objective.top_k {k} exceeds teacher.top_k {self.spec.top_k}, the log-probs the server "
+        if self.top_k is None:
+            raise OPDError("teacher.top_k is auto: probe() the server first, which chooses it")
+        if k > self.top_k:
+            raise OPDError(f"objective.top_k {k} exceeds teacher.top_k {self.top_k}, the log-probs the server "
                            "returns per position: lower objective.top_k or raise teacher.top_k (if the server allows)")
         rows = sequences(rollouts)
         scored = self.score_ids(rows, k)
