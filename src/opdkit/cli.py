@@ -47,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--untouched", action="store_true", help="measure the config's student.path, before any training")
     p.add_argument("--set", **overrides)
 
+    p = commands.add_parser("diagnose", help="the token-level table of a student against its teacher on held-out "
+                            "prompts: log-ratios, KL, entropies, teacher ranks, near-future share",
+                            formatter_class=defaults)
+    p.add_argument("config", help="the YAML config (its student, teacher, data and rollout settings)")
+    p.add_argument("--checkpoint", metavar="DIR", default=None,
+                   help="diagnose this checkpoint folder of a run instead of the config's student")
+    p.add_argument("--prompts", type=int, default=64, help="held-out prompts to sample (data.eval, else data.train)")
+    p.add_argument("--out", metavar="DIR", default=None, help="where tokens.jsonl, tokens.csv and summary.json go "
+                   "(default: <checkpoint>/../diagnose/<checkpoint name>, else <output_dir>/diagnose/untouched)")
+    p.add_argument("--set", **overrides)
+
     p = commands.add_parser("methods", help="list the methods: one-line definition and preset values")
 
     p = commands.add_parser("config", help="every config key with default and help, or a config as it resolves")
@@ -201,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             _train(args, console)
         elif args.command == "eval":
             _eval(args, console)
+        elif args.command == "diagnose":
+            from .diagnose import run_diagnose
+
+            run_diagnose(args.config, args.overrides, args.checkpoint, args.prompts, args.out, console)
         elif args.command == "methods":
             _methods(console)
         elif args.command == "config":
