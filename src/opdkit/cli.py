@@ -116,12 +116,14 @@ def _print_eval(console: Console, title: str, measured: dict) -> None:
 def _train(args, console: Console) -> None:
     from .checkpoint import check_folder, resume_config
     from .config import load_config
+    from .trackers import check_installed
     from .train import setup, train
 
     if (args.config is None) == (args.resume is None):
         raise OPDError("give either a config (opd train CONFIG.yaml) or a run to continue (opd train --resume RUN_DIR)")
     config = resume_config(args.resume, args.overrides) if args.resume else load_config(args.config, args.overrides)
     check_folder(Path(config.output_dir), args.resume is not None, config.optim.steps)  # before any model loads
+    check_installed(config.logging.report_to)
     console.print(f"loading the models for {config.output_dir} ...", style="dim", highlight=False)
     try:
         run = setup(config)
