@@ -102,7 +102,7 @@ def score_prompts(config: Config, student_path: str, count: int, batch_size: int
     student = load_model(student_path, device)
     teacher = build_teacher(config.teacher, data.tokenizer, student.config, device, amp_dtype, config.data.chat_template)
     local = config.teacher.kind == "local"
-    torch.manual_seed(config.seed)  # after loading, which may draw from the generator: the same samples whatever the teacher
+    torch.manual_seed(config.seed)  # after loading, which may draw from the generator: the same samples, any teacher
     parts, prompts = [], []
     rollout = config.rollout
     columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"), TimeRemainingColumn())
@@ -249,6 +249,10 @@ def run_diagnose(config_path: str, overrides: list[str], checkpoint: str | None,
     student = checkpoint or config.student.path
     console.print(f"loading {student} and the teacher ...", style="dim", highlight=False)
     scored = score_prompts(config, student, prompts, config.rollout.batch_size, console)
+    if len(scored.prompts) < prompts:
+        source = "data.eval (at most data.eval_size)" if config.data.eval else "data.train"
+        console.print(f"{source} holds {len(scored.prompts)} prompts, fewer than --prompts {prompts}: all were used",
+                      style="yellow", highlight=False)
     summary = summarize(scored)
     write(folder, scored, summary, checkpoint_step(checkpoint))
     show(console, summary, folder)
