@@ -48,12 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", **overrides)
 
     p = commands.add_parser("diagnose", help="the token-level table of a student against its teacher on held-out "
-                            "prompts: log-ratios, KL, entropies, teacher ranks, near-future share",
-                            formatter_class=defaults)
+                            "prompts: log-ratios, KL, entropies, teacher ranks, near-future share")
     p.add_argument("config", help="the YAML config (its student, teacher, data and rollout settings)")
     p.add_argument("--checkpoint", metavar="DIR", default=None,
                    help="diagnose this checkpoint folder of a run instead of the config's student")
-    p.add_argument("--prompts", type=int, default=64, help="held-out prompts to sample (data.eval, else data.train)")
+    p.add_argument("--prompts", type=int, default=64, help="held-out prompts to sample (data.eval, else data.train; default 64)")
     p.add_argument("--out", metavar="DIR", default=None, help="where tokens.jsonl, tokens.csv and summary.json go "
                    "(default: <checkpoint>/../diagnose/<checkpoint name>, else <output_dir>/diagnose/untouched)")
     p.add_argument("--set", **overrides)
