@@ -47,6 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--untouched", action="store_true", help="measure the config's student.path, before any training")
     p.add_argument("--set", **overrides)
 
+    p = commands.add_parser("diagnose", help="the token-level table of a student against its teacher on held-out "
+                            "prompts: log-ratios, KL, entropies, teacher ranks, near-future share")
+    p.add_argument("config", help="the YAML config (its student, teacher, data and rollout settings)")
+    p.add_argument("--checkpoint", metavar="DIR", default=None,
+                   help="diagnose this checkpoint folder of a run instead of the config's student")
+    p.add_argument("--prompts", type=int, default=64, help="held-out prompts to sample (data.eval, else data.train; default 64)")
+    p.add_argument("--out", metavar="DIR", default=None, help="where tokens.jsonl, tokens.csv and summary.json go "
+                   "(default: <checkpoint>/../diagnose/<checkpoint name>, else <output_dir>/diagnose/untouched)")
+    p.add_argument("--set", **overrides)
+
     p = commands.add_parser("methods", help="list the methods: one-line definition and preset values")
 
     p = commands.add_parser("config", help="every config key with default and help, or a config as it resolves")
@@ -107,12 +117,14 @@ def _print_eval(console: Console, title: str, measured: dict) -> None:
 def _train(args, console: Console) -> None:
     from .checkpoint import check_folder, resume_config
     from .config import load_config
+    from .trackers import check_installed
     from .train import setup, train
 
     if (args.config is None) == (args.resume is None):
         raise OPDError("give either a config (opd train CONFIG.yaml) or a run to continue (opd train --resume RUN_DIR)")
     config = resume_config(args.resume, args.overrides) if args.resume else load_config(args.config, args.overrides)
     check_folder(Path(config.output_dir), args.resume is not None, config.optim.steps)  # before any model loads
+    check_installed(config.logging.report_to)
     console.print(f"loading the models for {config.output_dir} ...", style="dim", highlight=False)
     try:
         run = setup(config)
@@ -203,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             _train(args, console)
         elif args.command == "eval":
             _eval(args, console)
+        elif args.command == "diagnose":
+            from .diagnose import run_diagnose
+
+            run_diagnose(args.config, args.overrides, args.checkpoint, args.prompts, args.out, console)
         elif args.command == "methods":
             _methods(console)
         elif args.command == "config":

@@ -637,12 +637,19 @@ class DiagnosticsConfig(_Strict):
 
 
 class LoggingConfig(_Strict):
-    """What the console shows and the run folder keeps besides ``metrics.jsonl``."""
+    """What the console shows, what the run folder keeps besides ``metrics.jsonl``, and which experiment trackers
+    also receive its records (``opdkit.trackers``)."""
 
     every: int | None = Field(None, ge=1, description="print one line every N steps where the console is not a "
                               "terminal (default: about 20 lines per run); a terminal gets a live progress bar")
     samples: int = Field(3, ge=0, description="evaluation completions (prompt, student, teacher) written to "
                          "samples.jsonl at every evaluation and shown at the end")
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(
+        default_factory=list, description="experiment trackers that receive every numeric key of each metrics.jsonl "
+        "record at its step: tensorboard (into <output_dir>/tensorboard; pip install tensorboard), wandb, trackio "
+        "(each through its own library, installed and configured by you)")
+    project: str = Field("opdkit", description="the wandb or trackio project runs are logged under (a wandb run is named "
+                         "after the output_dir folder)")
 
     def print_every(self, steps: int) -> int:
         return self.every or max(1, steps // 20)

@@ -37,6 +37,7 @@ from .objectives.reduce import aggregation_weights, token_sum
 from .rollout import Rollouts, from_dataset, sample
 from .tasks import get_verifier
 from .teachers import Teacher, build_teacher
+from .trackers import Trackers
 
 
 @dataclass
@@ -362,10 +363,12 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
         loop.before, loop.teacher = evaluate(0), run.evaluator.teacher_metrics()
     if not resume:
         view.before(loop.before, loop.teacher)
-    checkpoint.write_log(metrics_path, [{"step": 0, "eval": loop.before, "teacher": loop.teacher}, *run.history])
+    log = [{"step": 0, "eval": loop.before, "teacher": loop.teacher}, *run.history]
+    checkpoint.write_log(metrics_path, log)
     dump_config(config, run.run_dir / "config.yaml")
     if (findings := getattr(run.teacher, "findings", None)) is not None:  # a server teacher's probe
         (run.run_dir / "teacher_probe.json").write_text(json.dumps(findings.as_dict(), indent=2) + "\n")
+    trackers = Trackers(config, log, resume)
 
     def save(metrics: dict | None = None) -> Path:
         loop.wall_s = time.perf_counter() - started
@@ -374,7 +377,7 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
         view.saved(saved, due if loop.step < due < steps else None)
         return saved
 
-    with StopSignals(lambda: view.interrupt(loop.step + 1)) as stop:
+    with trackers, StopSignals(lambda: view.interrupt(loop.step + 1)) as stop:
         with view.live(loop.step):
             for step in range(loop.step + 1, steps + 1):
                 record = {"step": step, **train_step(run, optimizer, scheduler, rng)}
@@ -387,6 +390,7 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
                 if alerts:
                     record["alerts"] = [a.as_record() for a in alerts]
                 _write_jsonl(metrics_path, record)
+                trackers.log(record)
                 view.step(record)
                 for alert in alerts:
                     view.alert(alert)
@@ -410,7 +414,9 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
         loop.finished = True
         final_checkpoint = save(after)
         final = checkpoint.save_final(run)
-    _write_jsonl(metrics_path, {"step": steps, "eval": after, "final": True, "wall_s": loop.wall_s, "train_s": loop.train_s})
+        closing = {"step": steps, "eval": after, "final": True, "wall_s": loop.wall_s, "train_s": loop.train_s}
+        _write_jsonl(metrics_path, closing)
+        trackers.log(closing)
     best = run.run_dir / "best"
     result = {"before": loop.before, "after": after, "teacher": loop.teacher, "wall_s": loop.wall_s,
               "train_s": loop.train_s, "checkpoint": str(final_checkpoint), "final": str(final),
