@@ -8,7 +8,8 @@ import torch
 from opdkit import detectors
 from opdkit.config import DetectorsConfig
 from opdkit.diagnostics import (TokenSignals, by_position, edge_loss_shares, position_edges, repeated_ngram_share,
-                                skewness, step_diagnostics, token_signals, topk_agreement)
+                                skewness, step_diagnostics, student_token_logprobs, token_signals,
+                                topk_agreement)
 from opdkit.rollout import Rollouts
 from opdkit.teachers import LocalTeacher, TeacherSignal
 
@@ -74,7 +75,9 @@ def test_token_signals_from_logits_and_teacher():
                         torch.ones(1, 2), torch.tensor([True]), [], "student", sampler_logprobs=student - 0.1)
     teacher = TeacherSignal(torch.tensor([[-0.5, -3.0]]), topk_ids=torch.tensor([[[2], [1]]]),
                             topk_logprobs=torch.tensor([[[-0.5], [-0.2]]]))
-    out = token_signals(rollouts, teacher, torch.ones(1, 2), logits, None, exact_sampler=False)
+    out = token_signals(rollouts, teacher, torch.ones(1, 2), logits, student_token_logprobs(rollouts, logits, False), None)
+    assert torch.allclose(student_token_logprobs(rollouts, None, True), rollouts.sampler_logprobs)
+    assert student_token_logprobs(rollouts, None, False) is None
     assert torch.allclose(out.signal, teacher.token_logprobs - student)
     assert torch.allclose(out.ratio, torch.full((1, 2), math.exp(0.1)))
     assert torch.allclose(out.topk_overlap, torch.tensor([[1.0, 0.0]]))  # the student's top-1: 2, then 0

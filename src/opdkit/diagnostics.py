@@ -18,6 +18,7 @@ import torch
 
 from .objectives.bridge import high_loss
 from .objectives.support import sampled_from_logits
+from .token_table import low_divergence, topk_overlap
 
 RATIO_CLIP = 0.2  # the ratio band |pi_S / mu - 1| <= 0.2 of PPO's clip, for the share of ratios outside it
 EDGE_FRACTION = 0.3  # the loss share from the first and the last 30% of each completion
@@ -47,13 +48,11 @@ class Share:
 
 def _share(k1_BT: torch.Tensor, divergence_BT: torch.Tensor, mask_BT: torch.Tensor, fraction: float,
            threshold: float | None) -> tuple[float, int]:
-    keep = mask_BT.bool()
-    if not keep.any():
+    if not mask_BT.bool().any():
         return math.nan, 0
-    tau = threshold if threshold is not None else float(divergence_BT[keep].median())
     high = high_loss(k1_BT, mask_BT, fraction)
     n = int(high.sum())
-    return float((high & (divergence_BT < tau)).sum()) / n, n
+    return float((high & low_divergence(divergence_BT, mask_BT, threshold)).sum()) / n, n
 
 
 def near_future_share(k1_BT: torch.Tensor, divergence_BT: torch.Tensor, mask_BT: torch.Tensor, *,
@@ -103,32 +102,31 @@ def topk_agreement(student_logits_BCV: torch.Tensor, teacher_ids_BCK: torch.Tens
                    teacher_logprobs_BCK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(student mass on the teacher's top-k, teacher mass on it, overlap of the two top-k sets / k)``, ``[B, C]``
     each: how much of the student's distribution a top-k objective sees (healthy pairs share 97-99%)."""
-    k = teacher_ids_BCK.shape[-1]
     lse = student_logits_BCV.float().logsumexp(-1, keepdim=True)
     student_mass = (student_logits_BCV.gather(-1, teacher_ids_BCK).float() - lse).exp().sum(-1)
-    student_ids = student_logits_BCV.topk(k, dim=-1).indices
-    overlap = (student_ids.unsqueeze(-1) == teacher_ids_BCK.unsqueeze(-2)).any(-1).float().mean(-1)
+    overlap = topk_overlap(student_logits_BCV, teacher_ids_BCK)  # the top-k of the logits is that of the log-probs
     return student_mass, teacher_logprobs_BCK.float().exp().sum(-1), overlap
 
 
+def student_token_logprobs(rollouts, student_logits_BCV: torch.Tensor | None, exact_sampler: bool) -> torch.Tensor | None:
+    """``[B, C]`` log pi_S of each sampled token: from the student's logits, or on the chunked path (no logits) from
+    the sampler's where that is exact (``exact_sampler``: temperature 1, no top-p, no dropout); else None."""
+    if student_logits_BCV is not None:
+        return sampled_from_logits(student_logits_BCV.detach(), rollouts.completion_ids)[0]
+    return rollouts.sampler_logprobs if exact_sampler else None
+
+
 def token_signals(rollouts, teacher, loss_BC: torch.Tensor, student_logits_BCV: torch.Tensor | None,
-                  student_entropy_BC: torch.Tensor | None, exact_sampler: bool) -> TokenSignals:
-    """What one micro-batch's scored rollouts say, per token. The student's log-prob of each sampled token comes
-    from its logits, or on the chunked path (no logits) from the sampler's when that is exact (``exact_sampler``:
-    temperature 1, no top-p, no dropout); the top-k terms need the teacher's top-k and the student's logits."""
-    ids = rollouts.completion_ids
-    out = TokenSignals(ids, rollouts.completion_mask, rollouts.own_mask, loss_BC.detach().abs(),
+                  student_token_BC: torch.Tensor | None, student_entropy_BC: torch.Tensor | None) -> TokenSignals:
+    """What one micro-batch's scored rollouts say, per token (``student_token_BC``: ``student_token_logprobs``); the
+    top-k terms need the teacher's top-k and the student's logits."""
+    out = TokenSignals(rollouts.completion_ids, rollouts.completion_mask, rollouts.own_mask, loss_BC.detach().abs(),
                        student_entropy=None if student_entropy_BC is None else student_entropy_BC.detach(),
                        teacher_entropy=teacher.entropy)
-    student_token = None
-    if student_logits_BCV is not None:
-        student_token = sampled_from_logits(student_logits_BCV.detach(), ids)[0]
-    elif exact_sampler and rollouts.sampler_logprobs is not None:
-        student_token = rollouts.sampler_logprobs
-    if rollouts.source == "student" and student_token is not None:
-        out.signal = (teacher.token_logprobs - student_token) * rollouts.completion_mask
+    if rollouts.source == "student" and student_token_BC is not None:
+        out.signal = (teacher.token_logprobs - student_token_BC) * rollouts.completion_mask
         if rollouts.sampler_logprobs is not None and student_logits_BCV is not None:
-            out.ratio = (student_token - rollouts.sampler_logprobs).exp() * rollouts.completion_mask
+            out.ratio = (student_token_BC - rollouts.sampler_logprobs).exp() * rollouts.completion_mask
     if teacher.topk_ids is not None and student_logits_BCV is not None:
         out.student_topk_mass, out.teacher_topk_mass, out.topk_overlap = topk_agreement(
             student_logits_BCV.detach(), teacher.topk_ids, teacher.topk_logprobs)

@@ -25,7 +25,7 @@ from . import checkpoint, detectors
 from .config import Config, dump_config
 from .console import RunView
 from .data import PromptSampler, load_examples, validate_lengths
-from .diagnostics import position_edges, step_diagnostics, token_signals
+from .diagnostics import position_edges, step_diagnostics, student_token_logprobs, token_signals
 from .errors import Interrupted, OPDError
 from .evaluate import Evaluator
 from .faults import StopSignals, diagnose, save_batch
@@ -37,6 +37,7 @@ from .objectives.reduce import aggregation_weights, token_sum
 from .rollout import Rollouts, from_dataset, sample
 from .tasks import get_verifier
 from .teachers import Teacher, build_teacher
+from .token_table import TOP_K, TokenStats, prompt_texts, records, token_stats
 from .trackers import Trackers
 
 
@@ -216,8 +217,9 @@ def teacher_request(run: Run) -> tuple[str, int | None, bool]:
     return ("topk" if support == "token" else support), max(top_k or 0, k), True
 
 
-def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
-    """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its log record."""
+def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: bool = False) -> dict:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its log record, with
+    ``keep_tokens`` also the token table of the student's rollouts under ``"tokens"`` (``token_table.records``)."""
     timings = {"rollout": 0.0, "teacher": 0.0, "forward_backward": 0.0, "optimizer": 0.0, "diagnostics": 0.0}
     start = time.perf_counter()
     step = scheduler.last_epoch  # optimizer steps completed so far
@@ -250,7 +252,7 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
     sums: dict[str, float] = {"loss": 0.0}
     cfg = run.config
     exact_sampler = cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0 and cfg.student.disable_dropout
-    parts = []  # per-token diagnostics of each micro-batch (diagnostics.token_signals)
+    parts, tables = [], []  # per-token diagnostics of each micro-batch (diagnostics.token_signals, token_table)
     for batch, signal, weight in zip(batches, signals, weights):
         logits, hidden = student_forward(run, batch)
         token_loss = method.token_loss(logits, batch, signal, hidden=hidden)
@@ -263,9 +265,14 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
                 token_loss.stats["student_entropy"] = entropy(logits.float().log_softmax(-1))
             for name, values in token_loss.stats.items():
                 sums[name] = sums.get(name, 0.0) + float(token_sum(values, batch.completion_mask)) / total_tokens
+            student_token = student_token_logprobs(batch, logits, exact_sampler)
             if run.teacher.returns_logprobs and batch.source == "student":
-                parts.append(token_signals(batch, signal, token_loss.loss, logits, token_loss.stats.get("student_entropy"),
-                                           exact_sampler))
+                parts.append(token_signals(batch, signal, token_loss.loss, logits, student_token,
+                                           token_loss.stats.get("student_entropy")))
+                if keep_tokens and student_token is not None:
+                    student = None if logits is None else logits.float().log_softmax(-1)
+                    tables.append((token_stats(batch, student, student_token, signal, token_loss.loss,
+                                               cfg.diagnostics.top_k or TOP_K), prompt_texts(batch, run.tokenizer)))
             for name, value in token_loss.scalars.items():
                 sums[name] = sums.get(name, 0.0) + value * share
     method.advantage_moments = None
@@ -284,6 +291,9 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random) -> dict:
     start = time.perf_counter()
     edges = position_edges(cfg.rollout.max_completion_length, cfg.diagnostics.position_buckets)
     diagnostics = step_diagnostics(parts, edges, cfg.diagnostics.ngram) if parts else {}
+    if tables:  # the high-loss and low-divergence flags pooled over the step, as for the near-future share
+        diagnostics["tokens"] = records(TokenStats.cat([t for t, _ in tables]), [p for _, ps in tables for p in ps],
+                                        run.tokenizer, cfg.diagnostics.high_loss_fraction)
     timings["diagnostics"] = time.perf_counter() - start
 
     seconds = sum(timings.values())
@@ -314,8 +324,8 @@ def _write_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _keep_samples(path: Path, step: int) -> None:
-    """On resume: drop evaluation samples written after the checkpoint's step."""
+def _keep_until(path: Path, step: int) -> None:
+    """On resume: drop the records of ``samples.jsonl`` or ``tokens.jsonl`` written after the checkpoint's step."""
     if path.is_file():
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         checkpoint.write_log(path, [r for r in records if r["step"] <= step])
@@ -333,6 +343,7 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
     steps, save_every = config.optim.steps, config.checkpoint.save_every(config.optim.steps)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path, samples_path = run.run_dir / "metrics.jsonl", run.run_dir / "samples.jsonl"
+    tokens_path = run.run_dir / "tokens.jsonl"
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     # fused: one kernel over all parameters; measured here twice as fast as foreach, without its temporaries
@@ -342,10 +353,12 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
 
     if resume:
         loop = checkpoint.restore(run, optimizer, scheduler, rng, checkpoint.latest(run.run_dir))
-        _keep_samples(samples_path, loop.step)
+        for path in (samples_path, tokens_path):
+            _keep_until(path, loop.step)
     else:
         checkpoint.check_fresh(run.run_dir)
-        samples_path.unlink(missing_ok=True)
+        for path in (samples_path, tokens_path):
+            path.unlink(missing_ok=True)
         loop = checkpoint.LoopState()
     started = time.perf_counter() - loop.wall_s
     view.banner(loop.step + 1, save_every)
@@ -380,10 +393,15 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
     with trackers, StopSignals(lambda: view.interrupt(loop.step + 1)) as stop:
         with view.live(loop.step):
             for step in range(loop.step + 1, steps + 1):
-                record = {"step": step, **train_step(run, optimizer, scheduler, rng)}
+                evaluates = config.eval.every and step % config.eval.every == 0 and step < steps and run.evaluator.examples
+                keep_tokens = step in (1, steps) or evaluates  # tokens.jsonl: the first and last steps, and each evaluation's
+                record = {"step": step, **train_step(run, optimizer, scheduler, rng, keep_tokens)}
+                if "tokens" in record:
+                    _write_jsonl(tokens_path, {"step": step, "high_loss_fraction": config.diagnostics.high_loss_fraction,
+                                               "rollouts": record.pop("tokens")})
                 loop.step, loop.train_s = step, loop.train_s + sum(v for k, v in record.items() if k.startswith("time_"))
                 loop.nonfinite_streak = loop.nonfinite_streak + 1 if "nonfinite" in record else 0
-                if config.eval.every and step % config.eval.every == 0 and step < steps and run.evaluator.examples:
+                if evaluates:
                     record["eval"] = evaluate(step)
                 run.history.append(record)
                 alerts = detectors.check(run.history, config.diagnostics.detectors, config.rollout.max_completion_length)
