@@ -99,7 +99,7 @@ class RunLog:
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """``(steps, values)`` of a per-step number, skipping steps that did not log it."""
         pairs = [(r["step"], r[key]) for r in self.steps if isinstance(r.get(key), (int, float))]
-        return [s for s, _ in pairs], [_number(v) for _, v in pairs]
+        return [s for s, _ in pairs], [float(v) for _, v in pairs]
 
     def has(self, key: str) -> bool:
         return any(key in r for r in self.steps)
@@ -175,7 +175,7 @@ def _svg(panels: list[tuple[str, Draw]], columns: int = 3, height: float = 2.6) 
         ax.set_visible(False)
     fig.tight_layout()
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
+    fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     plt.close(fig)
     text = buffer.getvalue()
     return f'<div class="plot">{text[text.index("<svg"):]}</div>'
@@ -315,7 +315,7 @@ def _scatter_panel(record: dict) -> tuple[str, Draw] | None:
         if rollout.get("divergence") is None:
             continue
         kinds.add(rollout.get("divergence_kind") or "unknown")
-        for d, r, h in zip(rollout["divergence"], rollout["log_ratio"], rollout.get("high_loss") or []):
+        for d, r, h in zip(rollout["divergence"], rollout.get("log_ratio") or [], rollout.get("high_loss") or []):
             if d is not None and r is not None:
                 xs.append(d)
                 ys.append(-r)
@@ -448,10 +448,15 @@ def _colour(value: float, scale: float) -> str:
     return f"rgba({rgb},{0.85 * strength:.2f})"
 
 
+def _at(rollout: dict, key: str, i: int):
+    """Token ``i``'s value in a token table's list ``key``; None where the list is null, absent or short."""
+    values = rollout.get(key)
+    return values[i] if values is not None and i < len(values) else None
+
+
 def _token_title(rollout: dict, i: int) -> str:
     def at(key):
-        values = rollout.get(key)
-        return values[i] if values is not None and i < len(values) else None
+        return _at(rollout, key, i)
 
     r = at("log_ratio")
     lines = [f"r_t = log pi_T - log pi_S = {r:+.3f}" if r is not None else "r_t: not logged"]
@@ -471,10 +476,8 @@ def _token_title(rollout: dict, i: int) -> str:
 def _rollout_html(rollout: dict, scale: float) -> str:
     spans = []
     for i, token in enumerate(rollout.get("tokens") or []):
-        values = rollout.get("log_ratio") or []
-        value = values[i] if i < len(values) else None
-        style = f"background:{_colour(value, scale)}"
-        if (rollout.get("high_loss") or [None] * (i + 1))[i]:
+        style = f"background:{_colour(_at(rollout, 'log_ratio', i), scale)}"
+        if _at(rollout, "high_loss", i):
             style += ";outline:1px solid #67001f"
         spans.append(f'<span class="tok" style="{style}" title="{html.escape(_token_title(rollout, i))}">'
                      f"{html.escape(token)}</span>")
