@@ -17,6 +17,7 @@ import pytest
 from opdkit.cli import main
 from opdkit.config import dump_config, load_config
 from opdkit.errors import OPDError
+from opdkit.methods import METHODS
 from opdkit.report import SECTIONS, Unknown, build_report, checklist, checklist_html, read_run, write_report
 from opdkit.train import setup, train
 
@@ -108,7 +109,7 @@ def test_the_checklist_fills_every_item_and_marks_what_the_run_cannot_know(tmp_p
     assert "pass@1: held-out greedy accuracy 20.0% before, 60.0% after" in facts["Evaluation"]
     assert "teacher's held-out accuracy 90.0% against the student's 60.0% after" in facts["Evaluation"]
     assert "token tables (tokens.jsonl) at steps 1, 2, 4" in facts[TOPICS[10]]
-    assert "peak memory: 700 MiB" in facts["Compute"] and "wall-clock: 12s" in facts["Compute"]
+    assert "peak memory: 700 MiB" in facts["Compute"] and "wall-clock: 12.0s" in facts["Compute"]
 
     page = checklist_html(items)
     assert all(topic in page for topic in TOPICS)
@@ -228,3 +229,11 @@ def test_a_real_runs_folder_gets_its_report(tiny_config, capsys):
     page = (run_dir / "page.html").read_text()
     assert all(f"<h2>{title}</h2>" in page for title in SECTIONS) and page.count("<svg") >= 1
     assert "2 steps, finished" in page and "held-out accuracy" in page
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_checklist_fills_in_for_every_method(tmp_path, method):
+    chat = {"kind": "chat", "base_url": "http://127.0.0.1:8000/v1", "model": "t"}
+    extra = {"teacher": chat} if method == "chunk_opd" else {}
+    items = checklist(read_run(write_run(tmp_path / "run", objective={"method": method}, **extra)))
+    assert [item.topic for item in items] == TOPICS and all(item.facts for item in items)

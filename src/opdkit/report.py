@@ -181,6 +181,12 @@ def _svg(panels: list[tuple[str, Draw]], columns: int = 3, height: float = 2.6) 
     return f'<div class="plot">{text[text.index("<svg"):]}</div>'
 
 
+def _whole_steps(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _percent(ax) -> None:
     from matplotlib.ticker import PercentFormatter
 
@@ -199,6 +205,7 @@ def _lines(series: list[tuple[str, list, list]], alerts: list[dict] = (), percen
         if len(series) > 1:
             ax.legend(fontsize=7)
         ax.set_xlabel(xlabel)
+        _whole_steps(ax)
     return draw
 
 
@@ -213,9 +220,11 @@ def _format(key: str, value) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
     seconds = round(seconds)
     return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+        f"{seconds // 60}m {seconds % 60:02d}s"
 
 
 def _teacher_text(config: Config) -> str:
@@ -304,6 +313,7 @@ def _time_split(log: RunLog) -> Draw:
             bottom = [b + v for b, v in zip(bottom, values)]
         ax.legend(fontsize=6, ncols=2, loc="lower left")
         ax.set_xlabel("step")
+        _whole_steps(ax)
     return draw
 
 
