@@ -293,6 +293,9 @@ def test_sweep_reuses_finished_runs_and_refuses_stopped_ones_before_training(tin
     assert opd(*sweep).returncode == 0
     table, logs = (out / "sweep.md").read_text(), sorted(out.glob("opd/seed*/metrics.jsonl"))
     written = [log.stat().st_mtime_ns for log in logs]
+    # the table links each run's report, and every link leads to a page
+    assert "| reports |" in table and "[seed 0](opd/seed0/report.html) [seed 1](opd/seed1/report.html)" in table
+    assert all((out / "opd" / f"seed{seed}" / "report.html").is_file() for seed in (0, 1))
 
     again = opd(*sweep)
     assert again.returncode == 0, again.stdout + again.stderr

@@ -37,8 +37,8 @@ def test_table_and_plot_use_what_the_teacher_measured(tiny_config, tmp_path, mea
     runs = {"opd": [{"seed": 0, "before": measured, "after": measured, "wall_s": 3.0, "tokens_per_s": 100.0,
                      "extra_teacher_tokens": 0.0, "evals": [(0, measured), (2, measured)]}]}
     table = markdown_table(runs, load_config(base=tiny_config), "c.yaml", ["opd"], [0], [])
-    assert f"| method | {header} | tokens/s | wall time (s) | extra teacher tokens |" in table
-    assert f"| student before | {cells} | - | - | - |" in table and f"| opd | {cells} | 100 | 3 | 0 |" in table
+    assert f"| method | {header} | tokens/s | wall time (s) | extra teacher tokens | reports |" in table
+    assert f"| student before | {cells} | - | - | - | - |" in table and f"| opd | {cells} | 100 | 3 | 0 | - |" in table
     assert plotted_metric(measured) == metric
     plot(runs, metric, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
@@ -59,11 +59,14 @@ def test_sweep_without_matplotlib_warns_before_the_runs_and_runs_each_preset(tin
     run_sweep(str(path), ["gkd"], [0], [], str(tmp_path / "s"), console)
     text = console.export_text()
     warning = text.index("matplotlib is not installed")
-    assert "pip install 'opdkit[plot]'" in text[warning:]
+    assert "no run reports" in text[warning:] and "pip install 'opdkit[plot]'" in text[warning:]
     assert warning < text.index("gkd seed 0")
     assert "gkd: its preset sets objective.support (full), replacing the config's sampled" in text
     assert "| gkd |" in (tmp_path / "s" / "sweep.md").read_text()
     assert (tmp_path / "s" / "sweep.json").is_file() and not (tmp_path / "s" / "sweep.png").exists()
+    assert not list((tmp_path / "s").rglob("report.html"))  # no page, and no link to one: the cell says "-"
+    row = next(line for line in (tmp_path / "s" / "sweep.md").read_text().splitlines() if line.startswith("| gkd |"))
+    assert row.endswith("| - |")
     ran = yaml.safe_load((tmp_path / "s" / "gkd" / "seed0" / "config.yaml").read_text())
     assert ran["objective"]["method"] == "gkd" and ran["objective"]["support"] == "full"
 

@@ -14,22 +14,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own 
 
 from rich.console import Console  # noqa: E402
 
+from . import version  # noqa: E402
 from .errors import Interrupted, OPDError, Stopped  # noqa: E402
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("opdkit")
-    except PackageNotFoundError:  # run from a source tree without installing
-        return "unknown (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
     defaults = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
-    parser.add_argument("--version", action="version", version=f"opdkit {_version()}")
+    parser.add_argument("--version", action="version", version=f"opdkit {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     overrides = dict(dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set optim.steps=50 (repeatable; opd config --defaults lists keys)")
@@ -79,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue runs that stopped part-way (finished runs are "
                    "always reused)")
     p.add_argument("--set", **overrides)
+
+    p = commands.add_parser("report", help="one self-contained HTML page of a run: curves, diagnostics, rollouts, "
+                            "detectors and the reporting checklist")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (the output_dir of opd train)")
+    p.add_argument("--out", metavar="FILE", help="where to write it (default: RUN_DIR/report.html)")
 
     p = commands.add_parser("build", help="build a built-in scenario's models and data into the cache now")
     p.add_argument("scenario", choices=["arith", "smollm2"], help="which scenario")
@@ -233,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
             run_sweep(args.config, [m.strip() for m in args.methods.split(",") if m.strip()], seeds,
                       args.overrides, args.output_dir, console, resume=args.resume)
+        elif args.command == "report":
+            from .report import write_report
+
+            print(write_report(args.run_dir, args.out))
         elif args.command == "build":
             from .scenarios import resolve_builtin
 

@@ -4,9 +4,10 @@ Every run starts from the config's student with the config's steps, batch size a
 ``objective.method`` and ``seed`` change. Each method runs as its preset defines it: a preset's values replace
 the config's ``objective`` keys (the config's other keys still apply), and ``--set`` overrides win over both.
 Written to ``<output_dir>/sweep.md`` (mean and spread over seeds of the held-out metrics the runs measured:
-accuracy with a task, else token agreement, and the reverse KL the teacher allows; tokens/s, and the extra teacher
-tokens of near-future bridges), ``<output_dir>/sweep.json`` and, with matplotlib, ``<output_dir>/sweep.png`` (the
-plotted metric against steps).
+accuracy with a task, else token agreement, and the reverse KL the teacher allows; tokens/s, the extra teacher
+tokens of near-future bridges, and a link to each run's ``opd report``), ``<output_dir>/sweep.json`` and, with
+matplotlib, ``<output_dir>/sweep.png`` (the plotted metric against steps) and every run's ``report.html``, written
+when the run ends (a finished run reused gets a fresh one), so that the table never links a page that is not there.
 
 Every config is validated, and every run folder checked, before the first run. Run again, a sweep reuses the
 runs that finished (read back from their ``metrics.jsonl``); ``resume`` also continues those that stopped
@@ -28,6 +29,7 @@ from .config import Config, deep_merge, load_config
 from .errors import OPDError
 from .evaluate import METRICS
 from .methods import preset
+from .report import write_report
 from .train import check_data, setup, train
 
 KL_KEYS = ("reverse_kl", "reverse_kl_k1")
@@ -87,8 +89,9 @@ def _plot_available(console: Console) -> bool:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        console.print("matplotlib is not installed: this sweep writes sweep.md and sweep.json but no plot. "
-                      "For sweep.png: pip install 'opdkit[plot]'", style="yellow", markup=False)
+        console.print("matplotlib is not installed: this sweep writes sweep.md and sweep.json but no plot and no "
+                      "run reports. For sweep.png and report.html: pip install 'opdkit[plot]'", style="yellow",
+                      markup=False)
         return False
     return True
 
@@ -171,13 +174,15 @@ def run_sweep(config_path: str, methods: list[str], seeds: list[int], overrides:
             runs[method].append({"seed": config.seed, "before": result["before"], "after": result["after"],
                                  "wall_s": result["wall_s"], "tokens_per_s": tokens_per_s, "extra_teacher_tokens": extra,
                                  "evals": _evals(result, history)})
+            if plots:  # the run's own page, linked from the table
+                runs[method][-1]["report"] = write_report(folder).relative_to(root).as_posix()
     (root / "sweep.json").write_text(json.dumps(runs, indent=2))
     table = markdown_table(runs, base, config_path, methods, seeds, overrides)
     (root / "sweep.md").write_text(table)
     written = ["sweep.md", "sweep.json"]
     if plots:
         plot(runs, plotted_metric(next(iter(runs.values()))[0]["before"]), root / "sweep.png")
-        written.append("sweep.png")
+        written += ["sweep.png", "report.html in each run folder (opd report)"]
     console.print(table)
     console.print(f"written to {root}: {', '.join(written)}")
     return runs
@@ -193,6 +198,7 @@ def table_metrics(before: dict) -> list[str]:
 def _row(name: str, measured: list[dict], metrics: list[str], results: list[dict] = ()) -> str:
     cells = [_spread(_values(measured, key), METRICS[key][1]) for key in metrics]
     cells += [_spread([r[key] for r in results], ".0f") for key in ("tokens_per_s", "wall_s", "extra_teacher_tokens")]
+    cells.append(" ".join(f"[seed {r['seed']}]({r['report']})" for r in results if "report" in r) or "-")
     return f"| {name} | {' | '.join(cells)} |"
 
 
@@ -205,8 +211,8 @@ def markdown_table(runs: dict, base: Config, config_path: str, methods, seeds, o
     lines = [f"Command: `{command}`", "",
              f"Budget per run: {base.optim.steps} steps x {base.rollout.batch_size} prompts, learning rate "
              f"{base.optim.learning_rate}, {len(seeds)} seeds; mean ± standard deviation over seeds.", "",
-             f"| method | {header} | tokens/s | wall time (s) | extra teacher tokens |",
-             "|---|" + "---|" * (len(metrics) + 3),
+             f"| method | {header} | tokens/s | wall time (s) | extra teacher tokens | reports |",
+             "|---|" + "---|" * (len(metrics) + 4),
              _row("student before", [before], metrics),
              *(_row(method, [r["after"] for r in results], metrics, results) for method, results in runs.items())]
     return "\n".join(lines) + "\n"
