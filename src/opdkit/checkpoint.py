@@ -48,6 +48,7 @@ class LoopState:
     wall_s: float = 0.0  # the run's time up to this state (loading, evaluation and saving included), over processes
     train_s: float = 0.0  # of which in training steps
     finished: bool = False  # the final evaluation ran
+    machine: dict = field(default_factory=dict)  # where the run started: {"machine", "opdkit"} (its version)
 
     def track_best(self, metric: str | None, measured: dict) -> bool:
         """Record ``measured[metric]`` at this step if it beats the best so far; whether it did."""

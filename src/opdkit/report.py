@@ -82,6 +82,7 @@ class RunLog:
     final: dict | None  # the closing record; None while the run has not finished
     tokens: list[dict] | None  # tokens.jsonl records; None where the run wrote none
     samples: list[dict]
+    start: dict  # the step-0 record: also the machine and the opdkit version that trained the run, where logged
 
     @property
     def evals(self) -> list[tuple[int, dict]]:
@@ -139,7 +140,7 @@ def read_run(run_dir: str | Path) -> RunLog:
     return RunLog(run_dir, config, (run_dir / "config.yaml").read_text(), start.get("eval") or {},
                   start.get("teacher") or {}, [r for r in records if "loss" in r], final,
                   _read_jsonl(tokens_path) if tokens_path.is_file() else None,
-                  _read_jsonl(samples_path) if samples_path.is_file() else [])
+                  _read_jsonl(samples_path) if samples_path.is_file() else [], start)
 
 
 # ---- plots --------------------------------------------------------------------------------------------------
@@ -716,7 +717,8 @@ def checklist(log: RunLog) -> list[ChecklistItem]:
     memory = [r["peak_memory_mib"] for r in log.steps if "peak_memory_mib" in r]
     facts.append(f"peak memory: {max(memory):,.0f} MiB (CUDA: allocated; CPU: the process's resident set)" if memory
                  else Unknown(f"memory: {ABSENT}"))
-    facts.append(Unknown("hardware: not logged by this run (the console banner names the machine)"))
+    facts.append(f"hardware: {log.start['machine']}" if "machine" in log.start
+                 else Unknown("hardware: not logged by this run (the console banner names the machine)"))
     items.append(ChecklistItem("Compute", facts))
 
     # 11. diagnostics over training, seeds
@@ -784,7 +786,7 @@ def run_section(log: RunLog, out: Path) -> str:
     facts = [("run folder", str(log.run_dir.resolve())), ("this report", str(out.resolve())),
              ("files", ", ".join(files)), ("written by", f"opdkit {version()}, "
                                            f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"),
-             ("opdkit version that trained the run", "not logged by this run")]
+             ("opdkit version that trained the run", log.start.get("opdkit", ABSENT))]
     return (_table(None, [[html.escape(k), html.escape(v)] for k, v in facts])
             + f"<h3>config.yaml (resolved)</h3><pre>{html.escape(log.config_text)}</pre>")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from . import checkpoint, detectors
+from . import checkpoint, detectors, version
 from .config import Config, dump_config
 from .console import RunView
 from .data import PromptSampler, load_examples, validate_lengths
@@ -30,7 +30,8 @@ from .errors import Interrupted, OPDError
 from .evaluate import Evaluator
 from .faults import StopSignals, diagnose, save_batch
 from .methods import Method, build_method
-from .models import autocast, context_length, load_model, load_tokenizer, pick_device, resolve_precision, set_threads
+from .models import (autocast, context_length, load_model, load_tokenizer, machine_description, pick_device,
+                     resolve_precision, set_threads)
 from .objectives import credit, gates
 from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
@@ -376,7 +377,9 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
         loop.before, loop.teacher = evaluate(0), run.evaluator.teacher_metrics()
     if not resume:
         view.before(loop.before, loop.teacher)
-    log = [{"step": 0, "eval": loop.before, "teacher": loop.teacher}, *run.history]
+    if not resume:
+        loop.machine = {"machine": f"{run.device.type}: {machine_description(run.amp_dtype)}", "opdkit": version()}
+    log = [{"step": 0, "eval": loop.before, "teacher": loop.teacher, **loop.machine}, *run.history]
     checkpoint.write_log(metrics_path, log)
     dump_config(config, run.run_dir / "config.yaml")
     if (findings := getattr(run.teacher, "findings", None)) is not None:  # a server teacher's probe
