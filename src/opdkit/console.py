@@ -21,10 +21,13 @@ def _size(model: torch.nn.Module) -> str:
     return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.0f}K"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``4.2s``, ``3m 07s``, ``1h 05m``: one decimal under a minute, where short runs live."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
     seconds = round(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m {seconds % 60:02d}s"
 
 
 def _value(value, fmt: str) -> str:
@@ -218,8 +221,8 @@ class RunView:
             self.console.print(f"best checkpoint: {result['best_checkpoint']} ({best['metric']} {best['value']:.4f} at "
                                f"step {best['step']})", highlight=False)
         self.console.print(f"final model: {result['final']} (loads with AutoModelForCausalLM.from_pretrained)", highlight=False)
-        self.console.print(f"time: {_duration(result['wall_s'])} in all, of which training steps "
-                           f"{_duration(result['train_s'])} (the rest: loading, evaluation, saving)", highlight=False)
+        self.console.print(f"time: {duration(result['wall_s'])} in all, of which training steps "
+                           f"{duration(result['train_s'])} (the rest: loading, evaluation, saving)", highlight=False)
 
 
 def _method_line(name: str) -> str:

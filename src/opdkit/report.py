@@ -24,6 +24,7 @@ from typing import Callable
 
 from . import version
 from .config import Config, load_config
+from .console import duration
 from .diagnostics import NEAR_FUTURE_DEFINITION
 from .errors import OPDError
 from .evaluate import METRICS
@@ -220,14 +221,6 @@ def _format(key: str, value) -> str:
     return "-" if value is None else format(value, METRICS[key][1])
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    seconds = round(seconds)
-    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m {seconds % 60:02d}s"
-
-
 def _teacher_text(config: Config) -> str:
     teacher = config.teacher
     if teacher.kind == "local":
@@ -251,8 +244,8 @@ def summary(log: RunLog) -> str:
     config, e = log.config, html.escape
     done = f"{log.final['step']} steps, finished" if log.final else \
         f"{len(log.steps)} of {config.optim.steps} steps logged: the run has not finished (or was stopped)"
-    wall = (f"{_duration(log.final['wall_s'])} (training steps {_duration(log.final['train_s'])})" if log.final
-            else f"{_duration(sum(map(_step_seconds, log.steps)))} in the logged steps")
+    wall = (f"{duration(log.final['wall_s'])} (training steps {duration(log.final['train_s'])})" if log.final
+            else f"{duration(sum(map(_step_seconds, log.steps)))} in the logged steps")
     alerts = log.alerts
     facts = [("method", config.objective.method), ("student", config.student.path), ("teacher", _teacher_text(config)),
              ("steps", done), ("wall time", wall),
@@ -707,9 +700,9 @@ def checklist(log: RunLog) -> list[ChecklistItem]:
     facts.append(f"completion tokens sampled and scored in training: about {scored:,.0f}" if log.has("tokens_per_s")
                  else Unknown(f"tokens scored: {ABSENT}"))
     if log.final:
-        facts.append(f"wall-clock: {_duration(log.final['wall_s'])} (training steps {_duration(log.final['train_s'])})")
+        facts.append(f"wall-clock: {duration(log.final['wall_s'])} (training steps {duration(log.final['train_s'])})")
     else:
-        facts.append(f"wall-clock: {_duration(sum(map(_step_seconds, log.steps)))} in the logged steps (unfinished run)")
+        facts.append(f"wall-clock: {duration(sum(map(_step_seconds, log.steps)))} in the logged steps (unfinished run)")
     split = {k.removeprefix("time_"): sum(r.get(k, 0.0) for r in log.steps)
              for k in sorted({k for r in log.steps for k in r if k.startswith("time_")})}
     if split:
