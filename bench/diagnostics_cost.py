@@ -41,7 +41,7 @@ def main() -> None:
             record = train_step(run, optimizer, scheduler, rng)
             times[k].append({key[5:]: value for key, value in record.items() if key.startswith("time_")})
     print(f"{args.config}: {run.method.name}, batch {config.rollout.batch_size} x {config.rollout.max_completion_length} "
-          f"tokens; {run.device.type}: {machine_description(run.amp_dtype)}, {torch.get_num_threads()} threads; "
+          f"tokens; {run.device.type}: {machine_description(run.amp_dtype)}; "
           f"medians of {args.rounds} alternated steps")
     print(f"{'stage':<18}{'top_k 20 (s)':>14}{'top_k 0 (s)':>14}{'ratio':>8}")
     for stage in [*times[20][0], "step"]:

@@ -116,7 +116,7 @@ def one_sided_signal(history, cfg, context) -> Alert | None:
         seen = f"only {share:.0%} of recently sampled tokens have a negative signal"
         cause = "the teacher rates almost every sampled token above the student: an under-confident student, or a teacher at another temperature"
     return Alert("one_sided_signal", history[-1]["step"], seen, cause,
-                 "try objective.method cr_opd (routes suppressed mass to the teacher's tokens) or a top-k support "
+                 "objective.method cr_opd (routes suppressed mass to the teacher's tokens) or a top-k support "
                  "(gkd with top_k), and check that both models are scored at the same temperature", share, limit)
 
 

@@ -204,6 +204,8 @@ def _lines(series: list[tuple[str, list, list]], alerts: list[dict] = (), percen
             ax.axvline(alert["step"], color="#b2182b", linestyle="--", linewidth=0.8)
         if percent:
             _percent(ax)
+        else:  # values such as 0.99999 as they are, not as an offset above the axis
+            ax.ticklabel_format(axis="y", useOffset=False)
         if len(series) > 1:
             ax.legend(fontsize=7)
         ax.set_xlabel(xlabel)
