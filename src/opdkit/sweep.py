@@ -30,6 +30,7 @@ from .errors import OPDError
 from .evaluate import METRICS
 from .methods import preset
 from .report import write_report
+from .trackers import check_installed
 from .train import check_data, setup, train
 
 KL_KEYS = ("reverse_kl", "reverse_kl_k1")
@@ -130,10 +131,12 @@ def finished_run(run_dir: Path) -> tuple[dict, list[dict]] | None:
 
 def _plan(configs: dict[str, list[Config]], resume: bool) -> dict[Path, str]:
     """Each run folder's fate: ``new``, ``done`` (reused) or ``resume``. Refused here, before anything trains: a
-    stopped run without ``resume``, and data that does not fit a method (a TrOPD prefix beyond the context)."""
+    stopped run without ``resume``, data that does not fit a method (a TrOPD prefix beyond the context), and a
+    tracker in ``logging.report_to`` that is not installed."""
     plan = {}
     for config in (c for cs in configs.values() for c in cs):
         check_data(config)
+        check_installed(config.logging.report_to)
         folder = Path(config.output_dir)
         if finished_run(folder) is not None:
             plan[folder] = "done"
