@@ -1,0 +1,80 @@
+"""Teacher signals scored once (``opd score-teacher``) and read back (``data.teacher_signals``): equal to live
+scoring bit for bit for a local teacher, and refused when the manifest does not match the run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from opdkit.config import load_config
+from opdkit.data import load_examples
+from opdkit.errors import OPDError
+from opdkit.models import load_model, load_tokenizer
+from opdkit.rollout import from_dataset
+from opdkit.score_teacher import score_teacher
+from opdkit.teachers import LocalTeacher
+from opdkit.teachers.stored import SignalStore, StoredTeacher
+
+GKD_TOPK = {"method": "gkd", "support": "teacher_topk", "top_k": 5, "lmbda": 0.5}
+
+
+@pytest.fixture
+def scored(tiny_config, tmp_path):
+    """A gkd config on teacher top-k (half dataset, half student states) and its store."""
+    config = {**tiny_config, "objective": GKD_TOPK}
+    manifest = score_teacher(load_config(base=config), tmp_path / "signals")
+    return config, manifest
+
+
+def live_teacher(tiny):
+    tokenizer = load_tokenizer(str(tiny / "student"))
+    return LocalTeacher(load_model(str(tiny / "teacher")), tokenizer), tokenizer
+
+
+def test_stored_signals_equal_live_scoring_bit_for_bit(tiny, scored):
+    config, manifest = scored
+    assert manifest["k"] == 20 and manifest["entropy"] and manifest["examples"] == 64  # diagnostics.top_k 20
+    store = SignalStore.open(manifest["folder"])
+    teacher, tokenizer = live_teacher(tiny)
+    examples = load_examples(config["data"]["train"])
+    order = list(range(len(examples)))
+    random.Random(0).shuffle(order)  # other batches than the scoring's, so other padding
+    for start in range(0, len(order), 8):
+        rollouts = from_dataset(tokenizer, [examples[i] for i in order[start : start + 8]], 12)
+        live = teacher.score(rollouts, "topk", 20, entropy=True)
+        stored = store.signal(rollouts, 20, entropy=True)
+        mask = rollouts.completion_mask.bool()
+        assert torch.equal(stored.token_logprobs, live.token_logprobs)
+        assert torch.equal(stored.topk_ids[mask], live.topk_ids[mask])
+        assert torch.equal(stored.topk_logprobs[mask], live.topk_logprobs[mask])
+        assert torch.equal(stored.entropy[mask], live.entropy[mask])
+        assert torch.equal(store.signal(rollouts, 5, entropy=False).topk_ids[mask], live.topk_ids[mask][:, :5])
+
+
+def losses(config: dict, steps: int = 4) -> tuple[list[float], list[str]]:
+    """Losses of ``steps`` train steps and the source of each batch the live teacher scored."""
+    from opdkit.train import setup, train_step
+
+    run = setup(load_config(base=config))
+    live = run.teacher.live if isinstance(run.teacher, StoredTeacher) else run.teacher
+    scored, score = [], live.score
+    live.score = lambda rollouts, *args, **kwargs: scored.append(rollouts.source) or score(rollouts, *args, **kwargs)
+    optimizer = torch.optim.AdamW(run.student.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    rng = random.Random(config["seed"])
+    torch.manual_seed(config["seed"])
+    return [train_step(run, optimizer, scheduler, rng)["loss"] for _ in range(steps)], scored
+
+
+def test_a_run_on_stored_signals_never_calls_the_teacher_on_dataset_states_and_trains_identically(scored):
+    config, manifest = scored
+    config = {**config, "data": {**config["data"], "eval": None}}  # no held-out evaluation: only the steps
+    config["checkpoint"] = {"best_metric": None}
+    live_losses, live_sources = losses(config)
+    stored_losses, stored_sources = losses({**config, "data": {**config["data"], "teacher_signals": manifest["folder"]}})
+    assert "dataset" in live_sources and "student" in live_sources
+    assert stored_sources == [s for s in live_sources if s == "student"]
+    assert stored_losses == live_losses
