@@ -78,3 +78,34 @@ def test_a_run_on_stored_signals_never_calls_the_teacher_on_dataset_states_and_t
     assert "dataset" in live_sources and "student" in live_sources
     assert stored_sources == [s for s in live_sources if s == "student"]
     assert stored_losses == live_losses
+
+
+def refused(config: dict, signals: str, match: str) -> None:
+    from opdkit.train import setup
+
+    with pytest.raises(OPDError, match=match):
+        setup(load_config(base={**config, "data": {**config["data"], "teacher_signals": signals}}))
+
+
+def test_a_store_that_does_not_match_the_run_is_refused_naming_the_field(tiny, scored, tmp_path):
+    config, manifest = scored
+    folder = manifest["folder"]
+    refused({**config, "teacher": {"path": str(tiny / "student")}}, folder, r"teacher\.fingerprint .* re-run opd score-teacher")
+    refused({**config, "teacher": {**config["teacher"], "dtype": "bf16"}}, folder, r"teacher\.dtype is 'float32' there and 'bfloat16'")
+    tokenizer = load_tokenizer(str(tiny / "student"))
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(tmp_path / "other-student")
+    load_model(str(tiny / "student")).save_pretrained(tmp_path / "other-student")
+    refused({**config, "student": {"path": str(tmp_path / "other-student")}}, folder, "tokenizer is")
+    lines = (tiny / "train.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    record["completion"] = record["completion"] + " 0"
+    (tmp_path / "edited.jsonl").write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    refused({**config, "data": {**config["data"], "train": str(tmp_path / "edited.jsonl")}}, folder, "data is")
+    refused({**config, "rollout": {**config["rollout"], "max_completion_length": 16}}, folder,
+            "source.max_completion_length is 12 there and 16")
+    refused({**config, "diagnostics": {"top_k": 50}}, folder, r"top-20 .* top-50 .* opd score-teacher --top-k 50")
+    refused({**config, "objective": {**GKD_TOPK, "lmbda": 1.0}}, folder, "only on student samples")
+    refused({**config, "objective": {"method": "seqkd"}}, folder, "on dataset states, which this objective never draws")
+    refused({**config, "objective": {"method": "gkd", "lmbda": 0.5}}, folder, "support full")
+    refused(config, str(tmp_path / "nowhere"), r"no manifest.json\): write them with opd score-teacher")

@@ -72,7 +72,8 @@ def score_teacher(config: Config, out: str | Path, source: str | None = None, to
                       teacher.sample(batch, rollout.max_completion_length, rollout.temperature, rollout.top_p))
             writer.add(states, teacher.score(states, "topk", k, entropy=entropy))
             progress.advance(task, len(batch))
-    manifest = writer.close({**manifest, "data_path": config.data.train, "seed": config.seed,
+    manifest = writer.close({**manifest, "teacher_path": getattr(config.teacher, "path", None),
+                             "data_path": config.data.train, "seed": config.seed,
                              "opdkit": version()})
     if out_dir.exists():
         shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()

@@ -63,19 +63,29 @@ def data_hash(examples: list[Example]) -> str:
     return _sha256(json.dumps([[e.messages, e.completion] for e in examples], sort_keys=True).encode())
 
 
+def _weights_fingerprint(folder: Path) -> str:
+    """config.json and, per weight file, its name, size and first and last MiB: another checkpoint shows there
+    (a fine-tune of the same shape changes the first tensors' bytes) without reading gigabytes."""
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            digest.update(f.read(2**20))
+            f.seek(max(0, size - 2**20))
+            digest.update(f.read(2**20))
+    return digest.hexdigest()
+
+
 def teacher_identity(spec, amp_dtype: torch.dtype) -> dict:
-    """Who scored: a local model by its config.json and the names and sizes of its weight files (no need to read
-    gigabytes to notice another checkpoint) and the dtype it ran in; a server by the model name it serves."""
+    """Who scored, wherever its folder now lies: a local model by its weights' fingerprint and the dtypes it ran in;
+    a server by the model name it serves."""
     if spec.kind == "local":
         from ..models import resolve_model_path
 
-        folder = Path(resolve_model_path(spec.path))
-        weights = sorted((p.name, p.stat().st_size) for p in folder.iterdir()
-                         if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
-        fingerprint = _sha256((folder / "config.json").read_bytes() + json.dumps(weights).encode())
         dtype = {"auto": amp_dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[spec.dtype]
-        return {"kind": "local", "path": spec.path, "fingerprint": fingerprint, "dtype": str(dtype).removeprefix("torch."),
-                "autocast": str(amp_dtype).removeprefix("torch.")}
+        return {"kind": "local", "fingerprint": _weights_fingerprint(Path(resolve_model_path(spec.path))),
+                "dtype": str(dtype).removeprefix("torch."), "autocast": str(amp_dtype).removeprefix("torch.")}
     if spec.kind == "server":
         return {"kind": "server", "model": spec.model}
     raise OPDError(f"a {spec.kind} teacher gives no log-probs to store: opd score-teacher and data.teacher_signals "
