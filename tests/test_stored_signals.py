@@ -109,3 +109,49 @@ def test_a_store_that_does_not_match_the_run_is_refused_naming_the_field(tiny, s
     refused({**config, "objective": {"method": "seqkd"}}, folder, "on dataset states, which this objective never draws")
     refused({**config, "objective": {"method": "gkd", "lmbda": 0.5}}, folder, "support full")
     refused(config, str(tmp_path / "nowhere"), r"no manifest.json\): write them with opd score-teacher")
+
+
+def test_seqkd_reads_the_teachers_stored_samples_and_their_signals(tiny, tiny_config, tmp_path):
+    """--source teacher (the default for states: teacher) stores one teacher sample per prompt; a seqkd run serves
+    both the sample and its signal from the store, and the live teacher is never asked during the steps."""
+    config = {**tiny_config, "objective": {"method": "seqkd"}, "data": {**tiny_config["data"], "eval": None},
+              "checkpoint": {"best_metric": None}}
+    manifest = score_teacher(load_config(base=config), tmp_path / "samples")
+    assert manifest["source"] == {"kind": "teacher", "max_completion_length": 12, "temperature": 1.0, "top_p": 1.0}
+    teacher, tokenizer = live_teacher(tiny)
+    examples = load_examples(config["data"]["train"])
+    torch.manual_seed(config["seed"])
+    first = teacher.sample(examples[:8], 12)  # the scoring's first batch, drawn again with the same seed
+    stored_teacher = StoredTeacher(teacher, SignalStore.open(manifest["folder"]), tokenizer, torch.device("cpu"))
+    served = stored_teacher.sample(examples[:8], 12)
+    assert served.source == "teacher" and served.texts(tokenizer) == first.texts(tokenizer)
+    assert torch.equal(stored_teacher.score(served, "topk", 20, True).token_logprobs,
+                       teacher.score(served, "topk", 20, True).token_logprobs)
+
+    from opdkit.train import setup, train_step
+
+    run = setup(load_config(base={**config, "data": {**config["data"], "teacher_signals": manifest["folder"]}}))
+    calls = []
+    run.teacher.live.score = run.teacher.live.sample = lambda *args, **kwargs: calls.append(args)
+    optimizer = torch.optim.AdamW(run.student.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    record = train_step(run, optimizer, scheduler, random.Random(0))
+    assert calls == [] and record["sources"] == ["teacher"] and record["loss"] > 0
+
+
+def test_score_teacher_command_summarises_and_keeps_an_existing_folder(tiny_config, tmp_path, capsys):
+    import yaml
+
+    from opdkit.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**tiny_config, "objective": GKD_TOPK}))
+    out = tmp_path / "signals"
+    assert main(["score-teacher", str(path), "--out", str(out), "--top-k", "8", "--set", "diagnostics.top_k=0"]) == 0
+    printed = capsys.readouterr().out
+    assert "scored 64 dataset examples" in printed and "top-8" in printed and " MiB in " in printed
+    assert json.loads((out / "manifest.json").read_text())["k"] == 8 and not (tmp_path / "signals.tmp").exists()
+    assert main(["score-teacher", str(path), "--out", str(out)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().out
+    assert main(["score-teacher", str(path), "--out", str(tmp_path / "other"), "--top-k", "3"]) == 2
+    assert "--top-k 3 is fewer than the 20" in capsys.readouterr().out
