@@ -188,11 +188,11 @@ class SignalStore:
         ids = torch.zeros(rows, width, k, dtype=torch.long)
         values = torch.zeros(rows, width, k)
         teacher_entropy = torch.zeros(rows, width)
-        offsets = self.arrays["offsets"]
-        for row, (example, mask) in enumerate(zip(rollouts.examples, rollouts.completion_mask)):
+        offsets, lengths = self.arrays["offsets"], rollouts.completion_mask.sum(dim=1).long().tolist()
+        completion_ids = rollouts.completion_ids.tolist()
+        for row, (example, n) in enumerate(zip(rollouts.examples, lengths)):
             start, end = (int(x) for x in offsets[example.index : example.index + 2])
-            n = int(mask.sum())
-            own = rollouts.completion_ids[row, :n].tolist()
+            own = completion_ids[row][:n]
             if n != end - start or self.arrays["completion_ids"][start:end].tolist() != own:
                 raise OPDError(f"record {example.index + 1} of {self.manifest['data_path']} has other completion "
                                f"tokens than those scored in {self.folder}: the store is stale, re-run opd score-teacher")
@@ -220,14 +220,13 @@ class StoreWriter:
         self.offsets = [0]
 
     def add(self, rollouts: Rollouts, signal: TeacherSignal) -> None:
-        for row, mask in enumerate(rollouts.completion_mask):
-            n = int(mask.sum())
-            parts = {"completion_ids": rollouts.completion_ids[row, :n], "token_logprobs": signal.token_logprobs[row, :n],
-                     "topk_ids": signal.topk_ids[row, :n], "topk_logprobs": signal.topk_logprobs[row, :n]}
-            if self.entropy:
-                parts["entropy"] = signal.entropy[row, :n]
-            for name, tensor in parts.items():
-                self.files[name].write(tensor.detach().cpu().numpy().astype(ARRAYS[name]).tobytes())
+        """Each row's completion tokens (through its end token) and their signal, appended in row order."""
+        arrays = {"completion_ids": rollouts.completion_ids, "token_logprobs": signal.token_logprobs,
+                  "topk_ids": signal.topk_ids, "topk_logprobs": signal.topk_logprobs, "entropy": signal.entropy}
+        arrays = {name: arrays[name].detach().cpu().numpy().astype(ARRAYS[name]) for name in self.files}  # one copy
+        for row, n in enumerate(rollouts.completion_mask.sum(dim=1).long().tolist()):
+            for name, array in arrays.items():
+                self.files[name].write(array[row, :n].tobytes())
             self.offsets.append(self.offsets[-1] + n)
 
     def close(self, manifest: dict) -> dict:
