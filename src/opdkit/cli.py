@@ -49,6 +49,18 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: <checkpoint>/../diagnose/<checkpoint name>, else <output_dir>/diagnose/untouched)")
     p.add_argument("--set", **overrides)
 
+    p = commands.add_parser("score-teacher", help="score the training set's dataset completions (or the teacher's "
+                            "own samples) with the teacher once, into a folder that data.teacher_signals reads")
+    p.add_argument("config", help="the YAML config of the runs that will read the signals (teacher, data, rollout)")
+    p.add_argument("--out", metavar="DIR", required=True, help="the folder to write (manifest.json and memmapped arrays)")
+    p.add_argument("--source", choices=["dataset", "teacher"], default=None,
+                   help="the states to score: the dataset's completions, or one teacher sample per prompt "
+                   "(default: teacher when objective.states is teacher, else dataset)")
+    p.add_argument("--top-k", type=int, default=None, help="log-probs per position to keep (default: what the config "
+                   "reads, objective top-k and diagnostics.top_k for a local teacher)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--set", **overrides)
+
     p = commands.add_parser("methods", help="list the methods: one-line definition and preset values")
 
     p = commands.add_parser("config", help="every config key with default and help, or a config as it resolves")
@@ -216,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
             from .diagnose import run_diagnose
 
             run_diagnose(args.config, args.overrides, args.checkpoint, args.prompts, args.out, console)
+        elif args.command == "score-teacher":
+            from .config import load_config
+            from .score_teacher import score_teacher
+
+            config = load_config(args.config, args.overrides)
+            stored = score_teacher(config, args.out, args.source, args.top_k, args.force, console)
+            console.print(f"scored {stored['examples']} {stored['source']['kind']} examples ({stored['tokens']} tokens, "
+                          f"top-{stored['k']}) into {stored['folder']}: {stored['bytes'] / 2**20:.1f} MiB in "
+                          f"{stored['seconds']:.1f} s", highlight=False)
         elif args.command == "methods":
             _methods(console)
         elif args.command == "config":

@@ -145,6 +145,9 @@ class DataConfig(_Strict):
     chat_template: bool = Field(True, description="render prompts with the student tokenizer's chat template (which "
                                 "may add its default system prompt); false: the raw text, for base models")
     eval_size: int = Field(256, ge=1, description="held-out prompts used by eval")
+    teacher_signals: str | None = Field(
+        None, description="a folder written by opd score-teacher: the teacher's signal on the dataset's completions "
+        "(or its own samples) is read from it instead of running the teacher; student states are still scored live")
 
 
 class RolloutConfig(_Strict):

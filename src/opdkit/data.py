@@ -28,6 +28,7 @@ class Example:
     messages: list[dict]
     completion: str | None = None
     answer: str | None = None
+    index: int | None = None  # the record's position in its dataset (stored teacher signals are keyed by it)
 
 
 def _to_example(row: dict, where: str) -> Example:
@@ -79,7 +80,10 @@ def load_examples(source: str) -> list[Example]:
                 raise OPDError(f"{path}:{number}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
     if not rows:
         raise OPDError(f"dataset {name!r} is empty")
-    return [_to_example(row, f"{name} record {i + 1}") for i, row in enumerate(rows)]
+    examples = [_to_example(row, f"{name} record {i + 1}") for i, row in enumerate(rows)]
+    for i, example in enumerate(examples):
+        example.index = i
+    return examples
 
 
 def _load_hf(spec: str) -> list[dict]:

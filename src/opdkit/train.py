@@ -38,6 +38,7 @@ from .objectives.reduce import aggregation_weights, token_sum
 from .rollout import Rollouts, from_dataset, sample
 from .tasks import get_verifier
 from .teachers import Teacher, build_teacher
+from .teachers.stored import StoredTeacher, open_signals
 from .token_table import TOP_K, TokenStats, prompt_texts, records, token_stats
 from .trackers import Trackers
 
@@ -107,6 +108,8 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     amp_dtype = resolve_precision(config.precision, device)
     method = build_method(config.objective)
     data = check_data(config, student_path)
+    store = (open_signals(config, method, data.tokenizer, data.train, amp_dtype)  # checked before any weights load
+             if config.data.teacher_signals else None)
 
     student_path = student_path or config.student.path
     student = load_model(student_path, device)
@@ -115,6 +118,8 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     reference = load_model(student_path, device, amp_dtype).requires_grad_(False) if config.objective.ref_kl_coef else None
     teacher = build_teacher(config.teacher, data.tokenizer, student.config, device, amp_dtype, config.data.chat_template,
                             method.top_k if method.teacher_support == "topk" else 1)
+    if store is not None:
+        teacher = StoredTeacher(teacher, store, data.tokenizer, device)
     evaluator = Evaluator(teacher, data.tokenizer, data.eval, data.verifier, data.eval_length, config.eval.batch_size,
                           config.seed, amp_dtype, config.logging.samples)
     run_dir = Path(config.output_dir)
