@@ -37,7 +37,7 @@ from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
 from .rollout import Rollouts, from_dataset, sample
 from .tasks import get_verifier
-from .teachers import Teacher, build_teacher
+from .teachers import Teacher, build_teacher, teacher_request
 from .teachers.stored import StoredTeacher, open_signals
 from .token_table import TOP_K, TokenStats, prompt_texts, records, token_stats
 from .trackers import Trackers
@@ -213,16 +213,6 @@ def step_advantage_moments(run: Run, batches: list[Rollouts], signals) -> tuple[
     return credit.step_moments(pairs)
 
 
-def teacher_request(run: Run) -> tuple[str, int | None, bool]:
-    """``(support, top_k, entropy)`` to ask the teacher for: what the method needs and, from a local teacher (for
-    which they cost no extra forward pass), its top-k and entropy for the diagnostics (``diagnostics.top_k``)."""
-    method, k = run.method, run.config.diagnostics.top_k
-    support, top_k, entropy = method.teacher_support, method.top_k, method.needs_teacher_entropy
-    if run.teacher.model is None or not k:
-        return support, top_k, entropy
-    return ("topk" if support == "token" else support), max(top_k or 0, k), True
-
-
 def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: bool = False) -> dict:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its log record, with
     ``keep_tokens`` also the token table of the student's rollouts under ``"tokens"`` (``token_table.records``)."""
@@ -234,7 +224,7 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
 
     start = time.perf_counter()
     method = run.method
-    support, top_k, teacher_entropy = teacher_request(run)
+    support, top_k, teacher_entropy = teacher_request(run.config, method)
     signals = [run.teacher.score(b, support, top_k, entropy=teacher_entropy) for b in batches]
     for batch, signal in zip(batches, signals):  # near-future bridges: the teacher continues from chosen student states
         method.guide(batch, signal, run.teacher)

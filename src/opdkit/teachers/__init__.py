@@ -77,6 +77,17 @@ class Teacher(Protocol):
         ...
 
 
+def teacher_request(config, method) -> tuple[Support, int | None, bool]:
+    """``(support, top_k, entropy)`` the loop asks the teacher for, from the config alone: what the method needs
+    and, from a local teacher (for which they cost no extra forward pass), its top-k and entropy for the
+    diagnostics (``diagnostics.top_k``; 0 asks only what the method needs)."""
+    support, top_k, entropy = method.teacher_support, method.top_k, method.needs_teacher_entropy
+    k = config.diagnostics.top_k
+    if config.teacher.kind != "local" or not k:
+        return support, top_k, entropy
+    return ("topk" if support == "token" else support), max(top_k or 0, k), True
+
+
 from .local import LocalTeacher  # noqa: E402
 
 
@@ -111,4 +122,4 @@ def build_teacher(spec, student_tokenizer, student_config, device: torch.device,
     raise OPDError(f"unknown teacher kind {spec.kind!r}")
 
 
-__all__ = ["Bridge", "LocalTeacher", "Support", "Teacher", "TeacherSignal", "build_teacher"]
+__all__ = ["Bridge", "LocalTeacher", "Support", "Teacher", "TeacherSignal", "build_teacher", "teacher_request"]

@@ -34,7 +34,7 @@ import torch
 from ..data import Example, left_pad, render_prompt, right_pad
 from ..errors import OPDError
 from ..rollout import Rollouts
-from . import Support, TeacherSignal
+from . import Support, TeacherSignal, teacher_request
 
 FORMAT = 1
 ARRAYS = {"offsets": np.int64, "completion_ids": np.int32, "token_logprobs": np.float32, "topk_ids": np.int32,
@@ -113,12 +113,9 @@ def state_sources(objective) -> set[str]:
 
 
 def needed_top_k(config, method) -> tuple[int, bool]:
-    """``(k, entropy)`` the loop asks the teacher for (``train.teacher_request``), known from the config alone."""
-    k = method.top_k if method.teacher_support == "topk" else 0
-    entropy = method.needs_teacher_entropy
-    if config.teacher.kind == "local" and config.diagnostics.top_k:
-        k, entropy = max(k or 0, config.diagnostics.top_k), True
-    return k or 0, entropy
+    """``(k, entropy)`` the loop will ask the teacher for (``teacher_request``): what a store must hold."""
+    support, top_k, entropy = teacher_request(config, method)
+    return (top_k or 0) if support == "topk" else 0, entropy
 
 
 @dataclass
