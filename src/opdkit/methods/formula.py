@@ -171,7 +171,8 @@ class Formula(Method):
         if teacher.logprobs is None and teacher.hidden is not None:  # this call's unchunked terms need it whole
             teacher = dataclasses.replace(teacher, logprobs=teacher.full_logprobs())
         logprobs = student_logits.float().log_softmax(-1)
-        token_logprobs = sampled(logprobs, rollouts.completion_ids)
+        # as a local teacher computes its own (teachers.local): the same logits give a log-ratio of exactly 0
+        token_logprobs = sampled_from_logits(student_logits, rollouts.completion_ids)[0]
         stats: dict[str, torch.Tensor] = {"student_entropy": entropy(logprobs.detach())}
         scalars: dict[str, float] = {}
 
