@@ -103,13 +103,34 @@ def test_bad_teacher_contexts_are_refused_before_any_model_loads(tiny, tiny_conf
 
 
 def test_the_run_log_shows_the_students_and_the_teachers_rendering(tiny_config, tmp_path, capsys):
-    tiny_config.update(teacher={"kind": "self", "prompt": PRIVILEGED}, optim={"steps": 1, "learning_rate": 1e-3})
-    tiny_config["data"].pop("eval")
+    tiny_config.update(teacher={"kind": "self", "ema": 0.9, "prompt": PRIVILEGED}, optim={"steps": 1, "learning_rate": 1e-3})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_config))
     assert main(["train", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "self: the student's own weights, frozen at the start" in out
+    flat = " ".join(out.split())  # the banner's table wraps long rows
+    assert "self: the student's own weights, an exponential moving average of it (decay 0.9)" in flat
+    assert "before training:" in out and "exact reverse KL to teacher" in flat  # measured in the teacher's view
     student_view, teacher_view = out.split("first prompt")[1].split("the teacher's view of it")
     assert "1+1=2" not in student_view and "=" not in student_view
     assert "'<|user|>1+1=2<|user|>" in teacher_view and "\\n= " in teacher_view
+
+
+def test_an_ema_teacher_resumes_from_its_checkpoint(tiny_config):
+    from opdkit import checkpoint
+
+    teacher = {"kind": "self", "ema": 0.5, "prompt": PRIVILEGED}
+    run = _run(tiny_config, teacher)
+    optimizer = torch.optim.AdamW(trainable_parameters(run), lr=run.config.optim.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run.config))
+    train_step(run, optimizer, scheduler, random.Random(0))
+    run.run_dir.mkdir(parents=True)
+    saved = checkpoint.save(run, optimizer, scheduler, random.Random(0), checkpoint.LoopState(step=1))
+
+    fresh = _run(tiny_config, teacher)  # set up again: the teacher is the initial student
+    moved = run.teacher.model.state_dict()
+    assert any(not torch.equal(v, moved[k]) for k, v in fresh.teacher.model.state_dict().items())
+    optimizer = torch.optim.AdamW(trainable_parameters(fresh), lr=fresh.config.optim.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(fresh.config))
+    checkpoint.restore(fresh, optimizer, scheduler, random.Random(0), saved)
+    assert all(torch.equal(v, moved[k]) for k, v in fresh.teacher.model.state_dict().items())
