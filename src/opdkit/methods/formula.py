@@ -29,7 +29,7 @@ from ..objectives import bridge, credit, gates, regularizers, routing
 from ..objectives.divergence import distributional, entropy, estimator, kl, phi, phi_prime
 from ..objectives.policy_gradient import policy_gradient_loss
 from ..objectives.reduce import token_mean
-from ..objectives.support import chunked_full, restrict, sampled, sampled_from_logits, student_topk
+from ..objectives.support import chunked_full, restrict, sampled_from_logits, student_topk
 from ..rollout import Rollouts, from_prefixes
 from ..teachers import Bridge, TeacherSignal
 from . import Method, StateSource, TokenLoss
