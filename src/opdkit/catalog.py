@@ -109,7 +109,7 @@ def sections(model: type[BaseModel] = Config, path: str = "", title: str | None 
 def defaults_yaml() -> str:
     """Every key with its default as YAML, its type and help as comments (``opd config --defaults``)."""
     lines = ["# Every opdkit config key: default, type and help (opd config --defaults). Keys marked",
-             "# (required) have no default. teacher takes one of three kinds; each is listed."]
+             "# (required) have no default. teacher takes one of four kinds (local, server, chat, self); each is listed."]
     for section in sections():
         depth = section.path.count(".") + 1 if section.path else 0
         if section.path:

@@ -144,6 +144,8 @@ def _write_state(folder: Path, run, optimizer, scheduler, rng: random.Random, lo
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "method": [p.detach().cpu() for p in run.method.parameters()],
+        # a self-teacher that follows the student (ema) has weights of its own to resume; a frozen one is the start
+        **({"teacher": run.teacher.model.state_dict()} if getattr(run.teacher, "ema", None) is not None else {}),
         "sampler_position": run.prompts.position,
         "loop_rng": rng.getstate(),
         "rng": _rng_state(),
@@ -163,6 +165,8 @@ def restore(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random
     with torch.no_grad():
         for param, saved in zip(run.method.parameters(), state["method"], strict=True):
             param.copy_(saved)
+        if "teacher" in state:
+            run.teacher.model.load_state_dict(state["teacher"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     run.prompts.position = state["sampler_position"]

@@ -37,13 +37,62 @@ class StudentSpec(ModelSpec):
                                   "it in the loss pass as a regularizer")
 
 
-class LocalTeacherSpec(ModelSpec):
-    """A local Hugging Face causal LM scored in-process: exact full-vocabulary log-probs."""
+class TeacherPromptSpec(_Strict):
+    """The teacher's own view of each prompt (``opdkit.teachers.context``): the student keeps its rendering, the
+    teacher scores the student's same completion tokens after this one. ``system`` replaces the prompt's system
+    message (or adds one); ``template`` replaces the last user message, its ``{name}`` placeholders filled from the
+    example: ``{prompt}`` is the student's last user message, any other name a column of the dataset record (a
+    reference solution, say: privileged information the student does not see). ``{{`` and ``}}`` are literal
+    braces."""
 
-    kind: Literal["local"] = Field("local", description="local: a model loaded in this process")
+    system: str | None = Field(None, description="the teacher's system message, in place of the prompt's own (or "
+                               "added where it has none)")
+    template: str | None = Field(None, description="the teacher's last user message: {prompt} is the student's, "
+                                 "{column} a field of the dataset record (e.g. \"{prompt}\\nReference: {solution}\")")
+
+    @field_validator("template")
+    @classmethod
+    def _placeholders(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .teachers.context import placeholders
+
+            placeholders(value)  # raises ValueError naming the bad placeholder
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> "TeacherPromptSpec":
+        if self.system is None and self.template is None:
+            raise ValueError("teacher.prompt changes nothing: set system, template or both, or remove teacher.prompt")
+        return self
+
+
+class _TeacherView(_Strict):
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="the teacher's weights: auto follows the run's precision (bf16 on CUDA and on CPUs "
         "with bf16 matrix units, float32 elsewhere); its log-softmax is always taken in float32")
+    prompt: TeacherPromptSpec | None = Field(None, description="the teacher's own view of each prompt, scored "
+                                             "against the student's same completion: {system: the teacher's system "
+                                             "message, in place of the prompt's own; template: its last user message, "
+                                             "{prompt} the student's and {column} a field of the dataset record}; null: "
+                                             "the student's prompt")
+
+
+class LocalTeacherSpec(_TeacherView, ModelSpec):
+    """A local Hugging Face causal LM scored in-process: exact full-vocabulary log-probs."""
+
+    kind: Literal["local"] = Field("local", description="local: a model loaded in this process")
+
+
+class SelfTeacherSpec(_TeacherView):
+    """On-policy self-distillation: the teacher is the student's own weights, a frozen copy taken at the start
+    (or, with ``ema``, an exponential moving average of the student, updated after each optimizer step), scored
+    in its own context (``prompt``). Without a ``prompt`` the teacher sees exactly what the student sees, so at
+    step 0 the signal is zero. The copy costs one more set of weights in the teacher's dtype (no second model
+    without a LoRA student, which opdkit does not train yet)."""
+
+    kind: Literal["self"] = Field(description="self: the student's own weights (frozen at the start, or an EMA)")
+    ema: float | None = Field(None, gt=0, lt=1, description="null: the teacher is the student frozen at the start; "
+                              "a decay d: after each optimizer step teacher = d * teacher + (1 - d) * student")
 
 
 class _RemoteTeacherSpec(_Strict):
@@ -126,10 +175,11 @@ def _teacher_kind(value: Any) -> str:
 
 TeacherSpec = Annotated[
     Union[Annotated[LocalTeacherSpec, Tag("local")], Annotated[ServerTeacherSpec, Tag("server")],
-          Annotated[ChatTeacherSpec, Tag("chat")]],
+          Annotated[ChatTeacherSpec, Tag("chat")], Annotated[SelfTeacherSpec, Tag("self")]],
     Discriminator(_teacher_kind),
 ]
-TEACHER_SPECS: dict[str, type[BaseModel]] = {"local": LocalTeacherSpec, "server": ServerTeacherSpec, "chat": ChatTeacherSpec}
+TEACHER_SPECS: dict[str, type[BaseModel]] = {"local": LocalTeacherSpec, "server": ServerTeacherSpec, "chat": ChatTeacherSpec,
+                                             "self": SelfTeacherSpec}
 
 
 class DataConfig(_Strict):
@@ -681,7 +731,7 @@ class Config(_Strict):
         """``checkpoint.best_metric``: ``auto`` resolved by what the teacher and data can measure; a metric they
         cannot measure refused."""
         kind, chosen = self.teacher.kind, self.checkpoint.best_metric
-        kl = {"local": "reverse_kl", "server": "reverse_kl_k1", "chat": None}[kind]
+        kl = {"local": "reverse_kl", "self": "reverse_kl", "server": "reverse_kl_k1", "chat": None}[kind]
         if chosen == "auto":
             measurable = kl or ("accuracy" if self.data.task else "token_agreement")
             self.checkpoint.best_metric = measurable if self.data.eval else None
@@ -718,6 +768,10 @@ class Config(_Strict):
                              "chunk_opd; for log-prob objectives use teacher.kind server or local")
         if chunk and not chat:
             raise ValueError("objective.method chunk_opd needs a text-only teacher: set teacher.kind: chat")
+        if getattr(self.teacher, "prompt", None) is not None and self.objective.teacher_bridge:
+            raise ValueError("near_future teacher_bridge continues the student's token prefixes, which carry the "
+                             "student's prompt, not the teacher's (teacher.prompt): use near_future.mode lookahead, "
+                             "or remove teacher.prompt")
         if self.teacher.kind == "server":
             from .methods import build_method
 

@@ -74,6 +74,8 @@ class RunView:
         teacher = config.teacher
         if teacher.kind == "local":
             teacher_text = f"local {teacher.path} ({_size(run.teacher.model)} parameters)"
+        elif teacher.kind == "self":
+            teacher_text = f"self: the student's own weights, {_following(teacher.ema)}"
         else:
             urls = teacher.base_url if isinstance(teacher.base_url, str) else ", ".join(teacher.base_url)
             teacher_text = f"{teacher.kind} {teacher.model} at {urls}"
@@ -132,6 +134,13 @@ class RunView:
             how = "raw text (data.chat_template: false)"
         self.console.print(f"[bold]first prompt[/], {how}:", highlight=False)
         self.console.print(repr(text), markup=False, highlight=False)
+        context = getattr(self.run.teacher, "context", None)
+        if context is not None:  # teacher.prompt: the teacher scores the same completion after its own view
+            seen = tokenizer.decode(render_prompt(tokenizer, context.messages(self.run.prompts.examples[0])))
+            if seen != text:
+                self.console.print("[bold]the teacher's view of it[/] (teacher.prompt; it scores the student's "
+                                   "completion after this):", highlight=False)
+                self.console.print(repr(seen), markup=False, highlight=False)
 
     # ---- during -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -223,6 +232,10 @@ class RunView:
         self.console.print(f"final model: {result['final']} (loads with AutoModelForCausalLM.from_pretrained)", highlight=False)
         self.console.print(f"time: {duration(result['wall_s'])} in all, of which training steps "
                            f"{duration(result['train_s'])} (the rest: loading, evaluation, saving)", highlight=False)
+
+
+def _following(ema: float | None) -> str:
+    return "frozen at the start" if ema is None else f"an exponential moving average of it (decay {ema:g})"
 
 
 def _method_line(name: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,11 @@ class Example:
     completion: str | None = None
     answer: str | None = None
     index: int | None = None  # the record's position in its dataset (stored teacher signals are keyed by it)
+    columns: dict[str, str] = field(default_factory=dict)  # the record's text and number fields, for teacher.prompt
+
+
+def _columns(row: dict) -> dict[str, str]:
+    return {k: str(v) for k, v in row.items() if k != "messages" and isinstance(v, (str, int, float))}
 
 
 def _to_example(row: dict, where: str) -> Example:
@@ -40,7 +45,8 @@ def _to_example(row: dict, where: str) -> Example:
         if not row["prompt"].strip():
             raise OPDError(f"{where}: empty prompt; remove the record or fill its 'prompt' field")
         completion = row.get("completion")
-        return Example([{"role": "user", "content": row["prompt"]}], completion if isinstance(completion, str) else None, answer)
+        return Example([{"role": "user", "content": row["prompt"]}], completion if isinstance(completion, str) else None, answer,
+                       _columns(row))
     messages = row.get("messages")
     if isinstance(messages, list) and messages:
         if not all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages):
@@ -50,7 +56,7 @@ def _to_example(row: dict, where: str) -> Example:
             completion, messages = messages[-1]["content"], messages[:-1]
         if not messages or not any(m["content"].strip() for m in messages):
             raise OPDError(f"{where}: empty prompt (no non-empty message before the assistant turn)")
-        return Example(list(messages), completion, answer)
+        return Example(list(messages), completion, answer, _columns(row))
     fields = sorted(row)
     raise OPDError(
         f"{where}: no usable prompt field: expected a non-empty string 'prompt' or a list 'messages' "

@@ -100,8 +100,9 @@ def score_prompts(config: Config, student_path: str, count: int, batch_size: int
     device = pick_device()
     amp_dtype = resolve_precision(config.precision, device)
     student = load_model(student_path, device)
-    teacher = build_teacher(config.teacher, data.tokenizer, student.config, device, amp_dtype, config.data.chat_template)
-    local = config.teacher.kind == "local"
+    teacher = build_teacher(config.teacher, data.tokenizer, student.config, device, amp_dtype, config.data.chat_template,
+                            student=student)
+    local = config.teacher.kind in ("local", "self")
     torch.manual_seed(config.seed)  # after loading, which may draw from the generator: the same samples, any teacher
     parts, prompts = [], []
     rollout = config.rollout
@@ -123,7 +124,8 @@ def score_prompts(config: Config, student_path: str, count: int, batch_size: int
                                          signal))
             prompts += prompt_texts(rollouts, data.tokenizer)
             progress.advance(task, len(rollouts.examples))
-    described = config.teacher.path if local else f"{config.teacher.model} at {config.teacher.base_url}"
+    described = ("the student's own weights" if config.teacher.kind == "self" else config.teacher.path if local
+                 else f"{config.teacher.model} at {config.teacher.base_url}")
     return Scored(TokenStats.cat(parts), prompts, data.tokenizer, student_path, f"{config.teacher.kind} {described}")
 
 

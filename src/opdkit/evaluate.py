@@ -11,6 +11,11 @@
   remote teacher, its greedy text tokenized by the student's tokenizer);
 - ``greedy_match``: the student's whole greedy answer equals the teacher's.
 
+A teacher with its own context (``teacher.prompt``) is measured in that context, the one the student is trained
+toward: the KLs score the student's samples after the teacher's view of each prompt, and its greedy answers are
+written in that view; the student is always measured on its own prompt. The teacher's greedy answers are taken
+once, except from a self-teacher that follows the student (``ema``), which answers anew at every evaluation.
+
 Each call also keeps ``last_samples``: the first ``samples`` prompts with the student's and the teacher's greedy
 answers (and the reference answer where the dataset has one), for people to read.
 """
@@ -51,7 +56,7 @@ def _batches(items: list, size: int):
 
 @dataclass
 class Evaluator:
-    teacher: Teacher  # local, server or chat
+    teacher: Teacher  # local, self, server or chat
     tokenizer: PreTrainedTokenizerBase
     examples: list[Example]
     verifier: Verifier | None
@@ -109,6 +114,8 @@ class Evaluator:
     def __call__(self, student: PreTrainedModel) -> dict:
         was_training = student.training
         student.eval()
+        if getattr(self.teacher, "ema", None) is not None:  # a self-teacher that follows the student: answers anew
+            self._teacher_greedy = None
         device = next(student.parameters()).device
         greedy = self._greedy(student)
         kl_sum = tokens = agree = 0.0

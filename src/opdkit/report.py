@@ -227,8 +227,22 @@ def _teacher_text(config: Config) -> str:
     teacher = config.teacher
     if teacher.kind == "local":
         return f"local model {teacher.path}"
+    if teacher.kind == "self":
+        return "the student's own weights (" + ("frozen at the start)" if teacher.ema is None else
+                                                f"an exponential moving average, decay {teacher.ema:g})")
     urls = teacher.base_url if isinstance(teacher.base_url, str) else ", ".join(teacher.base_url)
     return f"{teacher.kind} teacher {teacher.model} at {urls}"
+
+
+def _context_text(same_weights: bool, prompt) -> str:
+    """The checklist's line on the teacher's context: its own weights or a separate model, and its own view
+    (``teacher.prompt``) or the student's prompt."""
+    who = "the student's own weights" if same_weights else "a separate model"
+    if prompt is None:
+        return f"self-teacher context: none; the teacher is {who} given the same prompt (no privileged context)"
+    parts = (["its own system prompt"] if prompt.system is not None else []) + \
+        ([f"its own template {prompt.template!r}"] if prompt.template is not None else [])
+    return f"teacher context: the teacher is {who}, scoring the student's completions after {' and '.join(parts)}"
 
 
 def _step_seconds(record: dict) -> float:
@@ -554,7 +568,7 @@ def checklist(log: RunLog) -> list[ChecklistItem]:
     after = (log.final or {}).get("eval") or {}
 
     # 1. models and teacher access
-    access = {"local": "full-vocabulary log-probs (logits)",
+    access = {"local": "full-vocabulary log-probs (logits)", "self": "full-vocabulary log-probs (logits)",
               "server": f"sampled-token log-probs and its top {getattr(teacher, 'top_k', 0)} per position",
               "chat": "text only (no log-probs)"}[teacher.kind]
     reads = {"token": "the sampled tokens' log-probs only", "topk": f"the teacher's top {method.top_k}",
@@ -567,13 +581,13 @@ def checklist(log: RunLog) -> list[ChecklistItem]:
         "server": f"the student's ({config.student.path}); the server is sent its token ids (prompt_as: "
                   f"{getattr(teacher, 'prompt_as', '')}) and every echoed token is checked against them",
         "chat": f"the student's ({config.student.path}); the teacher's text is compared as text",
+        "self": "the student's own: the teacher is the student's weights",
     }[teacher.kind]
-    same = teacher.kind == "local" and teacher.path == config.student.path
+    same = teacher.kind == "self" or teacher.kind == "local" and teacher.path == config.student.path
     items = [ChecklistItem("Teacher and student, tokenizers, teacher access", [
         f"student: {config.student.path}", f"teacher: {_teacher_text(config)}", f"tokenizer: {tokenizer}",
         f"teacher access: {access}; this method reads {reads}",
-        "self-teacher context: the teacher is the student's own weights, with the same context" if same else
-        "self-teacher context: none; the teacher is a separate model given the same prompt (no privileged context)"])]
+        _context_text(same, getattr(teacher, "prompt", None))])]
 
     # 2. state source
     states = [f"states: {o.states} samples" + (f" in {o.lmbda:.0%} of batches, dataset completions in the rest"
@@ -696,7 +710,7 @@ def checklist(log: RunLog) -> list[ChecklistItem]:
             facts.append(f"{label}: {sum(r.get(key, 0) for r in log.steps):,.0f}")
     if not log.has("teacher_calls"):
         facts.append("teacher calls: one scoring pass per micro-batch, "
-                     f"{len(log.steps) * config.optim.gradient_accumulation_steps} in all" if teacher.kind == "local"
+                     f"{len(log.steps) * config.optim.gradient_accumulation_steps} in all" if teacher.kind in ("local", "self")
                      else Unknown("teacher calls: not logged by this run"))
     scored = sum(r["tokens_per_s"] * _step_seconds(r) for r in log.steps if "tokens_per_s" in r)
     facts.append(f"completion tokens sampled and scored in training: about {scored:,.0f}" if log.has("tokens_per_s")

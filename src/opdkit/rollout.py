@@ -9,7 +9,7 @@ is synchronous at temperature 1 with no truncation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -39,6 +39,11 @@ class Rollouts:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask.long()], dim=1)
+
+    def with_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> "Rollouts":
+        """The same completions (ids, masks, sampler log-probs) after other left-padded prompts: a teacher's own
+        view of the states (``teachers.context``)."""
+        return replace(self, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
 
     @property
     def own_mask(self) -> torch.Tensor:

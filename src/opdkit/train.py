@@ -38,6 +38,7 @@ from .objectives.reduce import aggregation_weights, token_sum
 from .rollout import Rollouts, from_dataset, sample
 from .tasks import get_verifier
 from .teachers import Teacher, build_teacher, teacher_request
+from .teachers.context import TeacherContext
 from .teachers.stored import StoredTeacher, open_signals
 from .token_table import TOP_K, TokenStats, prompt_texts, records, token_stats
 from .trackers import Trackers
@@ -97,6 +98,12 @@ def check_data(config: Config, student_path: str | None = None) -> Data:
     validate_lengths(tokenizer, train_examples, budget, context, config.data.train, prefix)
     if eval_examples:
         validate_lengths(tokenizer, eval_examples, eval_length, context, config.data.eval)
+    if getattr(config.teacher, "prompt", None) is not None:  # the teacher's own view: its columns, and its length
+        teacher_view = TeacherContext(config.teacher.prompt, tokenizer)
+        for examples, name, length in ((train_examples, config.data.train, budget + prefix),
+                                       (eval_examples, config.data.eval, eval_length)):
+            teacher_view.check(examples, name)
+            validate_lengths(tokenizer, teacher_view.examples(examples), length, context, f"{name} (the teacher's view)")
     return Data(tokenizer, train_examples, eval_examples, verifier, eval_length)
 
 
@@ -117,7 +124,7 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     # a frozen copy of the initial student for the KL-to-reference regularizer, in bf16 where the run is
     reference = load_model(student_path, device, amp_dtype).requires_grad_(False) if config.objective.ref_kl_coef else None
     teacher = build_teacher(config.teacher, data.tokenizer, student.config, device, amp_dtype, config.data.chat_template,
-                            method.top_k if method.teacher_support == "topk" else 1)
+                            method.top_k if method.teacher_support == "topk" else 1, student=student)
     if store is not None:
         teacher = StoredTeacher(teacher, store, data.tokenizer, device)
     evaluator = Evaluator(teacher, data.tokenizer, data.eval, data.verifier, data.eval_length, config.eval.batch_size,
@@ -280,6 +287,8 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
     finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
     if finite:  # a non-finite step leaves the weights alone; the loop counts it
         optimizer.step()
+        if (after_step := getattr(run.teacher, "after_step", None)) is not None:  # a self-teacher's EMA
+            after_step(run.student)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     timings["optimizer"] = time.perf_counter() - start

@@ -29,7 +29,7 @@ from ..objectives import bridge, credit, gates, regularizers, routing
 from ..objectives.divergence import distributional, entropy, estimator, kl, phi, phi_prime
 from ..objectives.policy_gradient import policy_gradient_loss
 from ..objectives.reduce import token_mean
-from ..objectives.support import chunked_full, restrict, sampled, sampled_from_logits, student_topk
+from ..objectives.support import chunked_full, restrict, sampled_from_logits, student_topk
 from ..rollout import Rollouts, from_prefixes
 from ..teachers import Bridge, TeacherSignal
 from . import Method, StateSource, TokenLoss
@@ -171,7 +171,8 @@ class Formula(Method):
         if teacher.logprobs is None and teacher.hidden is not None:  # this call's unchunked terms need it whole
             teacher = dataclasses.replace(teacher, logprobs=teacher.full_logprobs())
         logprobs = student_logits.float().log_softmax(-1)
-        token_logprobs = sampled(logprobs, rollouts.completion_ids)
+        # as a local teacher computes its own (teachers.local): the same logits give a log-ratio of exactly 0
+        token_logprobs = sampled_from_logits(student_logits, rollouts.completion_ids)[0]
         stats: dict[str, torch.Tensor] = {"student_entropy": entropy(logprobs.detach())}
         scalars: dict[str, float] = {}
 

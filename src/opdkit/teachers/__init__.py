@@ -80,10 +80,10 @@ class Teacher(Protocol):
 def teacher_request(config, method) -> tuple[Support, int | None, bool]:
     """``(support, top_k, entropy)`` the loop asks the teacher for, from the config alone: what the method needs
     and, from a local teacher (for which they cost no extra forward pass), its top-k and entropy for the
-    diagnostics (``diagnostics.top_k``; 0 asks only what the method needs)."""
+    diagnostics (``diagnostics.top_k``; 0 asks only what the method needs). A self teacher is a local one."""
     support, top_k, entropy = method.teacher_support, method.top_k, method.needs_teacher_entropy
     k = config.diagnostics.top_k
-    if config.teacher.kind != "local" or not k:
+    if config.teacher.kind not in ("local", "self") or not k:
         return support, top_k, entropy
     return ("topk" if support == "token" else support), max(top_k or 0, k), True
 
@@ -92,21 +92,30 @@ from .local import LocalTeacher  # noqa: E402
 
 
 def build_teacher(spec, student_tokenizer, student_config, device: torch.device, amp_dtype: torch.dtype,
-                  chat_template: bool = True, top_k_needed: int = 1) -> Teacher:
-    """The teacher a config names, checked against the student before any training (``chat_template``: whether
-    prompts are rendered with the chat template, so whether the two templates must agree; ``top_k_needed``: the
-    teacher log-probs per position the objective reads). A server teacher keeps its probe's ``findings``."""
+                  chat_template: bool = True, top_k_needed: int = 1, student: torch.nn.Module | None = None) -> Teacher:
+    """The teacher a config names, checked against the student's config (and ``student``, the loaded model, which
+    ``kind: self`` copies and so needs) before any training (``chat_template``: whether prompts are rendered with the chat template, so whether the two
+    templates must agree; ``top_k_needed``: the teacher log-probs per position the objective reads). A server
+    teacher keeps its probe's ``findings``."""
     from ..errors import OPDError
     from ..models import check_tokenizers_match, load_model, load_tokenizer
+    from .context import TeacherContext
 
-    if spec.kind == "local":
-        check_tokenizers_match(student_tokenizer, load_tokenizer(spec.path), chat_template)
+    if spec.kind in ("local", "self"):
         dtype = {"auto": amp_dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[spec.dtype]
+        context = TeacherContext(spec.prompt, student_tokenizer) if spec.prompt is not None else None
+        if spec.kind == "self":
+            from .self_teacher import SelfTeacher
+
+            if student is None:
+                raise ValueError("build_teacher: a self teacher copies the student: pass the loaded student")
+            return SelfTeacher(student, student_tokenizer, amp_dtype, dtype, spec.ema, context)
+        check_tokenizers_match(student_tokenizer, load_tokenizer(spec.path), chat_template)
         model = load_model(spec.path, device, dtype)
         if student_config.vocab_size != model.config.vocab_size:
             raise OPDError(f"student and teacher output layers differ in size ({student_config.vocab_size} vs "
                            f"{model.config.vocab_size}) although their tokenizers match: resize one embedding matrix")
-        return LocalTeacher(model, student_tokenizer, amp_dtype)
+        return LocalTeacher(model, student_tokenizer, amp_dtype, context)
     if spec.kind == "server":
         from .server import ServerTeacher
 

@@ -18,6 +18,7 @@ from ..objectives.divergence import entropy as full_entropy
 from ..objectives.support import chunk_rows, sampled_from_logits
 from ..rollout import Rollouts, sample
 from . import Support, TeacherSignal
+from .context import TeacherContext
 
 BLOCK_MEMORY_MIB = 256  # per block of positions when the full distribution is reduced (token log-probs, entropy)
 
@@ -41,12 +42,17 @@ def _reduce(logits: torch.Tensor, ids: torch.Tensor, entropy: bool, top_k: int |
 
 
 class LocalTeacher:
+    """``context`` (``teacher.prompt``): the teacher scores and samples in its own view of each prompt; what it
+    returns is always aligned with, and placed after, the student's prompt."""
+
     returns_logprobs = True
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, amp_dtype: torch.dtype = torch.float32):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, amp_dtype: torch.dtype = torch.float32,
+                 context: TeacherContext | None = None):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.amp_dtype = amp_dtype
+        self.context = context
         self.device = next(model.parameters()).device
 
     @property
@@ -57,6 +63,8 @@ class LocalTeacher:
     def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None,
               entropy: bool = False) -> TeacherSignal:
         """``top_k`` with support "full" also gives the top-k (for diagnostics), taken block by block."""
+        if self.context is not None:
+            rollouts = self.context.view(rollouts)
         mask, ids = rollouts.completion_mask, rollouts.completion_ids
         k = top_k if support in ("topk", "full") else None
         if support == "full":  # hidden states and head; token log-probs, entropy and top-k block by block
@@ -82,10 +90,13 @@ class LocalTeacher:
 
     def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
                top_p: float = 1.0, greedy: bool = False) -> Rollouts:
-        """Teacher completions of the prompts (teacher states, guidance prefixes, greedy teacher accuracy)."""
+        """Teacher completions of the prompts (teacher states, guidance prefixes, greedy teacher accuracy), written
+        in the teacher's view and returned after the student's prompts."""
+        seen = examples if self.context is None else self.context.examples(examples)
         with autocast(self.device, self.amp_dtype):
-            return sample(self.model, self.tokenizer, examples, max_completion_length=max_completion_length,
-                          temperature=temperature, top_p=top_p, greedy=greedy, source="teacher")
+            rollouts = sample(self.model, self.tokenizer, seen, max_completion_length=max_completion_length,
+                              temperature=temperature, top_p=top_p, greedy=greedy, source="teacher")
+        return rollouts if self.context is None else self.context.student_view(rollouts, examples)
 
     @torch.no_grad()
     def continue_ids(self, prefixes: list[list[int]], max_new_tokens: int, temperature: float = 0.0) -> list[list[int]]:

@@ -78,18 +78,21 @@ def _weights_fingerprint(folder: Path) -> str:
 
 
 def teacher_identity(spec, amp_dtype: torch.dtype) -> dict:
-    """Who scored, wherever its folder now lies: a local model by its weights' fingerprint and the dtypes it ran in;
-    a server by the model name it serves."""
+    """Who scored, wherever its folder now lies: a local model by its weights' fingerprint, the dtypes it ran in and
+    its own context (``teacher.prompt``); a server by the model name it serves."""
     if spec.kind == "local":
         from ..models import resolve_model_path
 
         dtype = {"auto": amp_dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[spec.dtype]
         return {"kind": "local", "fingerprint": _weights_fingerprint(Path(resolve_model_path(spec.path))),
-                "dtype": str(dtype).removeprefix("torch."), "autocast": str(amp_dtype).removeprefix("torch.")}
+                "dtype": str(dtype).removeprefix("torch."), "autocast": str(amp_dtype).removeprefix("torch."),
+                "prompt": None if spec.prompt is None else spec.prompt.model_dump()}  # its own context, if any
     if spec.kind == "server":
         return {"kind": "server", "model": spec.model}
-    raise OPDError(f"a {spec.kind} teacher gives no log-probs to store: opd score-teacher and data.teacher_signals "
-                   "work with teacher.kind local or server")
+    why = ("its weights are the student's, and with ema they move during training" if spec.kind == "self"
+           else "it gives no log-probs")
+    raise OPDError(f"a {spec.kind} teacher's signals cannot be stored ({why}): opd score-teacher and "
+                   "data.teacher_signals work with teacher.kind local or server")
 
 
 def source_record(source: str, config) -> dict:
