@@ -46,7 +46,7 @@ def _to_example(row: dict, where: str) -> Example:
             raise OPDError(f"{where}: empty prompt; remove the record or fill its 'prompt' field")
         completion = row.get("completion")
         return Example([{"role": "user", "content": row["prompt"]}], completion if isinstance(completion, str) else None, answer,
-                       _columns(row))
+                       columns=_columns(row))
     messages = row.get("messages")
     if isinstance(messages, list) and messages:
         if not all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages):
@@ -56,7 +56,7 @@ def _to_example(row: dict, where: str) -> Example:
             completion, messages = messages[-1]["content"], messages[:-1]
         if not messages or not any(m["content"].strip() for m in messages):
             raise OPDError(f"{where}: empty prompt (no non-empty message before the assistant turn)")
-        return Example(list(messages), completion, answer, _columns(row))
+        return Example(list(messages), completion, answer, columns=_columns(row))
     fields = sorted(row)
     raise OPDError(
         f"{where}: no usable prompt field: expected a non-empty string 'prompt' or a list 'messages' "
