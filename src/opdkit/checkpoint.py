@@ -4,8 +4,9 @@ A checkpoint is a folder ``checkpoint-<step>`` in the run folder. It holds the s
 ``save_pretrained`` writes it (so ``opd eval --checkpoint`` reads it) and its tokenizer, plus
 ``trainer_state.pt``: optimizer, scheduler, the method's own parameters, the data position, every random
 generator (Python, NumPy, torch, the loop's ``random.Random``), the log so far and the best measurement so
-far. ``trainer_state.json`` repeats the step, its metrics, the best and whether the run finished, for people
-and for checks that must not load a model. ``best`` is a link to the checkpoint with the best
+far. ``trainer_state.json`` repeats the step, its metrics, the best, whether the run finished and the teacher set
+(``teacher_set``; a resume under other teachers is refused), for people and for checks that must not load a
+model. ``best`` is a link to the checkpoint with the best
 ``checkpoint.best_metric``; ``final`` is the finished student alone, as ``save_pretrained`` writes it.
 
 Writing goes to ``.tmp-checkpoint-<step>``; every file and the folder are fsynced, the folder is renamed into
@@ -76,12 +77,40 @@ def latest(run_dir: Path) -> Path:
     return found[-1]
 
 
-def check_folder(run_dir: Path, resume: bool, steps: int) -> None:
+def teacher_set(config: Config) -> dict[str, dict]:
+    """Who teaches, as a checkpoint records it: each teacher's name (``teacher`` for the one ``teacher:``) -> its
+    kind and what it is (a local folder, a served model and its address, a self teacher's EMA)."""
+    out = {}
+    for spec in config.teacher_specs():
+        what = {"local": ("path",), "server": ("model", "base_url"), "chat": ("model", "base_url"), "self": ("ema",)}
+        out[spec.name or "teacher"] = {"kind": spec.kind, **{key: getattr(spec, key) for key in what[spec.kind]}}
+    return out
+
+
+def _check_teachers(run_dir: Path, saved: dict | None, config: Config) -> None:
+    """A resumed run keeps its teachers: the signal it trained on would otherwise change under the same names."""
+    if saved is None:  # a checkpoint written before teacher sets were recorded
+        return
+    now = teacher_set(config)
+    for name in sorted(set(saved) & set(now)):
+        if saved[name] != now[name]:
+            raise OPDError(f"teacher {name!r} of the run in {run_dir} was {saved[name]} and the config now gives "
+                           f"{now[name]}: resume with the same teacher (restore its entry in {run_dir}/config.yaml), "
+                           "or start a new run in another output_dir")
+    if set(saved) != set(now):
+        raise OPDError(f"the run in {run_dir} was trained by teachers {sorted(saved)} and the config now names "
+                       f"{sorted(now)}: resume with the same teachers, or start a new run in another output_dir")
+
+
+def check_folder(run_dir: Path, resume: bool, steps: int, config: Config | None = None) -> None:
     """The run folder suits the command, checked before any model loads: a new run's holds no checkpoint; a
-    resumed run's holds one, and a finished run continues only when ``steps`` extends it."""
+    resumed run's holds one, a finished run continues only when ``steps`` extends it, and (given ``config``) with
+    the teachers its checkpoint records."""
     if not resume:
         return check_fresh(run_dir)
     state = json.loads((latest(run_dir) / "trainer_state.json").read_text())
+    if config is not None:
+        _check_teachers(run_dir, state.get("teachers"), config)
     if state.get("finished") and steps <= state["step"]:
         raise OPDError(f"the run in {run_dir} already finished its {state['step']} steps: to train further, extend "
                        f"it with opd train --resume {run_dir} --set optim.steps=M (M > {state['step']}); the "
@@ -151,14 +180,15 @@ def _write_state(folder: Path, run, optimizer, scheduler, rng: random.Random, lo
         "rng": _rng_state(),
     }
     best = {"metric": run.config.checkpoint.best_metric, "step": loop.best_step, "value": loop.best_value}
-    summary = json.dumps({"step": loop.step, "finished": loop.finished, "metrics": metrics, "best": best}, indent=2)
+    summary = json.dumps({"step": loop.step, "finished": loop.finished, "metrics": metrics, "best": best,
+                          "teachers": teacher_set(run.config)}, indent=2)
     _replace(folder / STATE, lambda f: torch.save(state, f))
     _replace(folder / "trainer_state.json", lambda f: f.write(summary.encode()))
 
 
 def restore(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random, path: Path) -> LoopState:
     """Load a checkpoint into a freshly set-up run, its optimizer, scheduler and loop generator."""
-    check_folder(run.run_dir, True, run.config.optim.steps)
+    check_folder(run.run_dir, True, run.config.optim.steps, run.config)
     state = torch.load(path / STATE, weights_only=True)
     loop = LoopState(**state["loop"])
     run.student.load_state_dict(load_model(str(path), run.device).state_dict())

@@ -132,7 +132,7 @@ def _train(args, console: Console) -> None:
     if (args.config is None) == (args.resume is None):
         raise OPDError("give either a config (opd train CONFIG.yaml) or a run to continue (opd train --resume RUN_DIR)")
     config = resume_config(args.resume, args.overrides) if args.resume else load_config(args.config, args.overrides)
-    check_folder(Path(config.output_dir), args.resume is not None, config.optim.steps)  # before any model loads
+    check_folder(Path(config.output_dir), args.resume is not None, config.optim.steps, config)  # before any model loads
     check_installed(config.logging.report_to)
     console.print(f"loading the models for {config.output_dir} ...", style="dim", highlight=False)
     try:

@@ -66,7 +66,12 @@ class TeacherPromptSpec(_Strict):
         return self
 
 
-class _TeacherView(_Strict):
+class _NamedTeacher(_Strict):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="the teacher's name in teachers: "
+                             "(required there, unique): routing refers to it and its metrics are teacher_<name>_*")
+
+
+class _TeacherView(_NamedTeacher):
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="the teacher's weights: auto follows the run's precision (bf16 on CUDA and on CPUs "
         "with bf16 matrix units, float32 elsewhere); its log-softmax is always taken in float32")
@@ -95,7 +100,7 @@ class SelfTeacherSpec(_TeacherView):
                               "a decay d: after each optimizer step teacher = d * teacher + (1 - d) * student")
 
 
-class _RemoteTeacherSpec(_Strict):
+class _RemoteTeacherSpec(_NamedTeacher):
     """An OpenAI-compatible HTTP teacher (ours, vLLM, SGLang, llama.cpp, a hosted API).
 
     ``base_url`` may list replicas: requests are spread round-robin over those answering, and a replica
@@ -180,6 +185,37 @@ TeacherSpec = Annotated[
 ]
 TEACHER_SPECS: dict[str, type[BaseModel]] = {"local": LocalTeacherSpec, "server": ServerTeacherSpec, "chat": ChatTeacherSpec,
                                              "self": SelfTeacherSpec}
+
+
+class TeacherRouting(_Strict):
+    """How several teachers (``teachers:``) share the work (``opdkit.teachers.multi``). ``column``: each example
+    goes to the teacher its dataset ``column`` names (through ``map`` when the values are not the names).
+    ``mixture``: each example goes to one teacher drawn with chance proportional to ``weights``, by a generator
+    seeded with the run's seed and the example's position in its dataset, so the same example always goes to the
+    same teacher (reproducible, and unchanged by a resume). ``combine``: every teacher scores every example and
+    their signals are combined: ``mean_log_ratio``, the weighted mean of the teachers' sampled-token log-probs (so
+    the reward is the weighted mean of the log-ratios; sampled-token objectives only), or ``distribution_mixture``,
+    the mixture ``sum_i w_i pi_i`` (exact at the sampled token from any teacher with log-probs; its top-k, entropy
+    and full distribution from local teachers only). Under ``combine`` the teacher with the largest weight (the
+    first on a tie) writes what is sampled from a teacher (teacher states, guidance answers, evaluation answers)."""
+
+    rule: Literal["column", "mixture", "combine"] = Field("column", description="column: by a dataset column; "
+                                                           "mixture: each example drawn once by weight; combine: every "
+                                                           "teacher on every example, signals combined")
+    column: str = Field("teacher", description="column: the dataset field that names each example's teacher")
+    map: dict[str, str] | None = Field(None, description="column: {column value: teacher name}; null: the value is "
+                                       "the name")
+    weights: dict[str, float] | None = Field(None, description="mixture: each teacher's chance (normalised); combine: "
+                                             "its weight in the combined signal; null: equal weights")
+    combine: Literal["mean_log_ratio", "distribution_mixture"] = Field(
+        "mean_log_ratio", description="combine: the weighted mean of sampled-token log-ratios, or the log of the "
+        "weighted mixture of the teachers' distributions")
+
+    def weight_of(self, names: list[str]) -> dict[str, float]:
+        """Each teacher's weight, normalised to sum to 1 (equal where ``weights`` is null)."""
+        raw = self.weights or {name: 1.0 for name in names}
+        total = sum(raw.get(name, 0.0) for name in names)
+        return {name: raw.get(name, 0.0) / total for name in names}
 
 
 class DataConfig(_Strict):
@@ -716,7 +752,11 @@ class Config(_Strict):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     student: StudentSpec
-    teacher: TeacherSpec
+    teacher: TeacherSpec | None = Field(None, description="the teacher (one of the kinds below); or several under "
+                                        "teachers:")
+    teachers: list[TeacherSpec] | None = Field(None, description="several named teachers (each a teacher: with a "
+                                               "name), shared out by teacher_routing; null: the one teacher:")
+    teacher_routing: TeacherRouting = TeacherRouting()
     data: DataConfig
     rollout: RolloutConfig = RolloutConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
@@ -726,12 +766,84 @@ class Config(_Strict):
     logging: LoggingConfig = LoggingConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
 
+    def teacher_specs(self) -> list:
+        """The run's teachers: ``[teacher]``, or the ``teachers`` list."""
+        return [self.teacher] if self.teacher is not None else list(self.teachers)
+
+    def teacher_kinds(self) -> str:
+        """``local`` or, with several teachers, their kinds joined (``local+server``): for messages."""
+        return "+".join(dict.fromkeys(spec.kind for spec in self.teacher_specs()))
+
+    @model_validator(mode="after")
+    def _teachers_named(self) -> "Config":
+        """Exactly one of ``teacher`` and ``teachers``; several teachers are named, and routing names only them."""
+        if (self.teacher is None) == (self.teachers is None):
+            raise ValueError("set teacher: (one teacher) or teachers: (a named list of several), exactly one of them")
+        routing, given = self.teacher_routing, self.teacher_routing.model_fields_set
+        if self.teacher is not None:
+            if self.teacher.name is not None:
+                raise ValueError("teacher.name names a teacher among several: remove it, or list the teachers under "
+                                 "teachers:")
+            if given:
+                raise ValueError("teacher_routing shares the work of several teachers, and there is one: remove "
+                                 "teacher_routing, or list the teachers under teachers:")
+            return self
+        names = [spec.name for spec in self.teachers]
+        if len(names) < 2 or None in names or len(set(names)) < len(names):
+            raise ValueError(f"teachers: needs two or more teachers, each with a unique name (got names {names}): "
+                             "give each a name:, or use teacher: for one")
+        for field, known in (("weights", routing.weights or {}), ("map", {v: k for k, v in (routing.map or {}).items()})):
+            unknown = sorted(set(known) - set(names))
+            if unknown:
+                raise ValueError(f"teacher_routing.{field} names {unknown}, not among the teachers {names}: use their "
+                                 "names")
+        if any(w <= 0 for w in (routing.weights or {}).values()):
+            raise ValueError(f"teacher_routing.weights must be positive (got {routing.weights}): drop a teacher "
+                             "from teachers: rather than give it weight 0")
+        if routing.weights is not None and set(routing.weights) != set(names):
+            raise ValueError(f"teacher_routing.weights gives {sorted(routing.weights)} but the teachers are "
+                             f"{names}: give every teacher a weight, or none (equal weights)")
+        idle = {"column": {"weights", "combine"}, "mixture": {"column", "map", "combine"},
+                "combine": {"column", "map"}}[routing.rule] & given
+        if idle:
+            raise ValueError(f"teacher_routing.{sorted(idle)[0]} does nothing with rule {routing.rule!r}: remove it")
+        kinds = {spec.kind for spec in self.teachers}
+        if "self" in kinds:
+            raise ValueError("a self teacher is not supported among several teachers yet: use teacher: kind: self "
+                             "alone")
+        if routing.rule == "combine" and "chat" in kinds:
+            raise ValueError("teacher_routing.rule combine combines log-probs, and a chat teacher gives text only: "
+                             "use rule column or mixture, or drop the chat teacher")
+        if self.objective.teacher_bridge:
+            raise ValueError("near_future teacher_bridge continues token prefixes that carry no example to route "
+                             "by: use near_future.mode lookahead with several teachers, or one teacher:")
+        if self.data.teacher_signals:
+            raise ValueError("data.teacher_signals holds one teacher's signals: remove it with several teachers")
+        if routing.rule == "combine":
+            from .methods import build_method
+
+            method = build_method(self.objective)
+            if routing.combine == "mean_log_ratio" and (method.teacher_support != "token" or method.needs_teacher_entropy):
+                raise ValueError(f"combine: mean_log_ratio gives the teachers' mean log-ratio at the sampled token "
+                                 f"only, and objective {self.objective.method!r} reads the teacher's "
+                                 f"{method.teacher_support} distribution or entropy: use a sampled-token method (opd, "
+                                 "opd_plus, tropd), or combine: distribution_mixture with local teachers")
+            if (routing.combine == "distribution_mixture" and kinds != {"local"}
+                    and (method.teacher_support != "token" or method.needs_teacher_entropy)):
+                raise ValueError("combine: distribution_mixture over a top-k, the full vocabulary or the entropy "
+                                 "needs every teacher's whole distribution, which only local teachers give (servers' "
+                                 "top-k sets differ): use local teachers, or a sampled-token method")
+        return self
+
     @model_validator(mode="after")
     def _best_metric_measurable(self) -> "Config":
         """``checkpoint.best_metric``: ``auto`` resolved by what the teacher and data can measure; a metric they
-        cannot measure refused."""
-        kind, chosen = self.teacher.kind, self.checkpoint.best_metric
-        kl = {"local": "reverse_kl", "self": "reverse_kl", "server": "reverse_kl_k1", "chat": None}[kind]
+        cannot measure refused. Several teachers give the sampled estimate (the evaluator scores the sampled token
+        through the routing), or none if one is a chat teacher."""
+        kind, chosen = self.teacher_kinds(), self.checkpoint.best_metric
+        kls = {"local": "reverse_kl", "self": "reverse_kl", "server": "reverse_kl_k1", "chat": None}
+        kl = kls[kind] if self.teacher is not None else (
+            None if "chat" in kind else "reverse_kl_k1")
         if chosen == "auto":
             measurable = kl or ("accuracy" if self.data.task else "token_agreement")
             self.checkpoint.best_metric = measurable if self.data.eval else None
@@ -762,17 +874,22 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _teacher_fits_method(self) -> "Config":
-        chat, chunk = self.teacher.kind == "chat", self.objective.reward == "teacher"
+        for spec in self.teacher_specs():
+            self._spec_fits_method(spec)
+        return self
+
+    def _spec_fits_method(self, spec) -> None:
+        chat, chunk = spec.kind == "chat", self.objective.reward == "teacher"
         if chat and not chunk:
             raise ValueError("teacher.kind 'chat' gives text only (no log-probs): it works with objective.method "
                              "chunk_opd; for log-prob objectives use teacher.kind server or local")
         if chunk and not chat:
             raise ValueError("objective.method chunk_opd needs a text-only teacher: set teacher.kind: chat")
-        if getattr(self.teacher, "prompt", None) is not None and self.objective.teacher_bridge:
+        if getattr(spec, "prompt", None) is not None and self.objective.teacher_bridge:
             raise ValueError("near_future teacher_bridge continues the student's token prefixes, which carry the "
                              "student's prompt, not the teacher's (teacher.prompt): use near_future.mode lookahead, "
                              "or remove teacher.prompt")
-        if self.teacher.kind == "server":
+        if spec.kind == "server":
             from .methods import build_method
 
             method = build_method(self.objective)
@@ -781,12 +898,11 @@ class Config(_Strict):
                                  "(support full or student_topk, or credit.value analytic), which a server does not "
                                  "return: use support: teacher_topk with top_k <= teacher.top_k, a sampled-token method "
                                  "(opd, opd_plus, eopd, tropd, seqkd), or a local teacher")
-            top_k = self.teacher.top_k
+            top_k = spec.top_k
             if method.teacher_support == "topk" and isinstance(top_k, int) and method.top_k > top_k:
                 raise ValueError(f"the objective needs the teacher's top {method.top_k} log-probs per position but "
                                  f"teacher.top_k is {top_k}: lower the objective's top_k, or raise teacher.top_k "
                                  "(or set it to auto) if the server allows it")
-        return self
 
 
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
@@ -813,7 +929,9 @@ def _walk(loc: tuple) -> tuple[type[BaseModel], list[str]]:
         field = model.model_fields.get(part)
         if field is None:
             break
-        if model is Config and part == "teacher" and parts and str(parts[0]) in TEACHER_SPECS:
+        if model is Config and part == "teachers" and parts and isinstance(parts[0], int):
+            where.append(str(parts.pop(0)))
+        if model is Config and part in ("teacher", "teachers") and parts and str(parts[0]) in TEACHER_SPECS:
             model = TEACHER_SPECS[str(parts.pop(0))]
         elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             model = field.annotation

@@ -71,14 +71,14 @@ class RunView:
     # ---- start ------------------------------------------------------------------------------------------
     def banner(self, first_step: int, save_every: int) -> None:
         run, config = self.run, self.run.config
-        teacher = config.teacher
-        if teacher.kind == "local":
-            teacher_text = f"local {teacher.path} ({_size(run.teacher.model)} parameters)"
-        elif teacher.kind == "self":
-            teacher_text = f"self: the student's own weights, {_following(teacher.ema)}"
-        else:
-            urls = teacher.base_url if isinstance(teacher.base_url, str) else ", ".join(teacher.base_url)
-            teacher_text = f"{teacher.kind} {teacher.model} at {urls}"
+        if config.teacher is not None:
+            teachers = [("teacher", _teacher_line(config.teacher, run.teacher)), *(("", Text(line)) for line in
+                                                                                   probe_lines(run.teacher))]
+        else:  # several: one line each (and its probe's), then the routing
+            teachers = [row for spec in config.teachers for row in (
+                (f"teacher {spec.name}", _teacher_line(spec, run.teacher.teachers[spec.name])),
+                *(("", Text(line)) for line in probe_lines(run.teacher.teachers[spec.name])))]
+            teachers.append(("routing", routing_text(config.teacher_routing)))
         data = f"{len(run.prompts.examples)} train prompts ({config.data.train})"
         if run.evaluator.examples:
             data += f", {len(run.evaluator.examples)} eval prompts ({config.data.eval})"
@@ -101,8 +101,7 @@ class RunView:
         rows = [
             ("method", f"{run.method.name}: {_method_line(run.method.name)}"),
             ("student", f"{config.student.path} ({_size(run.student)} parameters)"),
-            ("teacher", teacher_text),
-            *(("", Text(line)) for line in probe_lines(run.teacher)),  # Text: no markup in a server's answers
+            *teachers,  # Text: no markup in a server's answers
             ("precision", precisions(run)),
             ("machine", f"{run.device.type}: {machine_description(run.amp_dtype)}"),
             ("data", data),
@@ -232,6 +231,27 @@ class RunView:
         self.console.print(f"final model: {result['final']} (loads with AutoModelForCausalLM.from_pretrained)", highlight=False)
         self.console.print(f"time: {duration(result['wall_s'])} in all, of which training steps "
                            f"{duration(result['train_s'])} (the rest: loading, evaluation, saving)", highlight=False)
+
+
+def _teacher_line(spec, teacher) -> str:
+    """One teacher in the banner: what it is and, for a local model, its size."""
+    if spec.kind == "local":
+        return f"local {spec.path} ({_size(teacher.model)} parameters)"
+    if spec.kind == "self":
+        return f"self: the student's own weights, {_following(spec.ema)}"
+    urls = spec.base_url if isinstance(spec.base_url, str) else ", ".join(spec.base_url)
+    return f"{spec.kind} {spec.model} at {urls}"
+
+
+def routing_text(routing) -> str:
+    """How several teachers share the work, in words (the banner and the report)."""
+    weights = ", ".join(f"{k} {v:g}" for k, v in (routing.weights or {}).items()) or "equal weights"
+    if routing.rule == "column":
+        mapped = f" through {routing.map}" if routing.map else ""
+        return f"by the dataset column {routing.column!r}{mapped}"
+    if routing.rule == "mixture":
+        return f"each example drawn once by weight ({weights})"
+    return f"every teacher on every example, {routing.combine} ({weights})"
 
 
 def _following(ema: float | None) -> str:

@@ -224,7 +224,15 @@ def _format(key: str, value) -> str:
 
 
 def _teacher_text(config: Config) -> str:
-    teacher = config.teacher
+    if config.teacher is None:
+        from .console import routing_text
+
+        return "; ".join(f"{spec.name}: {_spec_text(spec)}" for spec in config.teachers) + \
+            f"; routed {routing_text(config.teacher_routing)}"
+    return _spec_text(config.teacher)
+
+
+def _spec_text(teacher) -> str:
     if teacher.kind == "local":
         return f"local model {teacher.path}"
     if teacher.kind == "self":
@@ -563,31 +571,38 @@ def checklist(log: RunLog) -> list[ChecklistItem]:
     """The reporting checklist (taxonomy notes, section 9), one item per axis, filled from the config and logs."""
     config, o = log.config, log.config.objective
     method = build_method(o)
-    teacher, rollout = config.teacher, config.rollout
+    rollout = config.rollout
     last = log.steps[-1] if log.steps else {}
     after = (log.final or {}).get("eval") or {}
 
-    # 1. models and teacher access
-    access = {"local": "full-vocabulary log-probs (logits)", "self": "full-vocabulary log-probs (logits)",
-              "server": f"sampled-token log-probs and its top {getattr(teacher, 'top_k', 0)} per position",
-              "chat": "text only (no log-probs)"}[teacher.kind]
+    # 1. models and teacher access (several teachers: one entry each, by name)
+    def each(line) -> str:
+        if config.teacher is not None:
+            return line(config.teacher)
+        return "; ".join(f"{spec.name}: {line(spec)}" for spec in config.teachers)
+
+    access = each(lambda teacher: {
+        "local": "full-vocabulary log-probs (logits)", "self": "full-vocabulary log-probs (logits)",
+        "server": f"sampled-token log-probs and its top {getattr(teacher, 'top_k', 0)} per position",
+        "chat": "text only (no log-probs)"}[teacher.kind])
     reads = {"token": "the sampled tokens' log-probs only", "topk": f"the teacher's top {method.top_k}",
              "full": "the full distribution"}[method.teacher_support]
     if o.reward == "teacher":
         reads = "text continuations, compared with the student's chunks"
-    tokenizer = {
+    tokenizer = each(lambda teacher: {
         "local": f"one tokenizer: the teacher's was checked to match the student's ({config.student.path}); the "
                  "teacher scores the student's token ids",
         "server": f"the student's ({config.student.path}); the server is sent its token ids (prompt_as: "
                   f"{getattr(teacher, 'prompt_as', '')}) and every echoed token is checked against them",
         "chat": f"the student's ({config.student.path}); the teacher's text is compared as text",
         "self": "the student's own: the teacher is the student's weights",
-    }[teacher.kind]
-    same = teacher.kind == "self" or teacher.kind == "local" and teacher.path == config.student.path
+    }[teacher.kind])
+    context = each(lambda teacher: _context_text(
+        teacher.kind == "self" or teacher.kind == "local" and teacher.path == config.student.path,
+        getattr(teacher, "prompt", None)))
     items = [ChecklistItem("Teacher and student, tokenizers, teacher access", [
         f"student: {config.student.path}", f"teacher: {_teacher_text(config)}", f"tokenizer: {tokenizer}",
-        f"teacher access: {access}; this method reads {reads}",
-        _context_text(same, getattr(teacher, "prompt", None))])]
+        f"teacher access: {access}; this method reads {reads}", context])]
 
     # 2. state source
     states = [f"states: {o.states} samples" + (f" in {o.lmbda:.0%} of batches, dataset completions in the rest"
@@ -708,10 +723,16 @@ def checklist(log: RunLog) -> list[ChecklistItem]:
                        ("teacher_bridge_tokens", "teacher bridge tokens")):
         if log.has(key):
             facts.append(f"{label}: {sum(r.get(key, 0) for r in log.steps):,.0f}")
-    if not log.has("teacher_calls"):
+    for name in (spec.name for spec in config.teacher_specs() if config.teachers is not None):  # several teachers
+        counts = [f"{sum(r.get(f'teacher_{name}_{key}', 0) for r in log.steps):,.{digits}f} {label}"
+                  for key, label, digits in (("calls", "scoring calls", 0), ("tokens", "tokens", 0),
+                                             ("time_s", "s scoring", 1)) if log.has(f"teacher_{name}_{key}")]
+        if counts:
+            facts.append(f"teacher {name}: {', '.join(counts)}")
+    if not log.has("teacher_calls") and config.teacher is not None:
         facts.append("teacher calls: one scoring pass per micro-batch, "
-                     f"{len(log.steps) * config.optim.gradient_accumulation_steps} in all" if teacher.kind in ("local", "self")
-                     else Unknown("teacher calls: not logged by this run"))
+                     f"{len(log.steps) * config.optim.gradient_accumulation_steps} in all"
+                     if config.teacher.kind in ("local", "self") else Unknown("teacher calls: not logged by this run"))
     scored = sum(r["tokens_per_s"] * _step_seconds(r) for r in log.steps if "tokens_per_s" in r)
     facts.append(f"completion tokens sampled and scored in training: about {scored:,.0f}" if log.has("tokens_per_s")
                  else Unknown(f"tokens scored: {ABSENT}"))

@@ -57,6 +57,19 @@ class Rollouts:
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(dim=1)
 
+    def rows(self, indices: list[int]) -> "Rollouts":
+        """Rows ``indices`` alone, in that order (a teacher's share of the batch, ``teachers.multi``): completions
+        keep their width, so what is scored on them lines up with the whole batch's columns; prompt columns that
+        are padding in every kept row are dropped."""
+        pick = lambda t: None if t is None else t[torch.as_tensor(indices, dtype=torch.long, device=t.device)]  # noqa: E731
+        prompt_mask = pick(self.prompt_mask)
+        start = int((prompt_mask.sum(0) == 0).sum())  # left padding: the all-pad columns come first
+        return replace(self, prompt_ids=pick(self.prompt_ids)[:, start:], prompt_mask=prompt_mask[:, start:],
+                       completion_ids=pick(self.completion_ids), completion_mask=pick(self.completion_mask),
+                       truncated=pick(self.truncated), examples=[self.examples[i] for i in indices],
+                       sampler_logprobs=pick(self.sampler_logprobs), guidance_mask=pick(self.guidance_mask),
+                       reference_logprobs=pick(self.reference_logprobs))
+
     def texts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         return [
             tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
@@ -84,6 +97,37 @@ class Rollouts:
     def token_logprobs(self, model: PreTrainedModel) -> torch.Tensor:
         """``[B, C]`` float32 log-probs of the completion tokens under ``model``, masked."""
         return sampled_from_logits(self.completion_logits(model), self.completion_ids)[0] * self.completion_mask
+
+
+def join_rows(parts: list[tuple[list[int], Rollouts]], pad_id: int) -> Rollouts:
+    """One batch from ``(rows, rollouts)`` parts that each hold some rows of it (teachers' samples of their share,
+    ``teachers.multi``): prompts left-padded and completions right-padded to the widest part."""
+    size = sum(len(rows) for rows, _ in parts)
+    first = parts[0][1]
+    device = first.completion_ids.device
+    width_p = max(r.prompt_ids.shape[1] for _, r in parts)
+    width_c = max(r.completion_ids.shape[1] for _, r in parts)
+
+    def place(name: str, width: int, fill: float, left: bool):
+        if getattr(first, name) is None:
+            return None
+        out = torch.full((size, width), fill, dtype=getattr(first, name).dtype, device=device)
+        for rows, part in parts:
+            value = getattr(part, name)
+            cols = slice(width - value.shape[1], width) if left else slice(0, value.shape[1])
+            out[torch.as_tensor(rows, device=device), cols] = value.to(device)
+        return out
+
+    truncated = torch.zeros(size, dtype=torch.bool)
+    examples: list = [None] * size
+    for rows, part in parts:
+        truncated[torch.as_tensor(rows)] = part.truncated.cpu()
+        for row, example in zip(rows, part.examples):
+            examples[row] = example
+    return Rollouts(place("prompt_ids", width_p, pad_id, True), place("prompt_mask", width_p, 0, True),
+                    place("completion_ids", width_c, pad_id, False), place("completion_mask", width_c, 0, False),
+                    truncated.to(first.truncated.device), examples, first.source,
+                    place("sampler_logprobs", width_c, 0.0, False), place("guidance_mask", width_c, 0.0, False))
 
 
 def _completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -144,7 +144,7 @@ def _plan(configs: dict[str, list[Config]], resume: bool) -> dict[Path, str]:
             if not resume:
                 raise OPDError(f"{folder} holds a run that stopped part-way: continue it with opd sweep ... --resume, "
                                "or delete the folder to run it again")
-            check_folder(folder, True, config.optim.steps)
+            check_folder(folder, True, config.optim.steps, config)
             plan[folder] = "resume"
         else:
             plan[folder] = "new"

@@ -37,8 +37,9 @@ from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
 from .rollout import Rollouts, from_dataset, sample
 from .tasks import get_verifier
-from .teachers import Teacher, build_teacher, teacher_request
+from .teachers import Teacher, build_teachers, teacher_request
 from .teachers.context import TeacherContext
+from .teachers.multi import check_routing, teacher_metrics
 from .teachers.stored import StoredTeacher, open_signals
 from .token_table import TOP_K, TokenStats, prompt_texts, records, token_stats
 from .trackers import Trackers
@@ -89,8 +90,8 @@ def check_data(config: Config, student_path: str | None = None) -> Data:
         raise OPDError(f"method {method.name!r} trains on dataset completions (lmbda < 1, or prefix_guidance.answer: "
                        f"dataset), but {config.data.train!r} has records without one: add a 'completion' field (or a "
                        "final assistant message), or set lmbda: 1.0 and prefix_guidance.answer: teacher")
-    local_teacher = config.teacher.kind == "local"
-    context = min(context_length(student_path), context_length(config.teacher.path) if local_teacher else 10**9)
+    context = min([context_length(student_path)] + [context_length(spec.path) for spec in config.teacher_specs()
+                                                     if spec.kind == "local"])
     eval_length = config.eval.max_completion_length or config.rollout.max_completion_length
     budget = config.rollout.max_completion_length
     # a guidance prefix (at most one answer, which is at most max_completion_length) goes before the budget
@@ -98,12 +99,16 @@ def check_data(config: Config, student_path: str | None = None) -> Data:
     validate_lengths(tokenizer, train_examples, budget, context, config.data.train, prefix)
     if eval_examples:
         validate_lengths(tokenizer, eval_examples, eval_length, context, config.data.eval)
-    if getattr(config.teacher, "prompt", None) is not None:  # the teacher's own view: its columns, and its length
-        teacher_view = TeacherContext(config.teacher.prompt, tokenizer)
-        for examples, name, length in ((train_examples, config.data.train, budget + prefix),
-                                       (eval_examples, config.data.eval, eval_length)):
-            teacher_view.check(examples, name)
-            validate_lengths(tokenizer, teacher_view.examples(examples), length, context, f"{name} (the teacher's view)")
+    for spec in config.teacher_specs():
+        if getattr(spec, "prompt", None) is not None:  # the teacher's own view: its columns, and its length
+            teacher_view = TeacherContext(spec.prompt, tokenizer)
+            for examples, name, length in ((train_examples, config.data.train, budget + prefix),
+                                           (eval_examples, config.data.eval, eval_length)):
+                teacher_view.check(examples, name)
+                validate_lengths(tokenizer, teacher_view.examples(examples), length, context,
+                                 f"{name} (the teacher's view)")
+    check_routing(config, train_examples, config.data.train)  # several teachers: each record names one
+    check_routing(config, eval_examples, config.data.eval)
     return Data(tokenizer, train_examples, eval_examples, verifier, eval_length)
 
 
@@ -123,8 +128,8 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     method.attach(student)
     # a frozen copy of the initial student for the KL-to-reference regularizer, in bf16 where the run is
     reference = load_model(student_path, device, amp_dtype).requires_grad_(False) if config.objective.ref_kl_coef else None
-    teacher = build_teacher(config.teacher, data.tokenizer, student.config, device, amp_dtype, config.data.chat_template,
-                            method.top_k if method.teacher_support == "topk" else 1, student=student)
+    teacher = build_teachers(config, data.tokenizer, student.config, device, amp_dtype,
+                             method.top_k if method.teacher_support == "topk" else 1, student=student)
     if store is not None:
         teacher = StoredTeacher(teacher, store, data.tokenizer, device)
     evaluator = Evaluator(teacher, data.tokenizer, data.eval, data.verifier, data.eval_length, config.eval.batch_size,
@@ -256,6 +261,7 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
     cfg = run.config
     exact_sampler = cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0 and cfg.student.disable_dropout
     parts, tables = [], []  # per-token diagnostics of each micro-batch (diagnostics.token_signals, token_table)
+    by_teacher = []  # several teachers: (batch, signal, student token log-probs) for teacher_metrics
     for batch, signal, weight in zip(batches, signals, weights):
         logits, hidden = student_forward(run, batch)
         token_loss = method.token_loss(logits, batch, signal, hidden=hidden)
@@ -269,6 +275,8 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
             for name, values in token_loss.stats.items():
                 sums[name] = sums.get(name, 0.0) + float(token_sum(values, batch.completion_mask)) / total_tokens
             student_token = student_token_logprobs(batch, logits, exact_sampler)
+            if signal.by_teacher is not None:
+                by_teacher.append((batch, signal, student_token))
             if run.teacher.returns_logprobs and batch.source == "student":
                 parts.append(token_signals(batch, signal, token_loss.loss, logits, student_token,
                                            token_loss.stats.get("student_entropy")))
@@ -313,6 +321,7 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
         **diagnostics,
         **skipped,
         **teacher_usage,
+        **(teacher_metrics(by_teacher, total_tokens) if by_teacher else {}),
         "grad_norm": grad_norm,
         "lr": scheduler.get_last_lr()[0],
         "completion_length": float(lengths.mean()),

@@ -42,6 +42,8 @@ class TeacherSignal:
     token_advantages: torch.Tensor | None = None  # [B, C] logit-free per-token reward (chat teacher, chunk_opd)
     usage: dict[str, float] = field(default_factory=dict)  # remote teachers: calls, retries, tokens of this call
     bridge: Bridge | None = None  # near-future bridges, set by the method's ``guide`` after scoring
+    # several teachers (``teachers.multi``): name -> ([B] bool, the rows it scored; [B, C] its token log-probs)
+    by_teacher: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def full_logprobs(self) -> torch.Tensor:
         """``[B, C, V]`` float32 log-probs over the whole vocabulary (from ``hidden`` when that is what came)."""
@@ -80,10 +82,12 @@ class Teacher(Protocol):
 def teacher_request(config, method) -> tuple[Support, int | None, bool]:
     """``(support, top_k, entropy)`` the loop asks the teacher for, from the config alone: what the method needs
     and, from a local teacher (for which they cost no extra forward pass), its top-k and entropy for the
-    diagnostics (``diagnostics.top_k``; 0 asks only what the method needs). A self teacher is a local one."""
+    diagnostics (``diagnostics.top_k``; 0 asks only what the method needs). A self teacher is a local one; several
+    teachers give them when all are local and each row has one teacher (not under ``combine``)."""
     support, top_k, entropy = method.teacher_support, method.top_k, method.needs_teacher_entropy
     k = config.diagnostics.top_k
-    if config.teacher.kind not in ("local", "self") or not k:
+    combined = config.teachers is not None and config.teacher_routing.rule == "combine"  # extras: a [B, C, V] mixture
+    if any(spec.kind not in ("local", "self") for spec in config.teacher_specs()) or combined or not k:
         return support, top_k, entropy
     return ("topk" if support == "token" else support), max(top_k or 0, k), True
 
@@ -131,4 +135,19 @@ def build_teacher(spec, student_tokenizer, student_config, device: torch.device,
     raise OPDError(f"unknown teacher kind {spec.kind!r}")
 
 
-__all__ = ["Bridge", "LocalTeacher", "Support", "Teacher", "TeacherSignal", "build_teacher", "teacher_request"]
+def build_teachers(config, student_tokenizer, student_config, device: torch.device, amp_dtype: torch.dtype,
+                   top_k_needed: int = 1, student: torch.nn.Module | None = None) -> Teacher:
+    """The run's teacher: ``build_teacher`` of ``config.teacher``, or a ``MultiTeacher`` over ``config.teachers``."""
+    if config.teacher is not None:
+        return build_teacher(config.teacher, student_tokenizer, student_config, device, amp_dtype,
+                             config.data.chat_template, top_k_needed, student=student)
+    from .multi import MultiTeacher
+
+    teachers = {spec.name: build_teacher(spec, student_tokenizer, student_config, device, amp_dtype,
+                                         config.data.chat_template, top_k_needed, student=student)
+                for spec in config.teachers}
+    return MultiTeacher(teachers, config.teacher_routing, config.seed, student_tokenizer.pad_token_id)
+
+
+__all__ = ["Bridge", "LocalTeacher", "Support", "Teacher", "TeacherSignal", "build_teacher", "build_teachers",
+           "teacher_request"]
