@@ -58,6 +58,9 @@ def check_inputs(config: Config, checkpoint: str | None, prompts: int) -> None:
     """Refuse what cannot be diagnosed before any model loads."""
     if prompts < 1:
         raise OPDError(f"--prompts {prompts}: give the number of prompts to sample, at least 1")
+    if config.teachers is not None:
+        raise OPDError("opd diagnose tabulates one teacher's signal, and this config names several (teachers:): "
+                       "diagnose each with teacher: set to it")
     if config.teacher.kind == "chat":
         raise OPDError("teacher.kind chat returns text only, no log-probs, so there is no per-token signal to "
                        "tabulate: diagnose with a local teacher or a server teacher (opd serve-teacher MODEL)")

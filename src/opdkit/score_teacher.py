@@ -34,6 +34,9 @@ def score_teacher(config: Config, out: str | Path, source: str | None = None, to
 
     from .train import check_data
 
+    if config.teachers is not None:
+        raise OPDError("opd score-teacher stores one teacher's signals, and this config names several (teachers:): "
+                       "score with teacher: set to one of them")
     started = time.perf_counter()
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
