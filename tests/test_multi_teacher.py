@@ -155,7 +155,9 @@ def test_two_teacher_run_logs_per_teacher_metrics_and_refuses_a_changed_set_on_r
         tokens = record["completion_length"] * config.rollout.batch_size
         assert record["teacher_a_tokens"] + record["teacher_b_tokens"] == pytest.approx(tokens)
         assert {"teacher_a_reverse_kl_k1", "teacher_b_reverse_kl_k1", "teacher_a_time_s"} <= set(record)
-    check_folder(run.run_dir, True, 3, config)  # the same teachers resume
+    reread = load_config(run.run_dir / "config.yaml")  # what opd train --resume reads
+    assert reread.teachers == config.teachers and reread.teacher_routing == config.teacher_routing
+    check_folder(run.run_dir, True, 3, reread)  # the same teachers resume
     changed = config.model_copy(deep=True)
     changed.teachers[1].path = str(tiny / "teacher")
     with pytest.raises(OPDError, match=r"teacher 'b' .*student.* now gives .*teacher"):

@@ -779,7 +779,8 @@ class Config(_Strict):
         """Exactly one of ``teacher`` and ``teachers``; several teachers are named, and routing names only them."""
         if (self.teacher is None) == (self.teachers is None):
             raise ValueError("set teacher: (one teacher) or teachers: (a named list of several), exactly one of them")
-        routing, given = self.teacher_routing, self.teacher_routing.model_fields_set
+        routing = self.teacher_routing  # what differs from the defaults (a dumped config.yaml holds them all)
+        given = {k for k, f in TeacherRouting.model_fields.items() if getattr(routing, k) != f.default}
         if self.teacher is not None:
             if self.teacher.name is not None:
                 raise ValueError("teacher.name names a teacher among several: remove it, or list the teachers under "
