@@ -726,7 +726,7 @@ def checklist(log: RunLog) -> list[ChecklistItem]:
     for name in (spec.name for spec in config.teacher_specs() if config.teachers is not None):  # several teachers
         counts = [f"{sum(r.get(f'teacher_{name}_{key}', 0) for r in log.steps):,.{digits}f} {label}"
                   for key, label, digits in (("calls", "scoring calls", 0), ("tokens", "tokens", 0),
-                                             ("time_s", "s scoring", 1)) if log.has(f"teacher_{name}_{key}")]
+                                             ("time_s", "s scoring", 2)) if log.has(f"teacher_{name}_{key}")]
         if counts:
             facts.append(f"teacher {name}: {', '.join(counts)}")
     if not log.has("teacher_calls") and config.teacher is not None:
