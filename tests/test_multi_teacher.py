@@ -197,3 +197,29 @@ def test_a_missing_column_is_refused_when_the_data_is_read(tiny_config, tiny, ro
     unknown = load_config(base=multi_config(tiny_config, tiny, routed_data, column="answer"))
     with pytest.raises(OPDError, match=r"record 0 has answer='\d+', which names none of the teachers"):
         check_data(unknown)
+
+
+def test_a_local_and_a_served_teacher_in_one_run(tiny_config, tiny, routed_data):
+    """Teacher b is served over HTTP (our server, the student's weights); the column routes each example: b's rows
+    are scored through the server (its calls counted under its name) and equal the same model scored locally."""
+    from opdkit.serve import create_app, serve_in_thread
+
+    model, tokenizer = load_model(str(tiny / "student")), load_tokenizer(str(tiny / "student"))
+    with serve_in_thread(create_app(model, tokenizer, "b-model")) as url:
+        tree = multi_config(tiny_config, tiny, routed_data)
+        tree["teachers"][1] = {"name": "b", "kind": "server", "base_url": url, "model": "b-model"}
+        tree["optim"] = {"steps": 2, "learning_rate": 1e-3}
+        config = load_config(base=tree)
+        run = setup(config)
+        rollouts = batch(run.tokenizer, routed_data["train"])
+        signal = run.teacher.score(rollouts)
+        b_rows = [i for i, e in enumerate(rollouts.examples) if e.columns["teacher"] == "b"]
+        local_b = LocalTeacher(model, tokenizer).score(rollouts)
+        mask = rollouts.completion_mask.bool()
+        assert torch.allclose(signal.token_logprobs[b_rows][mask[b_rows]], local_b.token_logprobs[b_rows][mask[b_rows]],
+                              atol=1e-4)
+        train(run)
+    steps = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()][1:-1]
+    for record in steps:
+        assert record["teacher_b_requests"] > 0 and "teacher_a_requests" not in record  # only b goes over HTTP
+        assert record["teacher_a_token_share"] + record["teacher_b_token_share"] == pytest.approx(1.0)
