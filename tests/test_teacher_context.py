@@ -87,9 +87,6 @@ def test_bad_teacher_contexts_are_refused_before_any_model_loads(tiny, tiny_conf
             load_config(base={**tiny_config, "teacher": {**teacher, "prompt": {"template": template}}})
     with pytest.raises(OPDError, match="changes nothing"):
         load_config(base={**tiny_config, "teacher": {**teacher, "prompt": {}}})
-    with pytest.raises(OPDError, match="unknown key 'teacher.prompt'"):
-        load_config(base={**tiny_config, "teacher": {"kind": "server", "base_url": "http://127.0.0.1:1/v1",
-                                                    "model": "m", "prompt": {"system": "x"}}})
 
     import opdkit.train as train_module
 
@@ -134,3 +131,46 @@ def test_an_ema_teacher_resumes_from_its_checkpoint(tiny_config):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(fresh.config))
     checkpoint.restore(fresh, optimizer, scheduler, random.Random(0), saved)
     assert all(torch.equal(v, moved[k]) for k, v in fresh.teacher.model.state_dict().items())
+
+
+def test_a_served_teacher_scores_in_its_own_view_as_the_local_one_does(tiny, tiny_config):
+    """The same privileged context over HTTP: the server gets the teacher's prompt with the student's completion ids,
+    and its log-probs equal the local teacher's in that view; its answers come back after the student's prompt."""
+    from opdkit.models import load_model, load_tokenizer
+    from opdkit.serve import create_app, serve_in_thread
+
+    local = _run(tiny_config, {"path": str(tiny / "teacher"), "prompt": PRIVILEGED})
+    batch = collect(local, random.Random(0), 0)
+    model, tokenizer = load_model(str(tiny / "teacher")), load_tokenizer(str(tiny / "teacher"))
+    with serve_in_thread(create_app(model, tokenizer, "t")) as url:
+        served = _run(tiny_config, {"kind": "server", "base_url": url, "model": "t", "prompt": PRIVILEGED})
+        mask = batch.completion_mask.bool()
+        expected = local.teacher.score(batch).token_logprobs[mask]
+        assert torch.allclose(served.teacher.score(batch).token_logprobs[mask], expected, atol=1e-4)
+        answers = served.teacher.sample(batch.examples[:2], 4, greedy=True)
+    student_ids, _ = left_pad([render_prompt(served.tokenizer, e.messages) for e in batch.examples[:2]],
+                              served.tokenizer.pad_token_id)
+    assert torch.equal(answers.prompt_ids, student_ids)
+    assert answers.texts(served.tokenizer) == local.teacher.sample(batch.examples[:2], 4, greedy=True).texts(local.tokenizer)
+
+
+def test_a_chat_teacher_is_asked_in_its_own_view(tiny_config):
+    """A text-only teacher's requests carry the teacher's conversation (its system message and template), while the
+    rollouts it returns keep the student's prompt."""
+    from opdkit.config import ChatTeacherSpec
+    from opdkit.data import Example
+    from opdkit.models import load_tokenizer
+    from opdkit.teachers.chat import ChatTeacher
+    from opdkit.teachers.context import TeacherContext
+
+    tokenizer = load_tokenizer(tiny_config["student"]["path"])
+    spec = ChatTeacherSpec(kind="chat", base_url="http://127.0.0.1:9/v1", model="m", prompt=PRIVILEGED)
+    teacher = ChatTeacher(spec, tokenizer, TeacherContext(spec.prompt, tokenizer))
+    sent = []
+    teacher.client.map = lambda path, payloads, check: (sent.extend(payloads), [
+        {"choices": [{"message": {"content": "12"}, "finish_reason": "stop"}]} for _ in payloads])[1]
+    example = Example([{"role": "user", "content": "5+7"}], answer="12", columns={"answer": "12"})
+    rollouts = teacher.sample([example], 4)
+    assert sent[0]["messages"] == [{"role": "system", "content": "1+1=2"}, {"role": "user", "content": "5+7\n= 12"}]
+    assert tokenizer.decode(rollouts.prompt_ids[0][rollouts.prompt_mask[0].bool()]) == \
+        tokenizer.decode(render_prompt(tokenizer, example.messages))

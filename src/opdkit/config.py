@@ -71,15 +71,18 @@ class _NamedTeacher(_Strict):
                              "(required there, unique): routing refers to it and its metrics are teacher_<name>_*")
 
 
-class _TeacherView(_NamedTeacher):
-    dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="the teacher's weights: auto follows the run's precision (bf16 on CUDA and on CPUs "
-        "with bf16 matrix units, float32 elsewhere); its log-softmax is always taken in float32")
+class _OwnView(_NamedTeacher):
     prompt: TeacherPromptSpec | None = Field(None, description="the teacher's own view of each prompt, scored "
                                              "against the student's same completion: {system: the teacher's system "
                                              "message, in place of the prompt's own; template: its last user message, "
                                              "{prompt} the student's and {column} a field of the dataset record}; null: "
                                              "the student's prompt")
+
+
+class _TeacherView(_OwnView):
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the teacher's weights: auto follows the run's precision (bf16 on CUDA and on CPUs "
+        "with bf16 matrix units, float32 elsewhere); its log-softmax is always taken in float32")
 
 
 class LocalTeacherSpec(_TeacherView, ModelSpec):
@@ -136,9 +139,10 @@ class _RemoteTeacherSpec(_NamedTeacher):
                                                  "keep retrying (the step waits)")
 
 
-class ServerTeacherSpec(_RemoteTeacherSpec):
+class ServerTeacherSpec(_RemoteTeacherSpec, _OwnView):
     """Token and top-k log-probs of the student's exact ids through ``/v1/completions`` (echo or vLLM
-    ``prompt_logprobs``). Objectives that need full-vocabulary logits (``gkd`` without ``top_k``) are refused."""
+    ``prompt_logprobs``), after the teacher's own view of the prompt when ``prompt`` is set. Objectives that need
+    full-vocabulary logits (``gkd`` without ``top_k``) are refused."""
 
     kind: Literal["server"] = Field(description="server: an OpenAI-compatible server with log-probs (ours, vLLM, "
                                     "SGLang, llama.cpp)")
@@ -150,7 +154,7 @@ class ServerTeacherSpec(_RemoteTeacherSpec):
         "(llama-cpp-python); auto: ids, falling back to text when the server refuses them")
 
 
-class ChatTeacherSpec(_RemoteTeacherSpec):
+class ChatTeacherSpec(_RemoteTeacherSpec, _OwnView):
     """A text-only chat API and the logit-free chunk-level method (``objective.method: chunk_opd``).
 
     At up to ``max_forks`` high-surprisal points of each student rollout the teacher writes

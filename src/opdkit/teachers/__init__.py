@@ -98,16 +98,17 @@ from .local import LocalTeacher  # noqa: E402
 def build_teacher(spec, student_tokenizer, student_config, device: torch.device, amp_dtype: torch.dtype,
                   chat_template: bool = True, top_k_needed: int = 1, student: torch.nn.Module | None = None) -> Teacher:
     """The teacher a config names, checked against the student's config (and ``student``, the loaded model, which
-    ``kind: self`` copies and so needs) before any training (``chat_template``: whether prompts are rendered with the chat template, so whether the two
-    templates must agree; ``top_k_needed``: the teacher log-probs per position the objective reads). A server
-    teacher keeps its probe's ``findings``."""
+    ``kind: self`` copies and so needs) before any training. ``chat_template``: whether prompts are rendered with
+    the chat template, so whether the two templates must agree; ``top_k_needed``: the teacher log-probs per position
+    the objective reads. Every kind takes ``prompt``, the teacher's own view; a server keeps its probe's
+    ``findings``."""
     from ..errors import OPDError
     from ..models import check_tokenizers_match, load_model, load_tokenizer
     from .context import TeacherContext
 
+    context = TeacherContext(spec.prompt, student_tokenizer) if spec.prompt is not None else None  # its own view
     if spec.kind in ("local", "self"):
         dtype = {"auto": amp_dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[spec.dtype]
-        context = TeacherContext(spec.prompt, student_tokenizer) if spec.prompt is not None else None
         if spec.kind == "self":
             from .self_teacher import SelfTeacher
 
@@ -123,13 +124,13 @@ def build_teacher(spec, student_tokenizer, student_config, device: torch.device,
     if spec.kind == "server":
         from .server import ServerTeacher
 
-        teacher = ServerTeacher(spec, student_tokenizer)
+        teacher = ServerTeacher(spec, student_tokenizer, context)
         teacher.probe(top_k_needed, chat_template)
         return teacher
     if spec.kind == "chat":
         from .chat import ChatTeacher
 
-        teacher = ChatTeacher(spec, student_tokenizer)
+        teacher = ChatTeacher(spec, student_tokenizer, context)
         teacher.probe()
         return teacher
     raise OPDError(f"unknown teacher kind {spec.kind!r}")

@@ -31,6 +31,7 @@ from ..data import Example
 from ..errors import OPDError
 from ..rollout import Rollouts
 from . import Support, TeacherSignal
+from .context import TeacherContext
 from .server import ApiClient, Malformed, rollouts_from_texts
 
 END = "\u2403"  # marks "the answer ends here" in compared texts
@@ -95,9 +96,13 @@ class ChatTeacher:
     model = None
     returns_logprobs = False
 
-    def __init__(self, spec, tokenizer, console: Console | None = None):
+    def __init__(self, spec, tokenizer, context: TeacherContext | None = None, console: Console | None = None):
         self.spec, self.tokenizer = spec, tokenizer
         self.client = ApiClient(spec, cache_dir=spec.cache_dir, console=console)
+        self.context = context  # teacher.prompt: the conversation the teacher is asked in (teachers.context)
+
+    def _view(self, example: Example) -> list[dict]:
+        return example.messages if self.context is None else self.context.messages(example)
 
     def take_usage(self) -> dict[str, float]:
         """Calls and tokens since the last ``score`` or ``take_usage`` (``score`` reports its own in the signal)."""
@@ -108,9 +113,9 @@ class ChatTeacher:
 
     def _messages(self, example: Example, prefix: str) -> tuple[list[dict], dict]:
         if self.spec.continuation == "prefill":
-            return example.messages + [{"role": "assistant", "content": prefix}], {
+            return self._view(example) + [{"role": "assistant", "content": prefix}], {
                 "continue_final_message": True, "add_generation_prompt": False}
-        *history, last = example.messages
+        *history, last = self._view(example)
         ask = (f"{last['content']}\n\nHere is the beginning of an answer:\n{prefix}\n\nContinue it from exactly where "
                "it stops. Reply with the continuation only, without repeating the beginning.")
         return history + [{"role": last["role"], "content": ask}], {}
@@ -168,8 +173,9 @@ class ChatTeacher:
 
     def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
                top_p: float = 1.0, greedy: bool = False) -> Rollouts:
-        """Teacher answers to the prompts, tokenized by the student (greedy: temperature 0)."""
-        payloads = [{"model": self.spec.model, "messages": e.messages, "max_tokens": max_completion_length,
+        """Teacher answers to the prompts (asked in the teacher's view), tokenized by the student after the student's
+        prompts (greedy: temperature 0)."""
+        payloads = [{"model": self.spec.model, "messages": self._view(e), "max_tokens": max_completion_length,
                      "temperature": 0.0 if greedy else temperature, "top_p": 1.0 if greedy else top_p} for e in examples]
 
         def check(body: dict) -> None:

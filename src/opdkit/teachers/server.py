@@ -33,6 +33,7 @@ from ..data import Example, render_completion, render_prompt
 from ..errors import OPDError
 from ..rollout import Rollouts
 from . import Support, TeacherSignal
+from .context import TeacherContext
 
 if TYPE_CHECKING:
     from .probe import Probe
@@ -375,7 +376,7 @@ class ServerTeacher:
     model = None
     returns_logprobs = True
 
-    def __init__(self, spec, tokenizer, console: Console | None = None):
+    def __init__(self, spec, tokenizer, context: TeacherContext | None = None, console: Console | None = None):
         self.spec, self.tokenizer = spec, tokenizer
         self.client = ApiClient(spec, console=console)
         self.tokens = TokenMap(tokenizer)
@@ -383,6 +384,7 @@ class ServerTeacher:
         self.prompt_as = "ids" if spec.prompt_as == "auto" else spec.prompt_as
         self.top_k = spec.top_k if isinstance(spec.top_k, int) else None  # auto: chosen by probe()
         self.findings = None  # the probe's, for the run log
+        self.context = context  # teacher.prompt: the teacher's own view of each prompt (teachers.context)
 
     def take_usage(self) -> dict[str, float]:
         """Calls and tokens since the last ``score`` or ``take_usage`` (``score`` reports its own in the signal)."""
@@ -435,6 +437,8 @@ class ServerTeacher:
         if k > self.top_k:
             raise OPDError(f"objective.top_k {k} exceeds teacher.top_k {self.top_k}, the log-probs the server "
                            "returns per position: lower objective.top_k or raise teacher.top_k (if the server allows)")
+        if self.context is not None:  # the same completion tokens after the teacher's own prompt
+            rollouts = self.context.view(rollouts)
         rows = sequences(rollouts)
         scored = self.score_ids(rows, k)
         B, C = rollouts.completion_ids.shape
@@ -488,15 +492,17 @@ class ServerTeacher:
 
     def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
                top_p: float = 1.0, greedy: bool = False) -> Rollouts:
-        """Teacher completions of the prompts (for teacher-state methods and greedy teacher accuracy)."""
-        prompts = [render_prompt(self.tokenizer, e.messages) for e in examples]
+        """Teacher completions of the prompts (for teacher-state methods and greedy teacher accuracy), written in the
+        teacher's view and returned after the student's prompts."""
+        seen = examples if self.context is None else self.context.examples(examples)
+        prompts = [render_prompt(self.tokenizer, e.messages) for e in seen]
         payloads = [{"model": self.spec.model, "prompt": self.tokenizer.decode(p) if self.prompt_as == "text" else p,
                      "max_tokens": max_completion_length, "temperature": 0.0 if greedy else temperature,
                      "top_p": 1.0 if greedy else top_p} for p in prompts]
         answers = self.client.map("/completions", payloads, _one_choice)
         texts = [a["choices"][0]["text"] for a in answers]
         stopped = [a["choices"][0].get("finish_reason") == "stop" for a in answers]
-        return rollouts_from_texts(self.tokenizer, examples, texts, stopped, max_completion_length)
+        return rollouts_from_texts(self.tokenizer, examples, texts, stopped, max_completion_length)  # student's view
 
 
 def _one_choice(body: dict) -> None:

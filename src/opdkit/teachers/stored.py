@@ -79,7 +79,7 @@ def _weights_fingerprint(folder: Path) -> str:
 
 def teacher_identity(spec, amp_dtype: torch.dtype) -> dict:
     """Who scored, wherever its folder now lies: a local model by its weights' fingerprint, the dtypes it ran in and
-    its own context (``teacher.prompt``); a server by the model name it serves."""
+    its own context (``teacher.prompt``); a server by the model name it serves and that context."""
     if spec.kind == "local":
         from ..models import resolve_model_path
 
@@ -88,7 +88,8 @@ def teacher_identity(spec, amp_dtype: torch.dtype) -> dict:
                 "dtype": str(dtype).removeprefix("torch."), "autocast": str(amp_dtype).removeprefix("torch."),
                 "prompt": None if spec.prompt is None else spec.prompt.model_dump()}  # its own context, if any
     if spec.kind == "server":
-        return {"kind": "server", "model": spec.model}
+        return {"kind": "server", "model": spec.model,
+                "prompt": None if spec.prompt is None else spec.prompt.model_dump()}
     why = ("its weights are the student's, and with ema they move during training" if spec.kind == "self"
            else "it gives no log-probs")
     raise OPDError(f"a {spec.kind} teacher's signals cannot be stored ({why}): opd score-teacher and "
