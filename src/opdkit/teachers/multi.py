@@ -92,7 +92,7 @@ class MultiTeacher:
         else:
             if len(rollouts.examples) != len(rollouts.completion_ids):
                 raise OPDError("several teachers route by example, and these rollouts carry none (token prefixes): "
-                               "use one teacher: for this")
+                               "use one teacher for this")
             chosen = route(self.routing, self.names, self.seed, rollouts.examples)
             groups = {n: [i for i, c in enumerate(chosen) if c == n] for n in self.names}
             parts = {n: (rows, self._score(n, rollouts.rows(rows), usage, support, top_k, entropy))
