@@ -11,15 +11,20 @@ The tiny autoregressive model and the independent targets are in ``enumeration.p
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from enumeration import (STATE, expected_gradient, per_sample_gradients, reach_probability, reference_divergence,
-                         sample_rollouts, tables)
+from enumeration import (ENUM_STATES, H, SEQUENCES, STATE, expected_gradient, per_sample_gradients, reach_probability,
+                         reference_divergence, sample_rollouts, sequence_logprob, tables)
 from opdkit.config import ObjectiveConfig
+from opdkit.methods.formula import Formula
 from opdkit.objectives import credit, gates
 from opdkit.objectives.divergence import distributional, kl, phi, phi_prime
 from opdkit.objectives.support import chunked_full
+from opdkit.rollout import Rollouts
+from opdkit.teachers import TeacherSignal
 
 Z = 5.0  # standard errors allowed (39 coordinates; P(|z| > 5) ~ 6e-7 each)
 N = 40_000
@@ -233,3 +238,41 @@ def test_trust_region_accepts_with_probability_min_one_ratio():
     uniforms = torch.rand(200_000, 3, generator=g)
     rate = gates.trust_region(teacher.expand(200_000, 3), student.expand(200_000, 3), uniforms).float().mean(0)
     assert torch.allclose(rate, torch.tensor([0.1, 1.0, 1.0]), atol=0.005)
+
+
+# ---- several samples per prompt: the group baselines ----------------------------------------------------
+
+def group_expected_gradient(objective, student, teacher, n: int) -> torch.Tensor:
+    """``E[(1/n) sum_i grad loss(y_i)]`` over every ``n``-tuple of sequences drawn independently from the
+    student, all ``n`` rows one prompt's group (``Rollouts.group``), the library's ``Formula`` giving the loss."""
+    tuples = torch.tensor(list(itertools.product(range(len(SEQUENCES)), repeat=n)))  # [27^n, n]
+    tokens, states = SEQUENCES[tuples.reshape(-1)], ENUM_STATES[tuples.reshape(-1)]
+    rows = len(tokens)
+    sequence_p = sequence_logprob(student, SEQUENCES, ENUM_STATES).sum(1).exp().detach()
+    weight = sequence_p[tuples].prod(1).repeat_interleave(n) / n  # P(tuple) / n on each of its rows
+    logits = student[states]
+    teacher_logprobs = teacher.log_softmax(-1)[states]
+    token = lambda lp: lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    mask = torch.ones(rows, H)
+    rollouts = Rollouts(torch.zeros(rows, 1, dtype=torch.long), torch.ones(rows, 1, dtype=torch.long), tokens, mask,
+                        torch.zeros(rows, dtype=torch.bool), [], "student",
+                        sampler_logprobs=token(logits.detach().log_softmax(-1)),
+                        group=torch.arange(len(tuples)).repeat_interleave(n))
+    loss = Formula(objective).token_loss(logits, rollouts, TeacherSignal(token(teacher_logprobs), logprobs=teacher_logprobs)).loss
+    return torch.autograd.grad((weight.unsqueeze(1) * loss * mask).sum(), student)[0].reshape(-1)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_leave_one_out_baseline_is_unbiased_and_group_mean_scales_by_n_minus_one_over_n(n):
+    """Subtracting the mean sequence return of a prompt's other samples keeps the return-to-go gradient exact;
+    the plain group mean (which holds the row's own return) gives exactly ``(n-1)/n`` of it."""
+    student, teacher = tables(5)
+    exact = exact_gradient(student, teacher, "reverse_kl").reshape(-1)
+    loo = group_expected_gradient(opd(credit={"gamma": 1.0, "baseline": "leave_one_out"}), student, teacher, n)
+    mean = group_expected_gradient(opd(credit={"gamma": 1.0, "baseline": "group_mean"}), student, teacher, n)
+    plain = group_expected_gradient(opd(credit={"gamma": 1.0}), student, teacher, n)
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-5)  # noqa: E731 (float32 sums over 27^n tuples)
+    assert close(plain, exact)
+    assert close(loo, exact)
+    assert close(mean, (n - 1) / n * exact)
+    assert (mean - exact).abs().max() > 0.01  # the scaling is visible, not lost in rounding

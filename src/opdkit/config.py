@@ -249,6 +249,9 @@ class RolloutConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the student's rollouts")
     max_completion_length: int = Field(32, ge=1, description="new tokens per rollout at most; longer ones are truncated")
     batch_size: int = Field(32, ge=1, description="prompts per micro-batch")
+    num_samples: int = Field(1, ge=1, description="completions the student draws per prompt: a micro-batch holds "
+                             "batch_size * num_samples rollouts, each prompt's adjacent; teacher and dataset states "
+                             "stay one per prompt")
 
 
 class CreditConfig(_Strict):
@@ -256,7 +259,12 @@ class CreditConfig(_Strict):
     ``G_t = sum_k gamma^(k-t) r_k``; ``zero``, ``analytic`` (``V_t = -KL(pi_S || pi_T)`` at ``s_t``, exact for
     ``gamma = 0``) or ``learned`` (a value head on the student) turn it into GAE(``gamma``, ``lam``).
     ``gamma = 0`` trains the per-token divergence at the visited states, ``gamma = 1`` (with ``lam = 1``) the
-    sequence-level one; values are baselines and change neither."""
+    sequence-level one; values are baselines and change neither.
+
+    ``baseline`` uses the ``rollout.num_samples`` completions of one prompt (``objectives.groups``): each row's
+    advantage loses the mean sequence return ``sum_t r_t`` of its prompt's samples (``group_mean``, GRPO's, which
+    scales the expected gradient by ``(n-1)/n``) or of the prompt's other samples (``leave_one_out``, RLOO's,
+    unbiased); both are proved in ``tests/test_proofs.py``."""
 
     gamma: float = Field(0.0, ge=0, le=1, description="discount of later tokens' rewards: 0 per-token, 1 sequence-level")
     lam: float = Field(1.0, ge=0, le=1, description="GAE's lambda (needs a value)")
@@ -264,6 +272,9 @@ class CreditConfig(_Strict):
         "none", description="baseline for GAE: none (return-to-go), zero, analytic (-KL at the state) or learned (a value head)")
     value_coef: float = Field(0.5, ge=0, description="weight of the learned value head's regression loss")
     normalize: bool = Field(False, description="standardise advantages over the optimizer step's tokens")
+    baseline: Literal["none", "group_mean", "leave_one_out"] = Field(
+        "none", description="per-prompt baseline from the sequence returns of its rollout.num_samples samples: "
+        "none, group_mean (all of them, GRPO) or leave_one_out (the others, RLOO: unbiased)")
 
 
 class TrustRegionConfig(_Strict):
@@ -577,6 +588,11 @@ class ObjectiveConfig(_Strict):
         if "value_coef" in changed and credit.value != "learned":
             raise ValueError("credit.value_coef weighs a learned value head's loss: set credit.value: learned, or "
                              "remove value_coef")
+        if credit.baseline != "none" and (credit.gamma < 1 or credit.value != "none" or self.lookahead):
+            raise ValueError(f"credit.baseline {credit.baseline} subtracts the group's mean sequence return sum_t r_t, "
+                             "which is on the scale of the advantage only when that is the undiscounted return-to-go: "
+                             "set credit.gamma: 1 with credit.value: none and no near_future lookahead (a value or a "
+                             "window is another baseline or return), or remove credit.baseline")
 
     def _check_gates(self) -> None:
         for name in ("trust_region", "entropy_gate", "prefix_guidance", "near_future"):
@@ -875,6 +891,15 @@ class Config(_Strict):
                              "from the tempered or truncated rollout distribution, not the student's; the per-token "
                              "importance ratio does not correct that: sample with rollout.temperature 1 and top_p 1, "
                              "or use credit.gamma: 0")
+        return self
+
+    @model_validator(mode="after")
+    def _samples_fit_baseline(self) -> "Config":
+        baseline = self.objective.credit.baseline
+        if baseline != "none" and self.rollout.num_samples < 2:
+            raise ValueError(f"credit.baseline {baseline} is computed from the other samples of the same prompt; with "
+                             "rollout.num_samples 1 there are none: set rollout.num_samples >= 2 (for example 4), or "
+                             "remove credit.baseline")
         return self
 
     @model_validator(mode="after")

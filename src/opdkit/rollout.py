@@ -1,6 +1,7 @@
 """Rollouts: who produced the completion tokens, and the tensors every later stage reads.
 
-Layout: ``prompt_ids`` are left-padded ``[B, P]``; ``completion_ids`` are right-padded ``[B, C]``; the
+Layout: ``prompt_ids`` are left-padded ``[B, P]``; with several samples per prompt (``grouped``) the samples of
+one prompt are adjacent rows and ``group`` holds each row's prompt index; ``completion_ids`` are right-padded ``[B, C]``; the
 completion mask covers every generated token up to and including the first end-of-sequence token.
 ``sampler_logprobs[b, t] = log mu(y_t | s_t)`` is the behaviour policy's log-prob of each sampled token
 (after temperature and top-p), so that an importance ratio ``pi_theta / mu`` is exactly 1 when sampling
@@ -31,6 +32,7 @@ class Rollouts:
     sampler_logprobs: torch.Tensor | None = None  # [B, C] log mu(y_t); None when not sampled by the student
     guidance_mask: torch.Tensor | None = None  # [B, C] 1 on teacher-prefix tokens placed before the student's own
     reference_logprobs: torch.Tensor | None = None  # [B, C] log pi_ref(y_t), set by the loop when a regularizer needs it
+    group: torch.Tensor | None = None  # [B] long: the prompt index of each row, with rollout.num_samples > 1 (grouped)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -68,7 +70,7 @@ class Rollouts:
                        completion_ids=pick(self.completion_ids), completion_mask=pick(self.completion_mask),
                        truncated=pick(self.truncated), examples=[self.examples[i] for i in indices],
                        sampler_logprobs=pick(self.sampler_logprobs), guidance_mask=pick(self.guidance_mask),
-                       reference_logprobs=pick(self.reference_logprobs))
+                       reference_logprobs=pick(self.reference_logprobs), group=pick(self.group))
 
     def texts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         return [
@@ -128,6 +130,12 @@ def join_rows(parts: list[tuple[list[int], Rollouts]], pad_id: int) -> Rollouts:
                     place("completion_ids", width_c, pad_id, False), place("completion_mask", width_c, 0, False),
                     truncated.to(first.truncated.device), examples, first.source,
                     place("sampler_logprobs", width_c, 0.0, False), place("guidance_mask", width_c, 0.0, False))
+
+
+def grouped(examples: list[Example], n: int) -> tuple[list[Example], torch.Tensor]:
+    """Each example ``n`` times in a row (``[a, a, b, b]`` for ``n = 2``), and the ``[B * n]`` prompt index of each
+    row, for ``Rollouts.group``."""
+    return [e for e in examples for _ in range(n)], torch.arange(len(examples)).repeat_interleave(n)
 
 
 def _completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:

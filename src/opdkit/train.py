@@ -32,10 +32,10 @@ from .faults import StopSignals, diagnose, save_batch
 from .methods import Method, build_method
 from .models import (autocast, context_length, load_model, load_tokenizer, machine_description, pick_device,
                      resolve_precision, set_threads)
-from .objectives import credit, gates
+from .objectives import credit, gates, groups
 from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
-from .rollout import Rollouts, from_dataset, sample
+from .rollout import Rollouts, from_dataset, grouped, sample
 from .tasks import get_verifier
 from .teachers import Teacher, build_teachers, teacher_request
 from .teachers.context import TeacherContext
@@ -158,7 +158,9 @@ def lr_lambda(config: Config):
 
 
 def collect(run: Run, rng: random.Random, step: int) -> Rollouts:
-    """One micro-batch of states from the source the method asks for."""
+    """One micro-batch of states from the source the method asks for. The student draws ``rollout.num_samples``
+    completions per prompt (adjacent rows, ``Rollouts.group``); teacher and dataset states are one per prompt (a
+    stored teacher sample or a dataset completion would only repeat)."""
     cfg = run.config.rollout
     examples = run.prompts.next_batch(cfg.batch_size)
     source = run.method.state_source(rng)
@@ -166,11 +168,16 @@ def collect(run: Run, rng: random.Random, step: int) -> Rollouts:
         return from_dataset(run.tokenizer, examples, cfg.max_completion_length)
     if source == "teacher":
         return run.teacher.sample(examples, cfg.max_completion_length, cfg.temperature, cfg.top_p)
+    group = None
+    if cfg.num_samples > 1:
+        examples, group = grouped(examples, cfg.num_samples)
     guidance = run.config.objective.prefix_guidance
     prefixes = teacher_prefixes(run, examples, step) if guidance.enabled else None
     with autocast(run.device, run.amp_dtype):
-        return sample(run.student, run.tokenizer, examples, max_completion_length=cfg.max_completion_length,
-                      temperature=cfg.temperature, top_p=cfg.top_p, prefixes=prefixes)
+        rollouts = sample(run.student, run.tokenizer, examples, max_completion_length=cfg.max_completion_length,
+                          temperature=cfg.temperature, top_p=cfg.top_p, prefixes=prefixes)
+    rollouts.group = None if group is None else group.to(rollouts.completion_ids.device)
+    return rollouts
 
 
 def teacher_prefixes(run: Run, examples, step: int) -> list[list[int]]:
@@ -326,11 +333,23 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
         "lr": scheduler.get_last_lr()[0],
         "completion_length": float(lengths.mean()),
         "truncation_rate": float(torch.cat([b.truncated for b in batches]).float().mean()),
+        **group_spread(batches),
         "tokens_per_s": total_tokens / seconds,
         "peak_memory_mib": peak_memory_mib(run.device),
         "sources": sorted({b.source for b in batches}),
         **{f"time_{k}": v for k, v in timings.items()},
     }
+
+
+def group_spread(batches: list[Rollouts]) -> dict:
+    """``group_length_std``: the mean over the step's prompts of the spread of their samples' lengths (with
+    ``rollout.num_samples > 1``; the spread of their returns, ``group_return_std``, comes from the method)."""
+    grouped_batches = [b for b in batches if b.group is not None]
+    if not grouped_batches:
+        return {}
+    prompts = [int(b.group.unique().numel()) for b in grouped_batches]
+    spreads = [groups.spread(b.lengths(), b.group) for b in grouped_batches]
+    return {"group_length_std": sum(s * n for s, n in zip(spreads, prompts)) / sum(prompts)}
 
 
 def _write_jsonl(path: Path, record: dict) -> None:

@@ -3,7 +3,8 @@
     Route A (direct):  loss_t = D_Omega(pi_T(.|s_t), pi_S(.|s_t))                       support: topk | full
                        loss_t = k(log pi_T(y_t) - log pi_S(y_t)), backpropagated        support: sampled, direct
     Route B (PG):      loss_t = -(pi_S/mu)(y_t) * sg[A_t]                              support: sampled, pg
-                       A_t = Credit(r)_t - [correction] phi'(l_t),  r_t = -cost(l_t) after the gates
+                       A_t = Credit(r)_t - [baseline] b_i - [correction] phi'(l_t),  r_t = -cost(l_t) after the gates
+                       b_i = mean sequence return of row i's prompt's (other) samples    credit.baseline
                        A_t = windowed return over the next W rewards              near_future: lookahead
                        -> coef * KL(p*_t || pi_S) where A_t < -delta and C_t is not empty    routing: cr
     plus:              + entropy-gated top-k FKL + ref_kl_coef * k3(pi_ref) + entropy_coef * (-H(pi_S))
@@ -25,7 +26,7 @@ import torch
 
 from ..errors import OPDError
 from ..models import autocast
-from ..objectives import bridge, credit, gates, regularizers, routing
+from ..objectives import bridge, credit, gates, groups, regularizers, routing
 from ..objectives.divergence import distributional, entropy, estimator, kl, phi, phi_prime
 from ..objectives.policy_gradient import policy_gradient_loss
 from ..objectives.reduce import token_mean
@@ -286,6 +287,7 @@ class Formula(Method):
                 target = (advantage + values).detach()
                 extra = extra + o.credit.value_coef * 0.5 * (values - target).pow(2)
                 scalars["value_explained_variance"] = credit.explained_variance(values.detach(), target, mask)
+        advantage = self._group_baseline(advantage, reward, rollouts, scalars)
         if o.correction:
             advantage = advantage - _cost_derivative(o, l)
         stats["advantage"] = feedback = advantage
@@ -297,6 +299,23 @@ class Formula(Method):
         if o.routing == "cr":
             loss = self._route(logits, logprobs, loss, feedback, rollouts, teacher, scalars)
         return loss + extra
+
+    def _group_baseline(self, advantage: torch.Tensor, reward: torch.Tensor, rollouts: Rollouts,
+                        scalars) -> torch.Tensor:
+        """With several samples per prompt: log the spread of their sequence returns ``R_i = sum_t r_{i,t}``
+        (``group_return_std``) and subtract ``credit.baseline``'s per-prompt ``b_i`` from every token's advantage
+        (``objectives.groups``; ``ObjectiveConfig`` accepts it only on the undiscounted return-to-go)."""
+        kind = self.objective.credit.baseline
+        if rollouts.group is None:
+            if kind != "none":
+                raise OPDError(f"credit.baseline {kind} needs several samples per prompt, and these rollouts carry no "
+                               "groups: set rollout.num_samples >= 2 (or Rollouts.group), or remove credit.baseline")
+            return advantage
+        returns = (reward * rollouts.own_mask).sum(1)
+        scalars["group_return_std"] = groups.spread(returns, rollouts.group)
+        if kind == "none":
+            return advantage
+        return (advantage - groups.baseline(returns, rollouts.group, kind).unsqueeze(1)) * rollouts.completion_mask
 
     def _route(self, logits, logprobs, loss, feedback, rollouts: Rollouts, teacher: TeacherSignal,
                scalars) -> torch.Tensor:
