@@ -52,7 +52,8 @@ class StudentSpec(ModelSpec):
     disable_dropout: bool = Field(True, description="no dropout in sampling or the loss pass (as TRL); false keeps "
                                   "it in the loss pass as a regularizer")
     lora: LoraSpec | None = Field(None, description="train a LoRA adapter through peft (pip install peft) on frozen "
-                                  "weights: {r, alpha, dropout, target_modules}; null: train every weight")
+                                  "weights: {r: 16, alpha: 32, dropout: 0, target_modules: all-linear (every linear "
+                                  "layer but the LM head) or a list such as [q_proj, v_proj]}; null: train every weight")
 
 
 class TeacherPromptSpec(_Strict):
