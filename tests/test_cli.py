@@ -235,6 +235,7 @@ def test_folder_checks_come_before_any_model_loads(tiny_config, tmp_path, monkey
     import opdkit.train as train_module
 
     monkeypatch.setattr(train_module, "load_model", must_not_load)
+    monkeypatch.setattr(train_module, "load_student", must_not_load)
     monkeypatch.setattr(train_module, "load_tokenizer", must_not_load)
     capsys.readouterr()
     assert main(["train", str(path)]) == 2  # a fresh run into a folder with checkpoints

@@ -94,6 +94,7 @@ def test_bad_teacher_contexts_are_refused_before_any_model_loads(tiny, tiny_conf
         raise AssertionError("a model was loaded before the teacher context was checked")
 
     monkeypatch.setattr(train_module, "load_model", must_not_load)
+    monkeypatch.setattr(train_module, "load_student", must_not_load)
     config = load_config(base={**tiny_config, "teacher": {**teacher, "prompt": {"template": "{prompt} {solution}"}}})
     with pytest.raises(OPDError, match=r"record 1: teacher\.prompt\.template uses \['solution'\].*add the column"):
         setup(config)

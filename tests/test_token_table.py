@@ -245,7 +245,7 @@ def test_diagnose_of_a_checkpoint_and_refusals_before_any_model_loads(tiny_confi
     def must_not_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(diagnose_module, "load_model", must_not_load)
+    monkeypatch.setattr(diagnose_module, "load_student", must_not_load)
     capsys.readouterr()
     assert main(["diagnose", str(path), "--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert "is not a folder" in capsys.readouterr().out

@@ -111,6 +111,7 @@ def test_a_tracker_named_but_not_installed_stops_before_any_model_loads(tiny_con
     import opdkit.train as train_module
 
     monkeypatch.setattr(train_module, "load_model", must_not_load)
+    monkeypatch.setattr(train_module, "load_student", must_not_load)
     monkeypatch.setattr(train_module, "load_tokenizer", must_not_load)
     tiny_config["logging"] = {"report_to": ["tensorboard", "wandb"]}
     path = tmp_path / "c.yaml"

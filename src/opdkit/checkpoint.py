@@ -1,13 +1,15 @@
 """Checkpoints: the whole trainer state, written atomically, resumed exactly.
 
 A checkpoint is a folder ``checkpoint-<step>`` in the run folder. It holds the student as
-``save_pretrained`` writes it (so ``opd eval --checkpoint`` reads it) and its tokenizer, plus
+``save_pretrained`` writes it (so ``opd eval --checkpoint`` reads it; a LoRA student's adapter alone, as peft
+writes it) and its tokenizer, plus
 ``trainer_state.pt``: optimizer, scheduler, the method's own parameters, the data position, every random
 generator (Python, NumPy, torch, the loop's ``random.Random``), the log so far and the best measurement so
 far. ``trainer_state.json`` repeats the step, its metrics, the best, whether the run finished and the teacher set
 (``teacher_set``; a resume under other teachers is refused), for people and for checks that must not load a
 model. ``best`` is a link to the checkpoint with the best
-``checkpoint.best_metric``; ``final`` is the finished student alone, as ``save_pretrained`` writes it.
+``checkpoint.best_metric``; ``final`` is the finished student alone, as ``save_pretrained`` writes it (a LoRA
+student merged, its adapter in ``final/adapter``).
 
 Writing goes to ``.tmp-checkpoint-<step>``; every file and the folder are fsynced, the folder is renamed into
 place and the run folder fsynced. Only then are old checkpoints retired (renamed to ``.trash-*``, then
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import lora
 from .config import Config, load_config
 from .errors import OPDError
 from .models import load_model
@@ -191,7 +194,10 @@ def restore(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random
     check_folder(run.run_dir, True, run.config.optim.steps, run.config)
     state = torch.load(path / STATE, weights_only=True)
     loop = LoopState(**state["loop"])
-    run.student.load_state_dict(load_model(str(path), run.device).state_dict())
+    if run.config.student.lora is not None:  # the adapter alone; the base weights are student.path's
+        lora.load_weights(run.student, path)
+    else:
+        run.student.load_state_dict(load_model(str(path), run.device).state_dict())
     with torch.no_grad():
         for param, saved in zip(run.method.parameters(), state["method"], strict=True):
             param.copy_(saved)
@@ -209,12 +215,16 @@ def restore(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random
 
 
 def save_final(run) -> Path:
-    """``final/``: the student and its tokenizer alone (no trainer state), replaced atomically."""
+    """``final/``: the student and its tokenizer alone (no trainer state), replaced atomically; a LoRA student
+    merged into its base weights, with the adapter in ``final/adapter``."""
     final = run.run_dir / "final"
     tmp, trash = run.run_dir / ".tmp-final", run.run_dir / ".trash-final"
     for leftover in (tmp, trash):
         shutil.rmtree(leftover, ignore_errors=True)
-    run.student.save_pretrained(tmp)
+    if run.config.student.lora is not None:
+        lora.save_merged(run.student, tmp)
+    else:
+        run.student.save_pretrained(tmp)
     run.tokenizer.save_pretrained(tmp)
     _fsync_tree(tmp)
     if final.exists():

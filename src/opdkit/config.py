@@ -28,13 +28,32 @@ class ModelSpec(_Strict):
                       "Hugging Face cache, or builtin:<scenario>/<name>")
 
 
+class LoraSpec(_Strict):
+    """A LoRA adapter trained through ``peft`` (``opdkit.lora``) in place of the student's weights, which stay
+    frozen: ``W + (alpha / r) * B A`` on each targeted linear layer. ``all-linear`` (peft's rule: every linear
+    layer but the LM head) is the default because adapting the MLPs as well as attention is what brings LoRA
+    close to full fine-tuning (QLoRA, Dettmers et al. 2023); a list names module suffixes (``q_proj``,
+    ``v_proj``). Its dropout acts only in the loss pass and only with ``student.disable_dropout: false``."""
+
+    r: int = Field(16, ge=1, description="the adapter's rank")
+    alpha: float = Field(32.0, gt=0, description="scale: the update is (alpha / r) * B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input, in the loss pass only "
+                           "(and only with student.disable_dropout: false)")
+    target_modules: str | list[str] = Field("all-linear", description="all-linear: every linear layer but the LM "
+                                            "head; or a list of module name suffixes, e.g. [q_proj, v_proj]")
+
+
 class StudentSpec(ModelSpec):
     """The student. ``disable_dropout`` (as TRL does) runs it without dropout in both sampling and the loss
     pass, so the importance ratio and the log-ratios carry no dropout noise; ``false`` keeps dropout in the
-    loss pass only (sampling is always without), as a regularizer."""
+    loss pass only (sampling is always without), as a regularizer. ``lora`` trains an adapter instead of the
+    weights."""
 
     disable_dropout: bool = Field(True, description="no dropout in sampling or the loss pass (as TRL); false keeps "
                                   "it in the loss pass as a regularizer")
+    lora: LoraSpec | None = Field(None, description="train a LoRA adapter through peft (pip install peft) on frozen "
+                                  "weights: {r: 16, alpha: 32, dropout: 0, target_modules: all-linear (every linear "
+                                  "layer but the LM head) or a list such as [q_proj, v_proj]}; null: train every weight")
 
 
 class TeacherPromptSpec(_Strict):
@@ -95,8 +114,9 @@ class SelfTeacherSpec(_TeacherView):
     """On-policy self-distillation: the teacher is the student's own weights, a frozen copy taken at the start
     (or, with ``ema``, an exponential moving average of the student, updated after each optimizer step), scored
     in its own context (``prompt``). Without a ``prompt`` the teacher sees exactly what the student sees, so at
-    step 0 the signal is zero. The copy costs one more set of weights in the teacher's dtype (no second model
-    without a LoRA student, which opdkit does not train yet)."""
+    step 0 the signal is zero. The copy costs one more set of weights in the teacher's dtype. With a LoRA student
+    (``student.lora``) there is no copy: the teacher is the same base weights with the adapter disabled, so it is
+    frozen by construction and ``ema`` (which needs weights of its own) is refused."""
 
     kind: Literal["self"] = Field(description="self: the student's own weights (frozen at the start, or an EMA)")
     ema: float | None = Field(None, gt=0, lt=1, description="null: the teacher is the student frozen at the start; "
@@ -880,6 +900,23 @@ class Config(_Strict):
                              f"gives {can}: use {kl or 'token_agreement'}, or auto")
         if chosen == "accuracy" and not self.data.task:
             raise ValueError("checkpoint.best_metric 'accuracy' needs a verifier: set data.task, or use auto")
+        return self
+
+    @model_validator(mode="after")
+    def _self_teacher_fits_lora(self) -> "Config":
+        """With a LoRA student a self teacher is the shared base weights with the adapter disabled: it has no
+        weights of its own to average (``ema``) or to hold in another dtype."""
+        if self.student.lora is None:
+            return self
+        for spec in self.teacher_specs():
+            if spec.kind == "self" and spec.ema is not None:
+                raise ValueError("teacher.ema averages a copy of the student's weights, and with student.lora the self "
+                                 "teacher has none (it is the base with the adapter disabled, frozen by construction): "
+                                 "remove teacher.ema, or remove student.lora to train every weight with an EMA teacher")
+            if spec.kind == "self" and spec.dtype != "auto":
+                raise ValueError(f"teacher.dtype {spec.dtype!r}: with student.lora the self teacher shares the "
+                                 "student's weights and computes in the run's precision: remove teacher.dtype (or "
+                                 "set the run's precision:)")
         return self
 
     @model_validator(mode="after")

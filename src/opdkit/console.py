@@ -14,11 +14,22 @@ from rich.table import Table
 from rich.text import Text
 
 from .evaluate import METRICS
+from .lora import is_lora
 from .models import amx_available, machine_description
 
 def _size(model: torch.nn.Module) -> str:
-    count = sum(p.numel() for p in model.parameters())
+    return _count(sum(p.numel() for p in model.parameters()))
+
+
+def _count(count: int) -> str:
     return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.0f}K"
+
+
+def _trainable(model: torch.nn.Module) -> str:
+    """``1.2M`` when every parameter trains; ``1.1M of 135.6M trainable`` when only some do (a LoRA adapter)."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return _size(model) if trained == total else f"{_count(trained)} of {_count(total)} trainable"
 
 
 def duration(seconds: float) -> str:
@@ -100,7 +111,7 @@ class RunView:
         table.add_column()
         rows = [
             ("method", f"{run.method.name}: {_method_line(run.method.name)}"),
-            ("student", f"{config.student.path} ({_size(run.student)} parameters)"),
+            ("student", f"{config.student.path} ({_trainable(run.student)} parameters)"),
             *teachers,  # Text: no markup in a server's answers
             ("precision", precisions(run)),
             ("machine", f"{run.device.type}: {machine_description(run.amp_dtype)}"),
@@ -237,6 +248,8 @@ def _teacher_line(spec, teacher) -> str:
     """One teacher in the banner: what it is and, for a local model, its size."""
     if spec.kind == "local":
         return f"local {spec.path} ({_size(teacher.model)} parameters)"
+    if spec.kind == "self" and is_lora(teacher.model):
+        return "self: the student's base weights with the LoRA adapter disabled (no copy)"
     if spec.kind == "self":
         return f"self: the student's own weights, {_following(spec.ema)}"
     urls = spec.base_url if isinstance(spec.base_url, str) else ", ".join(spec.base_url)

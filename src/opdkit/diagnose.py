@@ -30,7 +30,7 @@ from rich.table import Table
 from .config import Config, load_config
 from .diagnostics import NEAR_FUTURE_DEFINITION, near_future_share
 from .errors import OPDError
-from .models import autocast, load_model, pick_device, resolve_precision, set_threads
+from .models import autocast, load_student, pick_device, resolve_precision, set_threads
 from .objectives.support import sampled
 from .rollout import sample
 from .teachers import build_teacher
@@ -102,7 +102,7 @@ def score_prompts(config: Config, student_path: str, count: int, batch_size: int
     examples = (data.eval or data.train)[:count]
     device = pick_device()
     amp_dtype = resolve_precision(config.precision, device)
-    student = load_model(student_path, device)
+    student = load_student(config.student, student_path, device)
     teacher = build_teacher(config.teacher, data.tokenizer, student.config, device, amp_dtype, config.data.chat_template,
                             student=student)
     local = config.teacher.kind in ("local", "self")

@@ -64,6 +64,19 @@ def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype
     return model.to(device).eval()
 
 
+def load_student(spec, path: str | None = None, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """The student a ``StudentSpec`` describes, from ``path`` (a checkpoint; default ``spec.path``). With
+    ``spec.lora``: ``spec.path``'s weights under the adapter ``path`` holds (a LoRA checkpoint, or ``final/``'s
+    ``adapter/``), or under a fresh adapter where it holds none."""
+    path = path or spec.path
+    if spec.lora is None:
+        return load_model(path, device)
+    from .lora import adapter_folder, wrap
+
+    adapter = adapter_folder(path)
+    return wrap(load_model(spec.path if adapter is not None else path, device), spec.lora, adapter)
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     folder = resolve_model_path(path)
     try:

@@ -29,9 +29,10 @@ from .diagnostics import position_edges, step_diagnostics, student_token_logprob
 from .errors import Interrupted, OPDError
 from .evaluate import Evaluator
 from .faults import StopSignals, diagnose, save_batch
+from .lora import adapter_folder, require_peft
 from .methods import Method, build_method
-from .models import (autocast, context_length, load_model, load_tokenizer, machine_description, pick_device,
-                     resolve_precision, set_threads)
+from .models import (autocast, context_length, load_model, load_student, load_tokenizer, machine_description,
+                     pick_device, resolve_precision, set_threads)
 from .objectives import credit, gates, groups
 from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
@@ -79,8 +80,12 @@ def check_data(config: Config, student_path: str | None = None) -> Data:
     """Read and check the data against the tokenizer and the models' configs, without loading any weights: what
     ``setup`` does first, and what ``opd sweep`` does for every run before the first one trains."""
     method = build_method(config.objective)
+    if config.student.lora is not None:
+        require_peft()
     student_path = student_path or config.student.path
-    tokenizer = load_tokenizer(student_path)
+    # a LoRA checkpoint holds the adapter alone: tokenizer and context are its base model's
+    weights = config.student.path if config.student.lora and adapter_folder(student_path) else student_path
+    tokenizer = load_tokenizer(weights)
     if not config.data.chat_template:
         tokenizer.chat_template = None  # prompts are their raw text (data.render_prompt), for base models
     verifier = get_verifier(config.data.task) if config.data.task else None
@@ -90,7 +95,7 @@ def check_data(config: Config, student_path: str | None = None) -> Data:
         raise OPDError(f"method {method.name!r} trains on dataset completions (lmbda < 1, or prefix_guidance.answer: "
                        f"dataset), but {config.data.train!r} has records without one: add a 'completion' field (or a "
                        "final assistant message), or set lmbda: 1.0 and prefix_guidance.answer: teacher")
-    context = min([context_length(student_path)] + [context_length(spec.path) for spec in config.teacher_specs()
+    context = min([context_length(weights)] + [context_length(spec.path) for spec in config.teacher_specs()
                                                      if spec.kind == "local"])
     eval_length = config.eval.max_completion_length or config.rollout.max_completion_length
     budget = config.rollout.max_completion_length
@@ -124,10 +129,12 @@ def setup(config: Config, student_path: str | None = None) -> Run:
              if config.data.teacher_signals else None)
 
     student_path = student_path or config.student.path
-    student = load_model(student_path, device)
+    student = load_student(config.student, student_path, device)
     method.attach(student)
     # a frozen copy of the initial student for the KL-to-reference regularizer, in bf16 where the run is
-    reference = load_model(student_path, device, amp_dtype).requires_grad_(False) if config.objective.ref_kl_coef else None
+    # (with LoRA: the base weights, as loaded before the adapter)
+    reference = (load_model(config.student.path if config.student.lora else student_path, device, amp_dtype)
+                 .requires_grad_(False) if config.objective.ref_kl_coef else None)
     teacher = build_teachers(config, data.tokenizer, student.config, device, amp_dtype,
                              method.top_k if method.teacher_support == "topk" else 1, student=student)
     if store is not None:
@@ -140,8 +147,8 @@ def setup(config: Config, student_path: str | None = None) -> Run:
 
 
 def trainable_parameters(run: Run) -> list[torch.nn.Parameter]:
-    """The student's parameters and any the method owns (a learned value head)."""
-    return list(run.student.parameters()) + run.method.parameters()
+    """The student's trainable parameters (with LoRA, the adapter's alone) and any the method owns (a value head)."""
+    return [p for p in run.student.parameters() if p.requires_grad] + run.method.parameters()
 
 
 def lr_lambda(config: Config):

@@ -114,6 +114,12 @@ def build_teacher(spec, student_tokenizer, student_config, device: torch.device,
 
             if student is None:
                 raise ValueError("build_teacher: a self teacher copies the student: pass the loaded student")
+            from ..lora import is_lora
+
+            if is_lora(student):  # the base weights with the adapter off: no copy (ema refused by the config)
+                from .self_teacher import AdapterOffTeacher
+
+                return AdapterOffTeacher(student, student_tokenizer, amp_dtype, context)
             return SelfTeacher(student, student_tokenizer, amp_dtype, dtype, spec.ema, context)
         check_tokenizers_match(student_tokenizer, load_tokenizer(spec.path), chat_template)
         model = load_model(spec.path, device, dtype)
