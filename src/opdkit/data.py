@@ -36,6 +36,20 @@ def _columns(row: dict) -> dict[str, str]:
     return {k: str(v) for k, v in row.items() if k != "messages" and isinstance(v, (str, int, float))}
 
 
+def read_jsonl(path: Path, fix: str) -> list[dict]:
+    """The records of a JSONL file (blank lines skipped); a line that is not JSON stops with its number and ``fix``,
+    what to do about it (datasets and run logs call for different remedies)."""
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise OPDError(f"{path}:{number}: not valid JSON ({exc.msg}); {fix}") from None
+    return records
+
+
 def _to_example(row: dict, where: str) -> Example:
     if not isinstance(row, dict):
         raise OPDError(f"{where}: each record must be a JSON object, got {type(row).__name__}")
@@ -76,14 +90,7 @@ def load_examples(source: str) -> list[Example]:
         path = Path(source)
         if not path.is_file():
             raise OPDError(f"dataset {source!r} not found: give a JSONL file, builtin:<scenario>/<split> or hf:<name>:<split>")
-        rows, name = [], str(path)
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise OPDError(f"{path}:{number}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+        rows, name = read_jsonl(path, "each line must be one JSON object"), str(path)
     if not rows:
         raise OPDError(f"dataset {name!r} is empty")
     examples = [_to_example(row, f"{name} record {i + 1}") for i, row in enumerate(rows)]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Callable
 from . import version
 from .config import Config, load_config
 from .console import duration
+from .data import read_jsonl
 from .diagnostics import NEAR_FUTURE_DEFINITION
 from .errors import OPDError
 from .evaluate import METRICS
@@ -112,16 +112,7 @@ def _number(value) -> float:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise OPDError(f"{path} line {number} is not JSON ({exc}): the file is damaged; restore it, or delete "
-                           "that line to report on the rest") from None
-    return records
+    return read_jsonl(path, "the file is damaged: restore it, or delete that line to report on the rest")
 
 
 def read_run(run_dir: str | Path) -> RunLog:

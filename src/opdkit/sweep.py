@@ -26,6 +26,7 @@ from rich.console import Console
 
 from .checkpoint import checkpoints, check_folder
 from .config import Config, deep_merge, load_config
+from .data import read_jsonl
 from .errors import OPDError
 from .evaluate import METRICS
 from .methods import preset
@@ -121,7 +122,7 @@ def finished_run(run_dir: Path) -> tuple[dict, list[dict]] | None:
     log = run_dir / "metrics.jsonl"
     if not log.is_file():
         return None
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = read_jsonl(log, "the run's log is damaged: restore it, or move the run folder aside to train it again")
     if not records or not records[-1].get("final"):
         return None
     first, last = records[0], records[-1]

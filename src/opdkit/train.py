@@ -24,7 +24,7 @@ from rich.console import Console
 from . import checkpoint, detectors, version
 from .config import Config, dump_config
 from .console import RunView
-from .data import PromptSampler, load_examples, validate_lengths
+from .data import PromptSampler, load_examples, read_jsonl, validate_lengths
 from .diagnostics import position_edges, step_diagnostics, student_token_logprobs, token_signals
 from .errors import Interrupted, OPDError
 from .evaluate import Evaluator
@@ -367,7 +367,7 @@ def _write_jsonl(path: Path, record: dict) -> None:
 def _keep_until(path: Path, step: int) -> None:
     """On resume: drop the records of ``samples.jsonl`` or ``tokens.jsonl`` written after the checkpoint's step."""
     if path.is_file():
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = read_jsonl(path, "the file is damaged: delete it (it is rewritten from the next kept step on)")
         checkpoint.write_log(path, [r for r in records if r["step"] <= step])
 
 
