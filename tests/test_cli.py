@@ -22,7 +22,7 @@ from opdkit import catalog
 from opdkit.cli import main
 from opdkit.config import Config, load_config
 from opdkit.errors import OPDError
-from opdkit.methods import METHODS, preset
+from opdkit.methods import METHODS
 from opdkit.models import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
