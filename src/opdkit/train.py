@@ -288,7 +288,8 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
                 token_loss.stats["student_entropy"] = entropy(logits.float().log_softmax(-1))
             for name, values in token_loss.stats.items():
                 sums[name] = sums.get(name, 0.0) + float(token_sum(values, batch.completion_mask)) / total_tokens
-            student_token = student_token_logprobs(batch, logits, exact_sampler)
+            student_token = (token_loss.token_logprobs if token_loss.token_logprobs is not None
+                             else student_token_logprobs(batch, logits, exact_sampler))
             if signal.by_teacher is not None:
                 by_teacher.append((batch, signal, student_token))
             if run.teacher.returns_logprobs and batch.source == "student":

@@ -31,6 +31,7 @@ class TokenLoss:
     loss: torch.Tensor  # [B, C] per-token loss, differentiable; the loop masks and aggregates
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, C] detached per-token values to log
     scalars: dict[str, float] = field(default_factory=dict)  # per-batch values to log (rates, explained variance)
+    token_logprobs: torch.Tensor | None = None  # [B, C] detached log pi_S(y_t) where computed (the loop's diagnostics reuse it)
 
 
 class Method:

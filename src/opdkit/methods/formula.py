@@ -159,7 +159,7 @@ class Formula(Method):
         added = float((term.detach() * mask).sum())
         result.scalars["bridge_loss"] = added / max(1.0, float(mask.sum()))
         result.scalars["bridge_share"] = added / max(1e-12, base + added)
-        return TokenLoss(result.loss + term, result.stats, result.scalars)
+        return dataclasses.replace(result, loss=result.loss + term)
 
     # ---- the loss ------------------------------------------------------------------------------------
     def token_loss(self, student_logits: torch.Tensor, rollouts: Rollouts, teacher: TeacherSignal,
@@ -206,7 +206,7 @@ class Formula(Method):
             guided = rollouts.guidance_mask
             loss = torch.where(guided > 0, o.prefix_guidance.beta * -token_logprobs, loss)
             scalars["guidance_fraction"] = float(token_mean(guided, mask))
-        return self._with_bridge(TokenLoss(loss, stats, scalars), teacher, mask, student_logits)
+        return self._with_bridge(TokenLoss(loss, stats, scalars, token_logprobs.detach()), teacher, mask, student_logits)
 
     def _position_weighted(self, loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         decay = self.objective.position_decay
