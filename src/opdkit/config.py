@@ -693,6 +693,9 @@ class OptimConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (null: no clipping)")
     max_nonfinite_steps: int = Field(3, ge=1, description="stop after this many skipped non-finite steps in a row")
+    gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward pass "
+                                         "instead of keeping them (transformers' non-reentrant checkpointing): less "
+                                         "memory for about one more forward pass of the student per step")
 
 
 class EvalConfig(_Strict):

@@ -77,6 +77,22 @@ def load_student(spec, path: str | None = None, device: torch.device | str = "cp
     return wrap(load_model(spec.path if adapter is not None else path, device), spec.lora, adapter)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module, disable_dropout: bool) -> None:
+    """transformers' gradient checkpointing (non-reentrant, so a frozen base under a LoRA adapter needs no input
+    gradients). It acts only in train mode, so the loss pass runs in train mode; with ``disable_dropout`` every dropout
+    is set to zero here instead, which leaves that pass as deterministic as in eval mode."""
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = 0.0
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     folder = resolve_model_path(path)
     try:

@@ -31,8 +31,8 @@ from .evaluate import Evaluator
 from .faults import StopSignals, diagnose, save_batch
 from .lora import adapter_folder, require_peft
 from .methods import Method, build_method
-from .models import (autocast, context_length, load_model, load_student, load_tokenizer, machine_description,
-                     pick_device, resolve_precision, set_threads)
+from .models import (autocast, context_length, enable_gradient_checkpointing, load_model, load_student, load_tokenizer,
+                     machine_description, pick_device, resolve_precision, set_threads)
 from .objectives import credit, gates, groups
 from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
@@ -130,6 +130,8 @@ def setup(config: Config, student_path: str | None = None) -> Run:
 
     student_path = student_path or config.student.path
     student = load_student(config.student, student_path, device)
+    if config.optim.gradient_checkpointing:
+        enable_gradient_checkpointing(student, config.student.disable_dropout)
     method.attach(student)
     # a frozen copy of the initial student for the KL-to-reference regularizer, in bf16 where the run is
     # (with LoRA: the base weights, as loaded before the adapter)
@@ -267,8 +269,9 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
     # token mean (or sequence mean) over the whole step, so accumulation never changes the loss
     weights = [aggregation_weights(b.completion_mask, run.config.objective.aggregation) for b in batches]
     normalizer = max(1e-8, float(sum(w.sum() for w in weights)))
-    # sampling ran without dropout; the loss pass does too unless the config keeps it (student.disable_dropout)
-    run.student.train(not run.config.student.disable_dropout)
+    # sampling ran without dropout; the loss pass does too unless the config keeps it (student.disable_dropout);
+    # gradient checkpointing needs train mode, its dropouts zeroed at setup when disabled
+    run.student.train(not run.config.student.disable_dropout or run.config.optim.gradient_checkpointing)
     if method.normalizes_advantages and len(batches) > 1:
         method.advantage_moments = step_advantage_moments(run, batches, signals)
     sums: dict[str, float] = {"loss": 0.0}
