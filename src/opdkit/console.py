@@ -244,16 +244,23 @@ class RunView:
                            f"{duration(result['train_s'])} (the rest: loading, evaluation, saving)", highlight=False)
 
 
-def _teacher_line(spec, teacher) -> str:
-    """One teacher in the banner: what it is and, for a local model, its size."""
+def teacher_text(spec) -> str:
+    """One teacher in words, from its config alone (the report's; the banner adds what loading found)."""
     if spec.kind == "local":
-        return f"local {spec.path} ({_size(teacher.model)} parameters)"
-    if spec.kind == "self" and is_lora(teacher.model):
-        return "self: the student's base weights with the LoRA adapter disabled (no copy)"
+        return f"local {spec.path}"
     if spec.kind == "self":
         return f"self: the student's own weights, {_following(spec.ema)}"
     urls = spec.base_url if isinstance(spec.base_url, str) else ", ".join(spec.base_url)
     return f"{spec.kind} {spec.model} at {urls}"
+
+
+def _teacher_line(spec, teacher) -> str:
+    """One teacher in the banner: ``teacher_text`` and, for a local model, its size."""
+    if spec.kind == "local":
+        return f"{teacher_text(spec)} ({_size(teacher.model)} parameters)"
+    if spec.kind == "self" and is_lora(teacher.model):
+        return "self: the student's base weights with the LoRA adapter disabled (no copy)"
+    return teacher_text(spec)
 
 
 def routing_text(routing) -> str:

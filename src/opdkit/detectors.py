@@ -8,6 +8,7 @@ functions of the logs, so ``opd report`` and tests run them on any ``metrics.jso
 
 from __future__ import annotations
 
+import operator
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -51,9 +52,25 @@ def _early_recent(history: list[dict], key: str, window: int) -> tuple[float, fl
     return statistics.fmean(values[:window]), statistics.fmean(values[-window:])
 
 
+def _recent_past(history: list[dict], key: str, window: int, threshold: float | None, fires) -> float | None:
+    """The recent mean of ``key`` when ``fires(mean, threshold)``; None when the detector is off (``threshold``
+    null), there are too few steps, or the mean is within the threshold."""
+    value = _recent(history, key, window)
+    return value if threshold is not None and value is not None and fires(value, threshold) else None
+
+
+def _change_past(history: list[dict], key: str, window: int, threshold: float | None,
+                 fires) -> tuple[float, float] | None:
+    """``(early, recent)`` means of ``key`` when ``fires(recent / early, threshold)`` (early above zero); else None."""
+    pair = _early_recent(history, key, window)
+    if threshold is None or pair is None or pair[0] <= 0 or not fires(pair[1] / pair[0], threshold):
+        return None
+    return pair
+
+
 def truncation(history, cfg, context) -> Alert | None:
-    rate = _recent(history, "truncation_rate", cfg.window)
-    if cfg.truncation_rate is None or rate is None or rate < cfg.truncation_rate:
+    rate = _recent_past(history, "truncation_rate", cfg.window, cfg.truncation_rate, operator.ge)
+    if rate is None:
         return None
     return Alert("truncation", history[-1]["step"],
                  f"{rate:.0%} of recent rollouts reached rollout.max_completion_length ({context['max_completion_length']}) "
@@ -65,8 +82,8 @@ def truncation(history, cfg, context) -> Alert | None:
 
 
 def length_inflation(history, cfg, context) -> Alert | None:
-    pair = _early_recent(history, "completion_length", cfg.window)
-    if cfg.length_growth is None or pair is None or pair[0] <= 0 or pair[1] < cfg.length_growth * pair[0]:
+    pair = _change_past(history, "completion_length", cfg.window, cfg.length_growth, operator.ge)
+    if pair is None:
         return None
     growth = pair[1] / pair[0]
     return Alert("length_inflation", history[-1]["step"],
@@ -78,8 +95,8 @@ def length_inflation(history, cfg, context) -> Alert | None:
 
 
 def repetition(history, cfg, context) -> Alert | None:
-    share = _recent(history, "repeated_ngram_share", cfg.window)
-    if cfg.repeated_ngram_share is None or share is None or share < cfg.repeated_ngram_share:
+    share = _recent_past(history, "repeated_ngram_share", cfg.window, cfg.repeated_ngram_share, operator.ge)
+    if share is None:
         return None
     return Alert("repetition", history[-1]["step"],
                  f"{share:.0%} of recent n-grams repeat an earlier one in their completion (a repetition loop)",
@@ -90,8 +107,8 @@ def repetition(history, cfg, context) -> Alert | None:
 
 
 def entropy_collapse(history, cfg, context) -> Alert | None:
-    pair = _early_recent(history, "student_entropy", cfg.window)
-    if cfg.entropy_drop is None or pair is None or pair[0] <= 0 or pair[1] > cfg.entropy_drop * pair[0]:
+    pair = _change_past(history, "student_entropy", cfg.window, cfg.entropy_drop, operator.le)
+    if pair is None:
         return None
     ratio = pair[1] / pair[0]
     return Alert("entropy_collapse", history[-1]["step"],
@@ -159,8 +176,8 @@ def teacher_confidence_decay(history, cfg, context) -> Alert | None:
 
 
 def incompatible_teacher(history, cfg, context) -> Alert | None:
-    mass = _recent(history, "student_topk_mass", cfg.window)
-    if cfg.topk_mass is None or mass is None or mass >= cfg.topk_mass:
+    mass = _recent_past(history, "student_topk_mass", cfg.window, cfg.topk_mass, operator.lt)
+    if mass is None:
         return None
     overlap = _recent(history, "topk_overlap", cfg.window)
     seen = f"the student puts only {mass:.0%} of its mass on the teacher's top-k tokens"

@@ -23,7 +23,7 @@ from typing import Callable
 
 from . import version
 from .config import Config, load_config
-from .console import duration
+from .console import duration, routing_text, teacher_text
 from .data import read_jsonl
 from .diagnostics import NEAR_FUTURE_DEFINITION
 from .errors import OPDError
@@ -216,21 +216,9 @@ def _format(key: str, value) -> str:
 
 def _teacher_text(config: Config) -> str:
     if config.teacher is None:
-        from .console import routing_text
-
-        return "; ".join(f"{spec.name}: {_spec_text(spec)}" for spec in config.teachers) + \
+        return "; ".join(f"{spec.name}: {teacher_text(spec)}" for spec in config.teachers) + \
             f"; routed {routing_text(config.teacher_routing)}"
-    return _spec_text(config.teacher)
-
-
-def _spec_text(teacher) -> str:
-    if teacher.kind == "local":
-        return f"local model {teacher.path}"
-    if teacher.kind == "self":
-        return "the student's own weights (" + ("frozen at the start)" if teacher.ema is None else
-                                                f"an exponential moving average, decay {teacher.ema:g})")
-    urls = teacher.base_url if isinstance(teacher.base_url, str) else ", ".join(teacher.base_url)
-    return f"{teacher.kind} teacher {teacher.model} at {urls}"
+    return teacher_text(config.teacher)
 
 
 def _context_text(same_weights: bool, prompt) -> str:

@@ -73,36 +73,22 @@ class _TensorBoard:
         self.writer.close()
 
 
-class _Wandb:
-    def __init__(self, config: Config, history: list[dict]):
-        import wandb
+class _RunLibrary:
+    """wandb or trackio, which share one API (trackio copies wandb's): ``init`` a run with the project and the
+    resolved config (wandb is also told the run folder and its name), ``log`` each record at its step, ``finish``."""
 
-        self.run = wandb.init(project=config.logging.project, name=Path(config.output_dir).name,
-                              config=config.model_dump(mode="json"), dir=config.output_dir)
+    def __init__(self, name: str, config: Config, history: list[dict]):
+        self.library = importlib.import_module(name)
+        where = {"name": Path(config.output_dir).name, "dir": config.output_dir} if name == "wandb" else {}
+        self.library.init(project=config.logging.project, config=config.model_dump(mode="json"), **where)
         for record in history:
             self.log(record)
 
     def log(self, record: dict) -> None:
-        self.run.log(scalars(record), step=record["step"])
+        self.library.log(scalars(record), step=record["step"])
 
     def close(self) -> None:
-        self.run.finish()
-
-
-class _Trackio:
-    def __init__(self, config: Config, history: list[dict]):
-        import trackio
-
-        self.trackio = trackio
-        trackio.init(project=config.logging.project, config=config.model_dump(mode="json"))
-        for record in history:
-            self.log(record)
-
-    def log(self, record: dict) -> None:
-        self.trackio.log(scalars(record), step=record["step"])
-
-    def close(self) -> None:
-        self.trackio.finish()
+        self.library.finish()
 
 
 class Trackers:
@@ -117,10 +103,8 @@ class Trackers:
             for name in config.logging.report_to:
                 if name == "tensorboard":
                     self.open.append(_TensorBoard(Path(config.output_dir), history, resumed))
-                elif name == "wandb":
-                    self.open.append(_Wandb(config, history))
                 else:
-                    self.open.append(_Trackio(config, history))
+                    self.open.append(_RunLibrary(name, config, history))
         except BaseException:
             self.close()
             raise
