@@ -142,18 +142,30 @@ def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
 
 def save(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random, loop: LoopState,
          metrics: dict | None = None) -> Path:
-    """Write ``checkpoint-<loop.step>`` atomically, then keep the newest ``keep`` and the best."""
+    """Write ``checkpoint-<loop.step>`` atomically, then keep the newest ``keep`` and the best. Every process calls
+    it (a sharded student is gathered whole first); the first process writes, the others wait until it has."""
     run_dir = run.run_dir
     final = run_dir / f"checkpoint-{loop.step}"
+    model_state, optimizer_state = run.processes.state_dicts(run.student, optimizer)
+    rngs = run.processes.gather(_rng_state())  # every process's generators: each resumes its own
+    if run.processes.main:
+        _write(run, final, model_state, optimizer_state, scheduler, rng, rngs, loop, metrics)
+    run.processes.barrier()
+    return final
+
+
+def _write(run, final: Path, model_state: dict | None, optimizer_state: dict, scheduler, rng: random.Random,
+           rngs: list[dict], loop: LoopState, metrics: dict | None) -> None:
+    run_dir = run.run_dir
     _clear_leftovers(run_dir)
     if final.exists():  # the same step again (the final save after a stop at the last step): same weights
-        _write_state(final, run, optimizer, scheduler, rng, loop, metrics)
+        _write_state(final, run, optimizer_state, scheduler, rng, rngs, loop, metrics)
     else:
         tmp = run_dir / f".tmp-{final.name}"
         tmp.mkdir(parents=True)
-        run.student.save_pretrained(tmp)
+        run.student.save_pretrained(tmp, state_dict=model_state)
         run.tokenizer.save_pretrained(tmp)
-        _write_state(tmp, run, optimizer, scheduler, rng, loop, metrics)
+        _write_state(tmp, run, optimizer_state, scheduler, rng, rngs, loop, metrics)
         _fsync_tree(tmp)
         os.rename(tmp, final)
         _fsync(run_dir)
@@ -164,23 +176,23 @@ def save(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random, l
     for step in steps:
         if step not in keep:
             _retire(run_dir / f"checkpoint-{step}")
-    return final
 
 
-def _write_state(folder: Path, run, optimizer, scheduler, rng: random.Random, loop: LoopState,
-                 metrics: dict | None) -> None:
+def _write_state(folder: Path, run, optimizer_state: dict, scheduler, rng: random.Random, rngs: list[dict],
+                 loop: LoopState, metrics: dict | None) -> None:
     """``trainer_state.pt`` and ``trainer_state.json``, each replaced atomically."""
     state = {
         "loop": asdict(loop),
         "history": run.history,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,  # under FSDP keyed by parameter name, else by index (torch's state_dict)
         "scheduler": scheduler.state_dict(),
         "method": [p.detach().cpu() for p in run.method.parameters()],
         # a self-teacher that follows the student (ema) has weights of its own to resume; a frozen one is the start
         **({"teacher": run.teacher.model.state_dict()} if getattr(run.teacher, "ema", None) is not None else {}),
         "sampler_position": run.prompts.position,
         "loop_rng": rng.getstate(),
-        "rng": _rng_state(),
+        "rng": rngs[0],
+        **({"process_rngs": rngs} if len(rngs) > 1 else {}),
     }
     best = {"metric": run.config.checkpoint.best_metric, "step": loop.best_step, "value": loop.best_value}
     summary = json.dumps({"step": loop.step, "finished": loop.finished, "metrics": metrics, "best": best,
@@ -194,37 +206,53 @@ def restore(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random
     check_folder(run.run_dir, True, run.config.optim.steps, run.config)
     state = torch.load(path / STATE, weights_only=True)
     loop = LoopState(**state["loop"])
+    by_name = all(isinstance(key, str) for key in state["optimizer"]["state"])
+    sharded = run.processes.strategy == "fsdp"
+    if state["optimizer"]["state"] and by_name != sharded:
+        raise OPDError(f"{path} was written by a run {'with' if by_name else 'without'} FSDP and this one runs "
+                       f"{'with' if sharded else 'without'} it: resume with the run's distributed.strategy "
+                       f"({'fsdp' if by_name else 'ddp, or one process'})")
     if run.config.student.lora is not None:  # the adapter alone; the base weights are student.path's
         lora.load_weights(run.student, path)
+        optimizer.load_state_dict(state["optimizer"])
     else:
-        run.student.load_state_dict(load_model(str(path), run.device).state_dict())
+        run.processes.load_state_dicts(run.student, optimizer, load_model(str(path), run.device).state_dict(),
+                                       state["optimizer"])
     with torch.no_grad():
         for param, saved in zip(run.method.parameters(), state["method"], strict=True):
             param.copy_(saved)
         if "teacher" in state:
             run.teacher.model.load_state_dict(state["teacher"])
-    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     run.prompts.position = state["sampler_position"]
     run.history[:] = state["history"]
     if loop.finished and run.history and "eval" not in run.history[-1]:  # its final evaluation becomes a mid-run one
         run.history[-1]["eval"] = json.loads((path / "trainer_state.json").read_text())["metrics"]
     rng.setstate(state["loop_rng"])
-    _set_rng_state(state["rng"])
+    rngs = state.get("process_rngs", [state["rng"]])  # a run resumed on as many processes as saved it: its own
+    _set_rng_state(rngs[run.processes.rank] if len(rngs) == run.processes.world else state["rng"])
     return loop
 
 
-def save_final(run) -> Path:
+def save_final(run, model_state: dict | None = None) -> Path:
     """``final/``: the student and its tokenizer alone (no trainer state), replaced atomically; a LoRA student
-    merged into its base weights, with the adapter in ``final/adapter``."""
+    merged into its base weights, with the adapter in ``final/adapter``. ``model_state``: a sharded student's
+    weights gathered whole (``Processes.state_dicts``). The first process writes, the others wait."""
     final = run.run_dir / "final"
+    if run.processes.main:
+        _write_final(run, final, model_state)
+    run.processes.barrier()
+    return final
+
+
+def _write_final(run, final: Path, model_state: dict | None) -> None:
     tmp, trash = run.run_dir / ".tmp-final", run.run_dir / ".trash-final"
     for leftover in (tmp, trash):
         shutil.rmtree(leftover, ignore_errors=True)
     if run.config.student.lora is not None:
         lora.save_merged(run.student, tmp)
     else:
-        run.student.save_pretrained(tmp)
+        run.student.save_pretrained(tmp, state_dict=model_state)
     run.tokenizer.save_pretrained(tmp)
     _fsync_tree(tmp)
     if final.exists():
@@ -232,7 +260,6 @@ def save_final(run) -> Path:
     os.rename(tmp, final)
     _fsync(run.run_dir)
     shutil.rmtree(trash, ignore_errors=True)
-    return final
 
 
 def write_log(path: Path, records: list[dict]) -> None:

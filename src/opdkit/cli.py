@@ -134,7 +134,8 @@ def _train(args, console: Console) -> None:
     config = resume_config(args.resume, args.overrides) if args.resume else load_config(args.config, args.overrides)
     check_folder(Path(config.output_dir), args.resume is not None, config.optim.steps, config)  # before any model loads
     check_installed(config.logging.report_to)
-    console.print(f"loading the models for {config.output_dir} ...", style="dim", highlight=False)
+    if os.environ.get("RANK", "0") == "0":  # several processes (accelerate launch, torchrun): the first speaks
+        console.print(f"loading the models for {config.output_dir} ...", style="dim", highlight=False)
     try:
         run = setup(config)
     except KeyboardInterrupt:
@@ -148,6 +149,8 @@ def _train(args, console: Console) -> None:
         where = (f"the latest complete checkpoint is {kept[-1]}: continue with opd train --resume {run.run_dir}"
                  if kept else "no checkpoint had been saved yet: start the run again")
         raise Stopped(f"stopped at once by a second Ctrl-C; the step in progress is lost, {where}") from None
+    finally:
+        run.processes.close()
 
 
 def _eval(args, console: Console) -> None:

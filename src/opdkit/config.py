@@ -698,6 +698,17 @@ class OptimConfig(_Strict):
                                          "memory for about one more forward pass of the student per step")
 
 
+class DistributedConfig(_Strict):
+    """How several processes share a run (``accelerate launch -m opdkit.cli train CONFIG``, or ``torchrun``); one
+    process ignores it. Each process samples its share of the global batch (``rollout.batch_size`` prompts per
+    process), the teacher is replicated on every process (or reached as a server), and the token mean is taken
+    over the whole global batch, so that N processes of ``batch_size`` b train as one of N * b."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="ddp: a whole student per process (torch DDP); fsdp: the student sharded over the "
+        "processes (torch FSDP2, each decoder layer); auto: fsdp when the accelerate config enables FSDP, else ddp")
+
+
 class EvalConfig(_Strict):
     """Held-out measurement (``data.eval``) before training, every ``every`` steps and after."""
 
@@ -808,6 +819,7 @@ class Config(_Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     def teacher_specs(self) -> list:
         """The run's teachers: ``[teacher]``, or the ``teachers`` list."""
@@ -920,6 +932,26 @@ class Config(_Strict):
                 raise ValueError(f"teacher.dtype {spec.dtype!r}: with student.lora the self teacher shares the "
                                  "student's weights and computes in the run's precision: remove teacher.dtype (or "
                                  "set the run's precision:)")
+        return self
+
+    @model_validator(mode="after")
+    def _fits_fsdp(self) -> "Config":
+        """What FSDP's sharded student cannot do: be read outside its own forward pass (the chunked LM head, the
+        bridges' extra forward, an EMA of its weights), or carry a peft adapter (not done yet)."""
+        if self.distributed.strategy != "fsdp":
+            return self
+        objective = self.objective
+        refused = {
+            "student.lora": self.student.lora is not None,
+            "a learned value head (objective.credit.value: learned)": objective.credit.value == "learned",
+            "the chunked full-vocabulary loss": objective.chunked,
+            "teacher bridges (objective.near_future.mode: teacher_bridge)": objective.teacher_bridge,
+            "an EMA self teacher (teacher.ema)": any(s.kind == "self" and s.ema is not None for s in self.teacher_specs()),
+        }
+        for what, present in refused.items():
+            if present:
+                raise ValueError(f"distributed.strategy fsdp shards the student, and {what} reads or changes it outside "
+                                 "its forward pass: use distributed.strategy: ddp (a whole student per process)")
         return self
 
     @model_validator(mode="after")

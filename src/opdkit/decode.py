@@ -12,19 +12,23 @@ times faster here as ``W @ x.T`` than as ``x @ W.T`` (the LM head, ``[4, 576] x 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel
 
 
-def choose(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-           greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def choose(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+           rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token [B], log mu(token) [B])`` from ``logits [B, V]``: the argmax, or a draw from the
     distribution after temperature and nucleus (top-p) truncation, whose log-prob is returned (0 for greedy).
 
     Top-p keeps the smallest set of most likely tokens whose mass reaches ``top_p`` (at least one), as
-    ``transformers``' ``TopPLogitsWarper`` does."""
+    ``transformers``' ``TopPLogitsWarper`` does. ``rows = (offset, total)``: these are rows ``offset`` onward of a
+    batch of ``total`` shared among processes; the uniforms of all ``total`` rows are drawn and this share's kept,
+    so that each row draws what it would in one process holding the whole batch."""
     if greedy:
         return logits.argmax(-1), torch.zeros(logits.shape[0], device=logits.device)
     scores = logits.float() / temperature
@@ -36,7 +40,9 @@ def choose(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
     logprobs = scores.log_softmax(-1)
     # inverse-CDF draw: one uniform per row (torch.multinomial draws one exponential per vocabulary entry)
     cdf = logprobs.exp().double().cumsum(-1)
-    uniform = torch.rand(logits.shape[0], 1, device=logits.device, dtype=torch.float64) * cdf[:, -1:]
+    offset, total = rows or (0, logits.shape[0])
+    uniform = torch.rand(total, 1, device=logits.device, dtype=torch.float64)[offset : offset + logits.shape[0]]
+    uniform = uniform * cdf[:, -1:]
     token = torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
     return token, logprobs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
 
@@ -71,14 +77,34 @@ def _fast_projections(model: PreTrainedModel, rows: int):
                 del linear.forward
 
 
+# Several processes decode their shares of a batch for the same number of steps: under FSDP each forward of the
+# student is a collective that all processes join, and each step draws the uniforms of the whole batch (``choose``),
+# so that every generator stays where one process holding the batch would leave it. ``lockstep`` (set for the run by
+# ``train``) answers whether every process's rows have ended. A context variable, so that a server's worker
+# threads in the same process decode on their own.
+LOCKSTEP: contextvars.ContextVar[Callable[[bool], bool] | None] = contextvars.ContextVar("lockstep", default=None)
+
+
+@contextlib.contextmanager
+def lockstep(all_true: Callable[[bool], bool]):
+    token = LOCKSTEP.set(all_true)
+    try:
+        yield
+    finally:
+        LOCKSTEP.reset(token)
+
+
 @torch.no_grad()
 def decode(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
            eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-           greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           greedy: bool = False, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(completion_ids [B, C], sampler_logprobs [B, C])`` continuing left-padded prompts, ``C <= max_new_tokens``.
 
     Rows that have emitted ``eos_id`` get ``pad_id`` after it (log-prob 0); decoding stops when every row has
-    ended. Position ids follow the attention mask, as ``Rollouts.completion_logits`` assigns them."""
+    ended (in lockstep: every process's). Position ids follow the attention mask, as
+    ``Rollouts.completion_logits`` assigns them. ``rows``: this batch's place in one shared among processes
+    (``choose``)."""
+    all_ended = LOCKSTEP.get() or (lambda ended: ended)
     batch = prompt_ids.shape[0]
     mask = prompt_mask
     positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -91,12 +117,12 @@ def decode(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.
         out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         position = positions[:, -1:]
         for step in range(max_new_tokens):
-            token, logprob = choose(out.logits[:, -1], temperature, top_p, greedy)
+            token, logprob = choose(out.logits[:, -1], temperature, top_p, greedy, rows)
             token = token.masked_fill(ended, pad_id)
             tokens.append(token)
             logprobs.append(logprob.masked_fill(ended, 0.0))
             ended = ended | (token == eos_id)
-            if ended.all() or step == max_new_tokens - 1:
+            if all_ended(bool(ended.all())) or step == max_new_tokens - 1:
                 break
             mask, position = torch.cat([mask, ones], dim=1), position + 1
             out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,

@@ -53,7 +53,7 @@ class StopSignals:
         self._restore()
 
 
-def diagnose(student: torch.nn.Module, batches: list[Rollouts], signals: list[TeacherSignal],
+def diagnose(student: torch.nn.Module | None, batches: list[Rollouts], signals: list[TeacherSignal],
              loss: float, grad_norm: float) -> str:
     """The most likely cause of a non-finite loss or gradient, in words that name a fix."""
     for index, (batch, teacher) in enumerate(zip(batches, signals)):
@@ -71,13 +71,14 @@ def diagnose(student: torch.nn.Module, batches: list[Rollouts], signals: list[Te
         if batch.sampler_logprobs is not None and (counted & ~torch.isfinite(batch.sampler_logprobs)).any():
             return ("the sampler's log-prob of a sampled token is not finite: lower rollout.temperature or raise "
                     "rollout.top_p, or turn off importance correction")
-    if any(not torch.isfinite(p).all() for p in student.parameters()):
-        return "the student's weights are not finite: an earlier update diverged; lower optim.learning_rate"
-    with torch.no_grad():
-        for index, batch in enumerate(batches):
-            if not torch.isfinite(batch.completion_logits(student)).all():
-                return (f"the student's logits are not finite on micro-batch {index}: an activation overflows; "
-                        "use precision: fp32 or lower optim.learning_rate")
+    if student is not None:  # None: a sharded student, whose forward is a collective of every process
+        if any(not torch.isfinite(p).all() for p in student.parameters()):
+            return "the student's weights are not finite: an earlier update diverged; lower optim.learning_rate"
+        with torch.no_grad():
+            for index, batch in enumerate(batches):
+                if not torch.isfinite(batch.completion_logits(student)).all():
+                    return (f"the student's logits are not finite on micro-batch {index}: an activation overflows; "
+                            "use precision: fp32 or lower optim.learning_rate")
     if math.isfinite(loss):
         return (f"the loss is finite ({loss:.4g}) but the gradient norm is {grad_norm}: backward overflowed; "
                 "lower optim.learning_rate, set optim.max_grad_norm, or use precision: fp32")

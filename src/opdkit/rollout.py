@@ -158,11 +158,14 @@ def sample(
     greedy: bool = False,
     source: str = "student",
     prefixes: list[list[int]] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Rollouts:
     """Batched sampling over the KV cache from left-padded prompts (``decode.decode``), the model in eval mode.
 
     With ``prefixes`` (token ids of a teacher's answer prefix per prompt), the model continues after the
     prefix; the completion holds prefix + continuation, and ``guidance_mask`` marks the prefix tokens.
+    ``rows = (offset, total)``: these examples are rows ``offset`` onward of a batch of ``total`` shared among
+    processes, each row drawn as in one process holding the whole batch (``decode.choose``).
     """
     device = next(model.parameters()).device
     rendered = [render_prompt(tokenizer, e.messages) for e in examples]
@@ -170,7 +173,7 @@ def sample(
     prompt_ids, prompt_mask = left_pad(starts, tokenizer.pad_token_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     completion_ids, sampler_logprobs = decode(model, prompt_ids, prompt_mask, max_completion_length,
-                                              tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, top_p, greedy)
+                                              tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, top_p, greedy, rows)
     completion_mask, truncated = _completion_mask(completion_ids, tokenizer.eos_token_id)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     sampler_logprobs = None if greedy else sampler_logprobs * completion_mask

@@ -96,11 +96,11 @@ class Trackers:
     steps a resumed run restored); ``log`` each record as it is written; closed when leaving a ``with`` block,
     whether the run ended or failed."""
 
-    def __init__(self, config: Config, history: list[dict], resumed: bool):
+    def __init__(self, config: Config, history: list[dict], resumed: bool, active: bool = True):
         check_installed(config.logging.report_to)
         self.open: list = []
         try:
-            for name in config.logging.report_to:
+            for name in config.logging.report_to if active else ():  # inactive: a process other than the first
                 if name == "tensorboard":
                     self.open.append(_TensorBoard(Path(config.output_dir), history, resumed))
                 else:

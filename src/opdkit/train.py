@@ -14,6 +14,7 @@ import json
 import math
 import random
 import resource
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,9 @@ from . import checkpoint, detectors, version
 from .config import Config, dump_config
 from .console import RunView
 from .data import PromptSampler, load_examples, read_jsonl, validate_lengths
+from .decode import lockstep
 from .diagnostics import position_edges, step_diagnostics, student_token_logprobs, token_signals
+from .distributed import Processes
 from .errors import Interrupted, OPDError
 from .evaluate import Evaluator
 from .faults import StopSignals, diagnose, save_batch
@@ -60,6 +63,8 @@ class Run:
     device: torch.device
     amp_dtype: torch.dtype
     run_dir: Path
+    processes: Processes = field(default_factory=Processes)
+    trained: torch.nn.Module | None = None  # what the loss pass runs through: DDP's wrapper, else the student
     reference: torch.nn.Module | None = None
     history: list[dict] = field(default_factory=list)
     guidance_answers: dict[str, list[int]] = field(default_factory=dict)  # the teacher's greedy answer per prompt
@@ -121,7 +126,8 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     """Load models and data and check that they fit together; raise OPDError before any training."""
     set_threads(config.threads)
     torch.manual_seed(config.seed)
-    device = pick_device()
+    processes = Processes.start(config.distributed.strategy)
+    device = processes.device() if processes.several else pick_device()
     amp_dtype = resolve_precision(config.precision, device)
     method = build_method(config.objective)
     data = check_data(config, student_path)
@@ -144,8 +150,9 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     evaluator = Evaluator(teacher, data.tokenizer, data.eval, data.verifier, data.eval_length, config.eval.batch_size,
                           config.seed, amp_dtype, config.logging.samples)
     run_dir = Path(config.output_dir)
-    return Run(config, student, teacher, data.tokenizer, method,
-               PromptSampler(data.train, config.seed), evaluator, device, amp_dtype, run_dir, reference)
+    trained = processes.wrap(student)  # last: a self teacher copies the student whole first
+    return Run(config, student, teacher, data.tokenizer, method, PromptSampler(data.train, config.seed), evaluator,
+               device, amp_dtype, run_dir, processes, trained, reference)
 
 
 def trainable_parameters(run: Run) -> list[torch.nn.Parameter]:
@@ -170,8 +177,9 @@ def collect(run: Run, rng: random.Random, step: int) -> Rollouts:
     """One micro-batch of states from the source the method asks for. The student draws ``rollout.num_samples``
     completions per prompt (adjacent rows, ``Rollouts.group``); teacher and dataset states are one per prompt (a
     stored teacher sample or a dataset completion would only repeat)."""
-    cfg = run.config.rollout
-    examples = run.prompts.next_batch(cfg.batch_size)
+    cfg, processes = run.config.rollout, run.processes
+    # every process draws the global batch alike and keeps its share (rollout.batch_size prompts)
+    examples = processes.share(run.prompts.next_batch(cfg.batch_size * processes.world))
     source = run.method.state_source(rng)
     if source == "dataset":
         return from_dataset(run.tokenizer, examples, cfg.max_completion_length)
@@ -182,9 +190,10 @@ def collect(run: Run, rng: random.Random, step: int) -> Rollouts:
         examples, group = grouped(examples, cfg.num_samples)
     guidance = run.config.objective.prefix_guidance
     prefixes = teacher_prefixes(run, examples, step) if guidance.enabled else None
+    rows = (processes.rank * len(examples), processes.world * len(examples))  # drawn as one process would
     with autocast(run.device, run.amp_dtype):
         rollouts = sample(run.student, run.tokenizer, examples, max_completion_length=cfg.max_completion_length,
-                          temperature=cfg.temperature, top_p=cfg.top_p, prefixes=prefixes)
+                          temperature=cfg.temperature, top_p=cfg.top_p, prefixes=prefixes, rows=rows)
     rollouts.group = None if group is None else group.to(rollouts.completion_ids.device)
     return rollouts
 
@@ -222,11 +231,12 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def student_forward(run: Run, batch: Rollouts) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(logits, hidden)`` of the completion positions, as much of each as the method asks for."""
+def student_forward(run: Run, batch: Rollouts, model: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(logits, hidden)`` of the completion positions, as much of each as the method asks for, through ``model``
+    (``run.trained`` for the loss pass, whose backward DDP reduces; else ``run.student``)."""
     needs_hidden, hidden_only = run.method.needs_hidden, run.method.hidden_only
     with autocast(run.device, run.amp_dtype):
-        out = batch.completion_logits(run.student, return_hidden=needs_hidden or hidden_only, logits=not hidden_only)
+        out = batch.completion_logits(model, return_hidden=needs_hidden or hidden_only, logits=not hidden_only)
     return out if needs_hidden or hidden_only else (out, None)
 
 
@@ -236,9 +246,9 @@ def step_advantage_moments(run: Run, batches: list[Rollouts], signals) -> tuple[
     pairs = []
     with torch.no_grad(), torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         for batch, signal in zip(batches, signals):
-            logits, hidden = student_forward(run, batch)
+            logits, hidden = student_forward(run, batch, run.student)
             pairs.append((run.method.token_loss(logits, batch, signal, hidden=hidden).stats["advantage"], batch.own_mask))
-    return credit.step_moments(pairs)
+    return credit.step_moments(pairs, run.processes.sum)
 
 
 def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: bool = False) -> dict:
@@ -256,8 +266,9 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
     signals = [run.teacher.score(b, support, top_k, entropy=teacher_entropy) for b in batches]
     for batch, signal in zip(batches, signals):  # near-future bridges: the teacher continues from chosen student states
         method.guide(batch, signal, run.teacher)
+    processes = run.processes
     usage_keys = set().union(*(s.usage for s in signals))  # teacher calls and tokens (remote teachers)
-    teacher_usage = {f"teacher_{k}": sum(s.usage.get(k, 0.0) for s in signals) for k in sorted(usage_keys)}
+    teacher_usage = processes.sum({f"teacher_{k}": sum(s.usage.get(k, 0.0) for s in signals) for k in sorted(usage_keys)})
     if run.reference is not None:
         with torch.no_grad(), autocast(run.device, run.amp_dtype):
             for b in batches:
@@ -265,25 +276,28 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
     timings["teacher"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    total_tokens = max(1, sum(b.num_tokens for b in batches))
-    # token mean (or sequence mean) over the whole step, so accumulation never changes the loss
+    # token mean (or sequence mean) over the whole step of every process, so that neither accumulation nor the
+    # number of processes changes the loss; each process's loss is scaled by their number, which DDP's and FSDP's
+    # gradient averaging divides out
     weights = [aggregation_weights(b.completion_mask, run.config.objective.aggregation) for b in batches]
-    normalizer = max(1e-8, float(sum(w.sum() for w in weights)))
+    counts = processes.sum({"tokens": sum(b.num_tokens for b in batches), "weight": float(sum(w.sum() for w in weights))})
+    total_tokens, normalizer = max(1.0, counts["tokens"]), max(1e-8, counts["weight"])
     # sampling ran without dropout; the loss pass does too unless the config keeps it (student.disable_dropout);
     # gradient checkpointing needs train mode, its dropouts zeroed at setup when disabled
     run.student.train(not run.config.student.disable_dropout or run.config.optim.gradient_checkpointing)
-    if method.normalizes_advantages and len(batches) > 1:
+    if method.normalizes_advantages and (len(batches) > 1 or processes.several):
         method.advantage_moments = step_advantage_moments(run, batches, signals)
     sums: dict[str, float] = {"loss": 0.0}
     cfg = run.config
     exact_sampler = cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0 and cfg.student.disable_dropout
     parts, tables = [], []  # per-token diagnostics of each micro-batch (diagnostics.token_signals, token_table)
     by_teacher = []  # several teachers: (batch, signal, student token log-probs) for teacher_metrics
-    for batch, signal, weight in zip(batches, signals, weights):
-        logits, hidden = student_forward(run, batch)
-        token_loss = method.token_loss(logits, batch, signal, hidden=hidden)
-        loss = (token_loss.loss * weight).sum() / normalizer
-        loss.backward()
+    for index, (batch, signal, weight) in enumerate(zip(batches, signals, weights)):
+        with processes.no_sync(run.trained, last=index == len(batches) - 1):
+            logits, hidden = student_forward(run, batch, run.trained)
+            token_loss = method.token_loss(logits, batch, signal, hidden=hidden)
+            loss = (token_loss.loss * weight).sum() / normalizer
+            (loss * processes.world).backward()
         sums["loss"] += float(loss.detach())
         share = batch.num_tokens / total_tokens
         with torch.no_grad():
@@ -305,11 +319,14 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
             for name, value in token_loss.scalars.items():
                 sums[name] = sums.get(name, 0.0) + value * share
     method.advantage_moments = None
+    processes.average_gradients(method.parameters())
+    sums = processes.sum(sums)
     timings["forward_backward"] = time.perf_counter() - start
 
     start = time.perf_counter()
     max_norm = run.config.optim.max_grad_norm
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_parameters(run), max_norm if max_norm else float("inf")))
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(run), max_norm if max_norm else float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
     finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
     if finite:  # a non-finite step leaves the weights alone; the loop counts it
         optimizer.step()
@@ -320,6 +337,7 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
     timings["optimizer"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    parts, tables = processes.concat(parts), processes.concat(tables)  # every process's rows, on every process
     edges = position_edges(cfg.rollout.max_completion_length, cfg.diagnostics.position_buckets)
     diagnostics = step_diagnostics(parts, edges, cfg.diagnostics.ngram) if parts else {}
     if tables:  # the high-loss and low-divergence flags pooled over the step, as for the near-future share
@@ -328,23 +346,27 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
     timings["diagnostics"] = time.perf_counter() - start
 
     seconds = sum(timings.values())
-    lengths = torch.cat([b.lengths() for b in batches])
+    rollouts = processes.sum({"rows": sum(len(b.truncated) for b in batches),
+                              "truncated": sum(float(b.truncated.sum()) for b in batches)})
     skipped = {}
     if not finite:
-        reason = diagnose(run.student, batches, signals, sums["loss"], grad_norm)
-        dump = save_batch(run.run_dir / "nonfinite" / f"step-{step + 1}.pt", batches, signals, reason, run.tokenizer)
+        # under FSDP the student's forward is a collective, which this process's own checks must not start
+        reason = diagnose(run.student if processes.strategy != "fsdp" else None, batches, signals, sums["loss"], grad_norm)
+        dump = run.run_dir / "nonfinite" / f"step-{step + 1}.pt"
+        if processes.main:
+            save_batch(dump, batches, signals, reason, run.tokenizer)
         skipped = {"nonfinite": reason, "nonfinite_batch": str(dump)}
     return {
         **sums,
         **diagnostics,
         **skipped,
         **teacher_usage,
-        **(teacher_metrics(by_teacher, total_tokens) if by_teacher else {}),
+        **(teacher_metrics(by_teacher, total_tokens, processes.sum) if by_teacher else {}),
         "grad_norm": grad_norm,
         "lr": scheduler.get_last_lr()[0],
-        "completion_length": float(lengths.mean()),
-        "truncation_rate": float(torch.cat([b.truncated for b in batches]).float().mean()),
-        **group_spread(batches),
+        "completion_length": total_tokens / rollouts["rows"],
+        "truncation_rate": rollouts["truncated"] / rollouts["rows"],
+        **group_spread(batches, processes.sum),
         "tokens_per_s": total_tokens / seconds,
         "peak_memory_mib": peak_memory_mib(run.device),
         "sources": sorted({b.source for b in batches}),
@@ -352,15 +374,17 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
     }
 
 
-def group_spread(batches: list[Rollouts]) -> dict:
+def group_spread(batches: list[Rollouts], reduce=lambda sums: sums) -> dict:
     """``group_length_std``: the mean over the step's prompts of the spread of their samples' lengths (with
-    ``rollout.num_samples > 1``; the spread of their returns, ``group_return_std``, comes from the method)."""
+    ``rollout.num_samples > 1``; the spread of their returns, ``group_return_std``, comes from the method);
+    ``reduce`` sums over processes."""
     grouped_batches = [b for b in batches if b.group is not None]
     if not grouped_batches:
         return {}
     prompts = [int(b.group.unique().numel()) for b in grouped_batches]
     spreads = [groups.spread(b.lengths(), b.group) for b in grouped_batches]
-    return {"group_length_std": sum(s * n for s, n in zip(spreads, prompts)) / sum(prompts)}
+    sums = reduce({"spread": sum(s * n for s, n in zip(spreads, prompts)), "prompts": sum(prompts)})
+    return {"group_length_std": sums["spread"] / sums["prompts"]}
 
 
 def _write_jsonl(path: Path, record: dict) -> None:
@@ -376,6 +400,16 @@ def _keep_until(path: Path, step: int) -> None:
 
 
 def train(run: Run, console: Console | None = None, resume: bool = False) -> dict:
+    """``train_loop`` (below), its decoding in lockstep with the other processes where there are several: a sharded
+    student's forward is a collective they all join, and every process draws the uniforms of the whole global batch
+    at each decoding step, which keeps its generator where one process holding that batch would have it."""
+    if not run.processes.several:
+        return train_loop(run, console, resume)
+    with lockstep(run.processes.all_true):
+        return train_loop(run, console, resume)
+
+
+def train_loop(run: Run, console: Console | None = None, resume: bool = False) -> dict:
     """Measure, train ``optim.steps`` steps, measure again; return ``{"before", "after", "teacher", ...}``.
 
     ``resume``: continue from the latest checkpoint in the run folder exactly as if never stopped; a finished
@@ -383,11 +417,13 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
     gradient is skipped; ``optim.max_nonfinite_steps`` in a row stop the run with an OPDError. SIGINT or
     SIGTERM save a checkpoint after the current step and raise ``Interrupted``.
     """
-    config, view = run.config, RunView(console or Console(), run)
+    processes = run.processes
+    config, view = run.config, RunView(console if processes.main and console else Console(quiet=not processes.main), run)
     steps, save_every = config.optim.steps, config.checkpoint.save_every(config.optim.steps)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path, samples_path = run.run_dir / "metrics.jsonl", run.run_dir / "samples.jsonl"
     tokens_path = run.run_dir / "tokens.jsonl"
+    write = _write_jsonl if processes.main else lambda path, record: None  # one process writes the run's files
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     # fused: one kernel over all parameters; measured here twice as fast as foreach, without its temporaries
@@ -397,11 +433,12 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
 
     if resume:
         loop = checkpoint.restore(run, optimizer, scheduler, rng, checkpoint.latest(run.run_dir))
-        for path in (samples_path, tokens_path):
+        for path in (samples_path, tokens_path) if processes.main else ():
             _keep_until(path, loop.step)
     else:
         checkpoint.check_fresh(run.run_dir)
-        for path in (samples_path, tokens_path):
+        processes.barrier()  # every process checked the folder before the first writes to it
+        for path in (samples_path, tokens_path) if processes.main else ():
             path.unlink(missing_ok=True)
         loop = checkpoint.LoopState()
     started = time.perf_counter() - loop.wall_s
@@ -413,7 +450,7 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
     def evaluate(step: int) -> dict:
         measured = run.evaluator(run.student)
         if run.evaluator.last_samples:
-            _write_jsonl(samples_path, {"step": step, "samples": run.evaluator.last_samples})
+            write(samples_path, {"step": step, "samples": run.evaluator.last_samples})
         return measured
 
     if not resume and run.evaluator.examples:
@@ -421,13 +458,15 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
     if not resume:
         view.before(loop.before, loop.teacher)
     if not resume:
-        loop.machine = {"machine": f"{run.device.type}: {machine_description(run.amp_dtype)}", "opdkit": version()}
+        loop.machine = {"machine": f"{run.device.type}: {machine_description(run.amp_dtype)}", "opdkit": version(),
+                        **({"processes": processes.world, "strategy": processes.strategy} if processes.several else {})}
     log = [{"step": 0, "eval": loop.before, "teacher": loop.teacher, **loop.machine}, *run.history]
-    checkpoint.write_log(metrics_path, log)
-    dump_config(config, run.run_dir / "config.yaml")
-    if (findings := getattr(run.teacher, "findings", None)) is not None:  # a server teacher's probe
-        (run.run_dir / "teacher_probe.json").write_text(json.dumps(findings.as_dict(), indent=2) + "\n")
-    trackers = Trackers(config, log, resume)
+    if processes.main:
+        checkpoint.write_log(metrics_path, log)
+        dump_config(config, run.run_dir / "config.yaml")
+        if (findings := getattr(run.teacher, "findings", None)) is not None:  # a server teacher's probe
+            (run.run_dir / "teacher_probe.json").write_text(json.dumps(findings.as_dict(), indent=2) + "\n")
+    trackers = Trackers(config, log, resume, active=processes.main)
 
     def save(metrics: dict | None = None) -> Path:
         loop.wall_s = time.perf_counter() - started
@@ -443,7 +482,7 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
                 keep_tokens = step in (1, steps) or evaluates  # tokens.jsonl: the first and last steps, and each evaluation's
                 record = {"step": step, **train_step(run, optimizer, scheduler, rng, keep_tokens)}
                 if "tokens" in record:
-                    _write_jsonl(tokens_path, {"step": step, "high_loss_fraction": config.diagnostics.high_loss_fraction,
+                    write(tokens_path, {"step": step, "high_loss_fraction": config.diagnostics.high_loss_fraction,
                                                "rollouts": record.pop("tokens")})
                 loop.step, loop.train_s = step, loop.train_s + sum(v for k, v in record.items() if k.startswith("time_"))
                 loop.nonfinite_streak = loop.nonfinite_streak + 1 if "nonfinite" in record else 0
@@ -453,7 +492,7 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
                 alerts = detectors.check(run.history, config.diagnostics.detectors, config.rollout.max_completion_length)
                 if alerts:
                     record["alerts"] = [a.as_record() for a in alerts]
-                _write_jsonl(metrics_path, record)
+                write(metrics_path, record)
                 trackers.log(record)
                 view.step(record)
                 for alert in alerts:
@@ -468,18 +507,20 @@ def train(run: Run, console: Console | None = None, resume: bool = False) -> dic
                 if "eval" in record:
                     view.evaluation(step, record["eval"], new_best)
                 periodic = save_every and step % save_every == 0 and step < steps
-                if periodic or new_best or stop.signum:
+                # a signal reaches the processes at different moments: they stop together, at the first that heard it
+                stopping = processes.sum({"stop": float(stop.signum is not None)})["stop"] > 0
+                if periodic or new_best or stopping:
                     saved = save(record.get("eval"))
-                if stop.signum:
-                    raise Interrupted(stop.signum, step, saved)
+                if stopping:
+                    raise Interrupted(stop.signum or signal.SIGTERM, step, saved)
 
         after = evaluate(steps) if run.evaluator.examples else {}  # a stop asked now still saves the last step
         loop.track_best(config.checkpoint.best_metric, after)
         loop.finished = True
         final_checkpoint = save(after)
-        final = checkpoint.save_final(run)
+        final = checkpoint.save_final(run, processes.state_dicts(run.student, optimizer)[0])
         closing = {"step": steps, "eval": after, "final": True, "wall_s": loop.wall_s, "train_s": loop.train_s}
-        _write_jsonl(metrics_path, closing)
+        write(metrics_path, closing)
         trackers.log(closing)
     best = run.run_dir / "best"
     result = {"before": loop.before, "after": after, "teacher": loop.teacher, "wall_s": loop.wall_s,

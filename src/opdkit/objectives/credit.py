@@ -49,15 +49,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return discounted_cumsum(deltas, mask, gamma * lam)
 
 
-def step_moments(pairs) -> tuple[float, float]:
+def step_moments(pairs, reduce=lambda sums: sums) -> tuple[float, float]:
     """``(mean, standard deviation)`` over the masked positions of several ``(values, mask)`` micro-batches
-    together, so that standardising is the same whatever the split of a step."""
-    n = total = squares = 0.0
+    together, so that standardising is the same whatever the split of a step (``reduce`` sums the counts over
+    processes, ``Processes.sum``, for the split of a step among them)."""
+    sums = {"n": 0.0, "total": 0.0, "squares": 0.0}
     for values, mask in pairs:
         m = mask.bool()
-        n += float(m.sum())
-        total += float(values[m].double().sum())
-        squares += float(values[m].double().pow(2).sum())
+        sums["n"] += float(m.sum())
+        sums["total"] += float(values[m].double().sum())
+        sums["squares"] += float(values[m].double().pow(2).sum())
+    n, total, squares = (reduce(sums)[k] for k in ("n", "total", "squares"))
     if n < 2:
         return total / max(n, 1.0), 1.0
     mean = total / n

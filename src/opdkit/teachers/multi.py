@@ -182,20 +182,23 @@ class MultiTeacher:
         return {f"{n}_{k}": v for n, t in self.teachers.items() for k, v in t.take_usage().items()}
 
 
-def teacher_metrics(parts: list[tuple[Rollouts, TeacherSignal, torch.Tensor | None]], total_tokens: int) -> dict:
+def teacher_metrics(parts: list[tuple[Rollouts, TeacherSignal, torch.Tensor | None]], total_tokens: float,
+                    reduce=lambda sums: sums) -> dict:
     """Per teacher over one step's micro-batches ``(batch, signal, student token log-probs or None)``: its share of
     the step's completion tokens (``combine``: every teacher scores every token, so each share is 1) and, on the
-    student's own samples, the mean k1 estimate ``log pi_S - log pi_T`` of the reverse KL over its tokens."""
-    tokens: dict[str, float] = {}
-    k1: dict[str, list[float]] = {}
+    student's own samples, the mean k1 estimate ``log pi_S - log pi_T`` of the reverse KL over its tokens.
+    ``reduce`` sums the counts over processes (``total_tokens`` is already the step's total over them)."""
+    sums: dict[str, float] = {}
     for batch, signal, student in parts:
         for name, (rows, teacher_token) in signal.by_teacher.items():
             mask = batch.completion_mask * rows.to(batch.completion_mask.dtype).unsqueeze(1)
-            tokens[name] = tokens.get(name, 0.0) + float(mask.sum())
+            sums[f"tokens {name}"] = sums.get(f"tokens {name}", 0.0) + float(mask.sum())
             if student is not None and batch.source == "student":
-                total = k1.setdefault(name, [0.0, 0.0])
-                total[0] += float(((student - teacher_token) * mask).sum())
-                total[1] += float(mask.sum())
-    out = {f"teacher_{n}_token_share": t / max(1, total_tokens) for n, t in tokens.items()}
-    out.update({f"teacher_{n}_reverse_kl_k1": s / c for n, (s, c) in k1.items() if c})
+                sums[f"k1 {name}"] = sums.get(f"k1 {name}", 0.0) + float(((student - teacher_token) * mask).sum())
+                sums[f"k1 tokens {name}"] = sums.get(f"k1 tokens {name}", 0.0) + float(mask.sum())
+    sums = reduce(sums)
+    names = [key.removeprefix("tokens ") for key in sums if key.startswith("tokens ")]
+    out = {f"teacher_{n}_token_share": sums[f"tokens {n}"] / max(1, total_tokens) for n in names}
+    out.update({f"teacher_{n}_reverse_kl_k1": sums[f"k1 {n}"] / sums[f"k1 tokens {n}"] for n in names
+                if sums.get(f"k1 tokens {n}")})
     return out

@@ -1,0 +1,118 @@
+"""Several processes on the CPU (gloo), launched as users launch them (``accelerate launch -m opdkit.cli train``):
+two processes of 2 prompts each train as one process of 4 (the same losses, the same final weights within float
+tolerance), under DDP and under FSDP2; an FSDP2 run killed mid-way resumes onto the uninterrupted curve, and only
+sharded."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from opdkit import checkpoint
+from opdkit.cli import main
+from opdkit.errors import OPDError
+from opdkit.train import setup, train
+
+KILLER = """
+import os, signal, sys
+from opdkit import train as train_module
+from opdkit.cli import main
+
+write, at = train_module._write_jsonl, int(sys.argv[2])
+
+def write_then_die(path, record):
+    write(path, record)
+    if record["step"] == at and "loss" in record:
+        os.kill(os.getpid(), signal.SIGKILL)  # the first process, after logging the step: the launcher ends the other
+
+train_module._write_jsonl = write_then_die
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(*args: str, fsdp: bool = False) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of two processes on this CPU; ``args``: a script or ``-m opdkit.cli train ...``."""
+    sharding = ["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *sharding, "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def write_config(tiny, tmp_path):
+    def write(name: str, batch_size: int, **optim) -> tuple:
+        config = {
+            "seed": 0, "output_dir": str(tmp_path / name), "threads": 1,
+            "student": {"path": str(tiny / "student")}, "teacher": {"path": str(tiny / "teacher")},
+            "data": {"train": str(tiny / "train.jsonl"), "eval": str(tiny / "heldout.jsonl"), "task": "arithmetic",
+                     "eval_size": 8},
+            "rollout": {"max_completion_length": 8, "batch_size": batch_size},
+            "optim": {"steps": 4, "learning_rate": 3e-3, "gradient_accumulation_steps": 2, **optim},
+            "eval": {"batch_size": 8, "every": 2},
+            "checkpoint": {"every": 2, "keep": 3},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path, tmp_path / name
+    return write
+
+
+def steps(run_dir) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def assert_same_run(run_dir, expected_dir) -> None:
+    ran, expected = steps(run_dir), steps(expected_dir)
+    assert [r["step"] for r in ran] == [r["step"] for r in expected]
+    for key in ("loss", "grad_norm", "completion_length", "signal_mean"):
+        assert [r[key] for r in ran] == pytest.approx([r[key] for r in expected], rel=1e-5, abs=1e-6), key
+    weights, reference = load_file(run_dir / "final" / "model.safetensors"), load_file(expected_dir / "final" / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(weights[name], reference[name], rtol=1e-4, atol=1e-5)
+
+
+def test_two_processes_train_as_one_with_their_global_batch_ddp_and_fsdp_and_fsdp_resumes(write_config, tmp_path):
+    one_path, one_dir = write_config("one", batch_size=4)
+    assert main(["train", str(one_path)]) == 0
+
+    ddp_path, ddp_dir = write_config("ddp", batch_size=2)
+    done = launch("-m", "opdkit.cli", "train", str(ddp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((ddp_dir / "metrics.jsonl").read_text().splitlines()[0])["strategy"] == "ddp"
+    assert_same_run(ddp_dir, one_dir)
+
+    fsdp_path, fsdp_dir = write_config("fsdp", batch_size=2)
+    done = launch("-m", "opdkit.cli", "train", str(fsdp_path), fsdp=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((fsdp_dir / "metrics.jsonl").read_text().splitlines()[0])["strategy"] == "fsdp"
+    assert_same_run(fsdp_dir, one_dir)
+    # its optimizer state is keyed by parameter name: one process (or DDP) is refused, plainly
+    with pytest.raises(OPDError, match="written by a run with FSDP"):
+        train(setup(checkpoint.resume_config(fsdp_dir, ["optim.steps=5"])), resume=True)
+
+    killed_path, killed_dir = write_config("killed", batch_size=2)
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    killed = launch(str(script), str(killed_path), "3", fsdp=True)
+    assert killed.returncode != 0
+    assert [r["step"] for r in steps(killed_dir)] == [1, 2, 3]
+    assert checkpoint.latest(killed_dir).name == "checkpoint-2"
+    resumed = launch("-m", "opdkit.cli", "train", "--resume", str(killed_dir), fsdp=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(killed_dir, fsdp_dir)
+
