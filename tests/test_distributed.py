@@ -116,3 +116,16 @@ def test_two_processes_train_as_one_with_their_global_batch_ddp_and_fsdp_and_fsd
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(killed_dir, fsdp_dir)
 
+
+
+def test_what_fsdp_cannot_shard_is_refused_before_any_model_loads(tiny_config):
+    from opdkit.config import load_config
+
+    tiny_config["distributed"] = {"strategy": "fsdp"}
+    tiny_config["student"]["lora"] = {"r": 4}
+    with pytest.raises(OPDError, match="student.lora cannot be sharded yet: use distributed.strategy: ddp"):
+        load_config(base=tiny_config)
+    del tiny_config["student"]["lora"]
+    tiny_config["objective"] = {"method": "gae_opd", "credit": {"value": "learned"}}
+    with pytest.raises(OPDError, match="learned value head"):
+        load_config(base=tiny_config)

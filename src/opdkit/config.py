@@ -934,24 +934,27 @@ class Config(_Strict):
                                  "set the run's precision:)")
         return self
 
-    @model_validator(mode="after")
-    def _fits_fsdp(self) -> "Config":
-        """What FSDP's sharded student cannot do: be read outside its own forward pass (the chunked LM head, the
-        bridges' extra forward, an EMA of its weights), or carry a peft adapter (not done yet)."""
-        if self.distributed.strategy != "fsdp":
-            return self
+    def cannot_shard(self) -> str | None:
+        """Why a run with FSDP's sharded student cannot be this one (yet), or None: it reads the student outside its
+        own forward pass (the bridges' extra forward, an EMA of its weights), trains a value head beside it (a
+        checkpoint gathers the optimizer state of the student's parameters by name), or carries a peft adapter."""
         objective = self.objective
         refused = {
             "student.lora": self.student.lora is not None,
             "a learned value head (objective.credit.value: learned)": objective.credit.value == "learned",
-            "the chunked full-vocabulary loss": objective.chunked,
             "teacher bridges (objective.near_future.mode: teacher_bridge)": objective.teacher_bridge,
             "an EMA self teacher (teacher.ema)": any(s.kind == "self" and s.ema is not None for s in self.teacher_specs()),
         }
         for what, present in refused.items():
             if present:
-                raise ValueError(f"distributed.strategy fsdp shards the student, and {what} reads or changes it outside "
-                                 "its forward pass: use distributed.strategy: ddp (a whole student per process)")
+                return (f"FSDP shards the student, and a run with {what} cannot be sharded yet: use "
+                        "distributed.strategy: ddp (a whole student per process)")
+        return None
+
+    @model_validator(mode="after")
+    def _fits_fsdp(self) -> "Config":
+        if self.distributed.strategy == "fsdp" and (reason := self.cannot_shard()):
+            raise ValueError(f"distributed.strategy fsdp: {reason}")
         return self
 
     @model_validator(mode="after")

@@ -37,6 +37,7 @@ class Processes:
     world: int = 1
     local_rank: int = 0
     strategy: Strategy = "single"
+    replicated: list = dataclasses.field(default_factory=list)  # trainable parameters FSDP leaves whole (the LM head)
 
     @classmethod
     def start(cls, strategy: str = "auto") -> "Processes":
@@ -115,7 +116,9 @@ class Processes:
     # ---- the student ----
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module the loss pass runs through: DDP's wrapper (``model`` itself stays the module every other
-        pass uses, without collectives), or ``model`` sharded in place by FSDP2: each decoder layer, then the rest."""
+        pass uses, without collectives), or ``model`` sharded in place by FSDP2: each decoder layer, then the rest
+        but the LM head, which stays whole on every process (``replicated``), since the chunked full-vocabulary
+        loss applies it outside the model's forward."""
         if self.strategy == "ddp":
             device_ids = [self.local_rank] if torch.cuda.is_available() else None
             return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -129,7 +132,9 @@ class Processes:
             for module in model.modules():
                 if type(module).__name__ in layers:
                     fully_shard(module)
-            fully_shard(model)
+            head = model.get_output_embeddings()
+            fully_shard(model, ignored_params={head.weight})
+            self.replicated = [head.weight] if head.weight.requires_grad else []
         return model
 
     @staticmethod
@@ -140,13 +145,43 @@ class Processes:
         return contextlib.nullcontext()
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Average the gradients of parameters outside the wrapped student (a method's value head)."""
+        """Average the gradients of parameters neither DDP nor FSDP reduces: ``params`` outside the wrapped student
+        (a method's value head) and those FSDP left whole (``replicated``)."""
         if not self.several:
             return
-        for param in params:
+        for param in params + self.replicated:
             if param.grad is not None:
                 torch.distributed.all_reduce(param.grad)
                 param.grad /= self.world
+
+    def param_groups(self, params: list[torch.nn.Parameter]) -> list[dict]:
+        """The optimizer's parameter groups: under FSDP the sharded parameters apart from the whole ones, since a
+        fused optimizer step runs over one group's tensors at once and cannot mix the two kinds."""
+        if self.strategy != "fsdp":
+            return [{"params": params}]
+        from torch.distributed.tensor import DTensor
+
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        whole = [p for p in params if not isinstance(p, DTensor)]
+        return [{"params": group} for group in (sharded, whole) if group]
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float) -> float:
+        """The gradients' global norm, after scaling them down to ``max_norm`` where it is above (torch's
+        ``clip_grad_norm_``; under FSDP the sharded gradients' norm is gathered and joined with the whole ones')."""
+        if self.strategy != "fsdp":
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in params if p.grad is not None]
+        sharded = [g for g in grads if isinstance(g, DTensor)]
+        whole = [g for g in grads if not isinstance(g, DTensor)]  # identical on every process
+        squares = sum(float(torch.nn.utils.get_total_norm(part).full_tensor() if part is sharded
+                            else torch.nn.utils.get_total_norm(part)) ** 2 for part in (sharded, whole) if part)
+        norm = squares**0.5
+        if norm > max_norm:
+            for grad in grads:
+                grad.mul_(max_norm / (norm + 1e-6))
+        return norm
 
     def state_dicts(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict]:
         """``(model state, optimizer state)`` for a checkpoint. Under FSDP both are gathered in full from the shards
