@@ -14,7 +14,8 @@ from opdkit.lora import wrap
 from opdkit.models import load_model, load_tokenizer
 from opdkit.rollout import sample
 from opdkit.serve import create_app, serve_in_thread
-from opdkit.served_rollout import ServedStudent
+from opdkit.served_rollout import ServedStudent, read_draw
+from opdkit.teachers.server import Malformed, TokenMap
 from opdkit.train import setup, train
 
 pytest.importorskip("peft")
@@ -128,7 +129,8 @@ def test_the_adapter_endpoints_behave_as_vllms(tiny, server, tmp_path):
     assert loaded.status_code == 200 and "endpoint" in loaded.text
     again = post("/load_lora_adapter", {"lora_name": "endpoint", "lora_path": str(folder)})
     assert again.status_code == 400 and "load_inplace" in again.json()["error"]["message"]
-    assert post("/load_lora_adapter", {"lora_name": "endpoint", "lora_path": str(folder), "load_inplace": True}).status_code == 200
+    inplace = {"lora_name": "endpoint", "lora_path": str(folder), "load_inplace": True}
+    assert post("/load_lora_adapter", inplace).status_code == 200
     cards = {card["id"]: card for card in httpx.get(url + "/models").json()["data"]}
     assert cards["endpoint"]["parent"] == NAME and cards["endpoint"]["root"] == str(folder) and NAME in cards
 
@@ -172,6 +174,23 @@ def test_a_run_with_the_server_engine_trains_the_served_student(tiny, tiny_confi
     run.student.eval()
     torch.testing.assert_close(served_logprobs(url, "run", ids), local_logprobs(run.student, ids), atol=1e-4, rtol=0)
     assert len(list((tmp_path / "run" / "served-adapter").iterdir())) == 1
+
+
+def test_a_malformed_answer_is_named(server):
+    _, tokenizer = server
+    tokens = TokenMap(tokenizer)
+    answer = lambda texts, values: {"choices": [{"logprobs": {"tokens": texts, "token_logprobs": values}}]}  # noqa: E731
+    assert read_draw(answer(["token_id:3", "token_id:1"], [-0.5, -1.0]), 4, tokens) == ([3, 1], [-0.5, -1.0])
+    with pytest.raises(Malformed, match="equal length"):
+        read_draw(answer(["token_id:3"], [-0.5, -1.0]), 4, tokens)
+    with pytest.raises(Malformed, match="equal length"):
+        read_draw({"choices": [{"text": "12", "logprobs": None}]}, 4, tokens)
+    with pytest.raises(Malformed, match="3 tokens returned for max_tokens 2"):
+        read_draw(answer(["token_id:3"] * 3, [-0.5] * 3), 2, tokens)
+    with pytest.raises(Malformed, match="not finite"):
+        read_draw(answer(["token_id:3"], [None]), 4, tokens)
+    with pytest.raises(OPDError, match="name no student token id"):
+        read_draw(answer([f"token_id:{len(tokenizer) + 5}"], [-0.5]), 4, tokens)
 
 
 @pytest.mark.parametrize("rollout, student_lora, message", [

@@ -200,7 +200,8 @@ class Engine:
         for job, seq in rows:
             if job.max_tokens > 0:
                 alone = id(job) if job.seed is not None else None
-                groups.setdefault((job.adapter, alone, job.temperature == 0, job.temperature, job.top_p), []).append((job, seq))
+                key = (job.adapter, alone, job.temperature == 0, job.temperature, job.top_p)
+                groups.setdefault(key, []).append((job, seq))
         for members in groups.values():
             job0 = members[0][0]
             with self.adapters.use(job0.adapter) as model, _seeded(job0.seed):
@@ -400,7 +401,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
     @app.get("/v1/models")
     async def models():
         card = {"object": "model", "created": 0, "owned_by": "opdkit", "max_model_len": engine.context}
-        adapters = [{"id": name, **card, "root": path, "parent": model_name} for name, path in engine.adapters.paths.items()]
+        adapters = [{"id": name, **card, "root": path, "parent": model_name}
+                    for name, path in engine.adapters.paths.items()]
         return {"object": "list", "data": [{"id": model_name, **card}, *adapters]}
 
     @app.post("/v1/load_lora_adapter")

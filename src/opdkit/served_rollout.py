@@ -79,26 +79,30 @@ class ServedStudent:
         payloads = [{"model": self.spec.adapter_name, "prompt": ids, "max_tokens": max_completion_length,
                      "temperature": temperature, "top_p": top_p, "logprobs": 1, "return_tokens_as_token_ids": True,
                      "seed": seed} for ids, seed in zip(starts, seeds)]
-        answers = self.client.map("/completions", payloads, lambda body: self._draw(body, max_completion_length))
-        draws = [self._draw(answer, max_completion_length) for answer in answers]
+        check = lambda body: read_draw(body, max_completion_length, self.tokens)  # noqa: E731
+        answers = self.client.map("/completions", payloads, check)
+        draws = [read_draw(answer, max_completion_length, self.tokens) for answer in answers]
         device = next(self.student.parameters()).device
         return from_samples(self.tokenizer, examples, draws, max_completion_length, device, prefixes)
 
-    def _draw(self, body: dict, max_tokens: int) -> tuple[list[int], list[float]]:
-        """``(token ids, log-probs)`` of the one completion in an answer; :class:`Malformed` (retried) if unusable."""
-        if len(body["choices"]) != 1:
-            raise Malformed(f"expected 1 choice, got {len(body['choices'])}")
-        logprobs = body["choices"][0].get("logprobs") or {}
-        tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
-        if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values):
-            raise Malformed("the completion's logprobs lack tokens and token_logprobs of equal length")
-        if len(tokens) > max_tokens:
-            raise Malformed(f"{len(tokens)} tokens returned for max_tokens {max_tokens}")
-        ids = [self.tokens.id(t) for t in tokens]
-        if any(i is None or not 0 <= i < len(self.tokenizer) for i in ids):
-            raise OPDError(f"the student server returned tokens that name no student token id ({tokens[:8]}): it "
-                           "must serve the student's tokenizer and honour return_tokens_as_token_ids (vLLM, SGLang "
-                           "and opd serve-teacher do)")
-        if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
-            raise Malformed("a sampled token's log-prob is missing or not finite")
-        return ids, [float(v) for v in values]
+
+
+def read_draw(body: dict, max_tokens: int, tokens: TokenMap) -> tuple[list[int], list[float]]:
+    """``(token ids, log-probs)`` of the one completion in a ``/v1/completions`` answer; :class:`Malformed` (retried)
+    for a broken answer, OPDError for tokens that name no student id."""
+    if len(body["choices"]) != 1:
+        raise Malformed(f"expected 1 choice, got {len(body['choices'])}")
+    logprobs = body["choices"][0].get("logprobs") or {}
+    texts, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
+    if not isinstance(texts, list) or not isinstance(values, list) or len(texts) != len(values):
+        raise Malformed("the completion's logprobs lack tokens and token_logprobs of equal length")
+    if len(texts) > max_tokens:
+        raise Malformed(f"{len(texts)} tokens returned for max_tokens {max_tokens}")
+    if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+        raise Malformed("a sampled token's log-prob is missing or not finite")
+    ids = [tokens.id(t) for t in texts]
+    if any(i is None or not 0 <= i < len(tokens.tokenizer) for i in ids):
+        raise OPDError(f"the student server returned tokens that name no student token id ({texts[:8]}): it must "
+                       "serve the student's tokenizer and honour return_tokens_as_token_ids (vLLM, SGLang and opd "
+                       "serve-teacher do)")
+    return ids, [float(v) for v in values]

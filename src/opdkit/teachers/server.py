@@ -174,7 +174,8 @@ class ApiClient:
                     raise TeacherUnavailable(
                         f"{self.role} request to {path} failed {attempt} times (max_retries {max_retries}); "
                         f"last errors: {failures[-3:]}. Check that the server at {[r.url for r in self.replicas]} "
-                        f"answers, or raise {self.section}.max_retries / timeout_s, or set {self.section}.on_failure: wait")
+                        f"answers, or raise {self.section}.max_retries / timeout_s, or set "
+                        f"{self.section}.on_failure: wait")
                 self.console.print(f"[yellow]{self.role} unavailable after {attempt} tries ({failure}); "
                                    "on_failure: wait, so retrying")
                 attempt = 0
