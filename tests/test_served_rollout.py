@@ -2,6 +2,8 @@
 adapter kept in sync through ``/v1/load_lora_adapter``: the served draws equal the local engine's for the same
 seeds, a synced adapter gives the trained student's log-probs, the endpoints behave as vLLM's, a run trains."""
 
+import random
+
 import httpx
 import pytest
 import torch
@@ -16,7 +18,7 @@ from opdkit.rollout import sample
 from opdkit.serve import create_app, serve_in_thread
 from opdkit.served_rollout import ServedStudent, read_draw
 from opdkit.teachers.server import Malformed, TokenMap
-from opdkit.train import setup, train
+from opdkit.train import collect, setup, train
 
 pytest.importorskip("peft")
 
@@ -157,14 +159,17 @@ def test_a_server_without_the_model_or_the_adapter_endpoint_is_refused(tiny, ser
             ServedStudent(ServedStudentSpec(base_url=bare, model=NAME), tokenizer, student, tmp_path)
 
 
-def test_a_run_with_the_server_engine_trains_the_served_student(tiny, tiny_config, server, tmp_path):
-    url, tokenizer = server
-    config = load_config(base={
+def server_run_config(tiny, tiny_config, url: str, adapter_name: str):
+    return load_config(base={
         **tiny_config, "student": {"path": str(tiny / "student"), "lora": LORA},
         "data": {**tiny_config["data"], "eval_size": 4}, "optim": {"steps": 2, "learning_rate": 1e-2},
         "rollout": {"max_completion_length": 8, "batch_size": 4, "num_samples": 2, "engine": "server",
-                    "server": {"base_url": url, "model": NAME, "adapter_name": "run"}}})
-    run = setup(config)
+                    "server": {"base_url": url, "model": NAME, "adapter_name": adapter_name}}})
+
+
+def test_a_run_with_the_server_engine_trains_the_served_student(tiny, tiny_config, server, tmp_path):
+    url, tokenizer = server
+    run = setup(server_run_config(tiny, tiny_config, url, "run"))
     start = {n: p.detach().clone() for n, p in run.student.named_parameters() if "lora_" in n}
     result = train(run, Console(quiet=True))
     assert result["steps"] == 2
@@ -191,6 +196,18 @@ def test_a_malformed_answer_is_named(server):
         read_draw(answer(["token_id:3"], [None]), 4, tokens)
     with pytest.raises(OPDError, match="name no student token id"):
         read_draw(answer([f"token_id:{len(tokenizer) + 5}"], [-0.5]), 4, tokens)
+
+
+def test_the_first_rollout_follows_weights_restored_after_setup(tiny, tiny_config, server):
+    """A resume restores the adapter after ``setup``: the first rollout is drawn by the restored student."""
+    url, tokenizer = server
+    run = setup(server_run_config(tiny, tiny_config, url, "restored"))
+    restored = lora_student(tiny, seed=3)  # stands for the checkpoint's adapter
+    run.student.load_state_dict(restored.state_dict())
+    rollouts = collect(run, random.Random(0), 0)
+    assert rollouts.group is not None and rollouts.completion_ids.shape[0] == 8  # batch_size * num_samples
+    ids = tokenizer("12+34=46")["input_ids"]
+    torch.testing.assert_close(served_logprobs(url, "restored", ids), local_logprobs(restored, ids), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("rollout, student_lora, message", [
