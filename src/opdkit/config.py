@@ -123,8 +123,9 @@ class SelfTeacherSpec(_TeacherView):
                               "a decay d: after each optimizer step teacher = d * teacher + (1 - d) * student")
 
 
-class _RemoteTeacherSpec(_NamedTeacher):
-    """An OpenAI-compatible HTTP teacher (ours, vLLM, SGLang, llama.cpp, a hosted API).
+class _RemoteSpec(_Strict):
+    """An OpenAI-compatible HTTP server (ours, vLLM, SGLang, llama.cpp, a hosted API): a teacher, or the server that
+    draws the student's rollouts (``rollout.server``).
 
     ``base_url`` may list replicas: requests are spread round-robin over those answering, and a replica
     that fails is taken out of rotation for ``replica_cooldown_s`` then tried again. A request is retried
@@ -157,6 +158,10 @@ class _RemoteTeacherSpec(_NamedTeacher):
     replica_cooldown_s: float = Field(10.0, ge=0, description="how long a failing replica stays out of rotation")
     on_failure: Literal["raise", "wait"] = Field("raise", description="after max_retries: stop with an error, or "
                                                  "keep retrying (the step waits)")
+
+
+class _RemoteTeacherSpec(_RemoteSpec, _NamedTeacher):
+    """An OpenAI-compatible HTTP teacher."""
 
 
 class ServerTeacherSpec(_RemoteTeacherSpec, _OwnView):
@@ -260,9 +265,23 @@ class DataConfig(_Strict):
         "(or its own samples) is read from it instead of running the teacher; student states are still scored live")
 
 
+class ServedStudentSpec(_RemoteSpec):
+    """The server that draws the student's rollouts (``rollout.engine: server``, ``opdkit.served_rollout``): it
+    serves the student's base model as ``model`` and the LoRA adapter being trained as ``adapter_name``, loaded
+    through vLLM's ``POST /v1/load_lora_adapter`` before the first rollout and after every optimizer step. The adapter
+    is written under ``adapter_dir``, which the server reads: the same machine or a shared filesystem."""
+
+    adapter_name: str = Field("opd-student", pattern=r"^[A-Za-z0-9_.:-]+$",
+                              description="the name the server serves the student's adapter under")
+    adapter_dir: str | None = Field(None, description="where the adapter is written for the server to load; it must "
+                                    "be readable by the server at the same path (same machine or shared filesystem); "
+                                    "null: <output_dir>/served-adapter")
+
+
 class RolloutConfig(_Strict):
     """Student sampling. ``temperature``/``top_p`` shape the behaviour policy; the teacher is always
-    scored at temperature 1 on the exact sampled ids."""
+    scored at temperature 1 on the exact sampled ids. ``engine: server`` draws the student's rollouts from an
+    OpenAI-compatible server that serves the student (``server``), its LoRA adapter kept in sync after each step."""
 
     temperature: float = Field(1.0, gt=0, description="the student's sampling temperature (the importance ratio "
                                "corrects for it)")
@@ -272,6 +291,12 @@ class RolloutConfig(_Strict):
     num_samples: int = Field(1, ge=1, description="completions the student draws per prompt: a micro-batch holds "
                              "batch_size * num_samples rollouts, each prompt's adjacent; teacher and dataset states "
                              "stay one per prompt")
+    engine: Literal["hf", "server"] = Field("hf", description="hf: the student decodes its own rollouts in this "
+                                            "process; server: an OpenAI-compatible server serving the student (vLLM, "
+                                            "SGLang, opd serve-teacher) draws them, its LoRA adapter synced each step")
+    server: ServedStudentSpec | None = Field(None, description="engine server: the server serving the student "
+                                             "(base_url, model: the base model's served name, adapter_name, "
+                                             "adapter_dir, and the teacher server's retry settings)")
 
 
 class CreditConfig(_Strict):
@@ -955,6 +980,30 @@ class Config(_Strict):
     def _fits_fsdp(self) -> "Config":
         if self.distributed.strategy == "fsdp" and (reason := self.cannot_shard()):
             raise ValueError(f"distributed.strategy fsdp: {reason}")
+        return self
+
+    @model_validator(mode="after")
+    def _rollout_engine_fits(self) -> "Config":
+        """``engine: server`` samples from a served copy of the student kept equal to it through its adapter, and
+        reads the server's log-probs as the sampler's ``log mu``."""
+        rollout = self.rollout
+        if rollout.engine == "hf":
+            if rollout.server is not None:
+                raise ValueError("rollout.server is used by rollout.engine: server only, and the engine is hf: remove "
+                                 "rollout.server, or set rollout.engine: server")
+            return self
+        if rollout.server is None:
+            raise ValueError("rollout.engine: server needs rollout.server (base_url, model) naming the server that "
+                             "serves the student: add it, or set rollout.engine: hf")
+        if self.student.lora is None:
+            raise ValueError("rollout.engine: server keeps the served student equal to the trained one by loading its "
+                             "LoRA adapter after every step, and a full-weight student has none: set student.lora, or "
+                             "rollout.engine: hf")
+        if rollout.temperature != 1.0 or rollout.top_p != 1.0:
+            raise ValueError(f"rollout.engine: server reads the sampler's log-probs from the server, which returns the "
+                             f"model's raw log-probs; they equal the sampler's only at temperature 1 and top_p 1 (got "
+                             f"temperature {rollout.temperature}, top_p {rollout.top_p}): set both to 1, or "
+                             "rollout.engine: hf")
         return self
 
     @model_validator(mode="after")

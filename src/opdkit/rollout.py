@@ -168,18 +168,53 @@ def sample(
     processes, each row drawn as in one process holding the whole batch (``decode.choose``).
     """
     device = next(model.parameters()).device
-    rendered = [render_prompt(tokenizer, e.messages) for e in examples]
-    starts = [r + p for r, p in zip(rendered, prefixes)] if prefixes else rendered
+    rendered, starts = starts_of(tokenizer, examples, prefixes)
     prompt_ids, prompt_mask = left_pad(starts, tokenizer.pad_token_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     completion_ids, sampler_logprobs = decode(model, prompt_ids, prompt_mask, max_completion_length,
                                               tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, top_p, greedy, rows)
     completion_mask, truncated = _completion_mask(completion_ids, tokenizer.eos_token_id)
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
-    sampler_logprobs = None if greedy else sampler_logprobs * completion_mask
+    return _assemble(examples, rendered, prefixes, prompt_ids, prompt_mask, completion_ids, completion_mask, truncated,
+                     None if greedy else sampler_logprobs, source, tokenizer.pad_token_id)
+
+
+def starts_of(tokenizer: PreTrainedTokenizerBase, examples: list[Example],
+              prefixes: list[list[int]] | None) -> tuple[list[list[int]], list[list[int]]]:
+    """``(rendered prompts, what the sampler continues)``: each prompt's ids, followed by its prefix if any."""
+    rendered = [render_prompt(tokenizer, e.messages) for e in examples]
+    return rendered, [r + p for r, p in zip(rendered, prefixes)] if prefixes else rendered
+
+
+def from_samples(tokenizer: PreTrainedTokenizerBase, examples: list[Example], draws: list[tuple[list[int], list[float]]],
+                 max_completion_length: int, device: torch.device, prefixes: list[list[int]] | None = None) -> Rollouts:
+    """The student's rollouts from completions another sampler drew (a server serving the student,
+    ``served_rollout``): per row the sampled ids after ``starts_of`` and their ``log mu``; masked, truncated and
+    padded exactly as ``sample`` does (through the first end token; truncated when none within the budget)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    rendered, starts = starts_of(tokenizer, examples, prefixes)
+    prompt_ids, prompt_mask = left_pad(starts, pad)
+    rows = [ids[: ids.index(eos) + 1] if eos in ids else ids[:max_completion_length] for ids, _ in draws]
+    completion_ids, completion_mask = right_pad(rows, pad, max(1, max(map(len, rows))))
+    sampler_logprobs = torch.zeros(completion_ids.shape)
+    for row, (ids, (_, logprobs)) in enumerate(zip(rows, draws)):
+        sampler_logprobs[row, : len(ids)] = torch.tensor(logprobs[: len(ids)])
+    truncated = torch.tensor([eos not in ids for ids in rows])
+    return _assemble(examples, rendered, prefixes, prompt_ids.to(device), prompt_mask.to(device),
+                     completion_ids.to(device), completion_mask.float().to(device), truncated.to(device),
+                     sampler_logprobs.to(device), "student", pad)
+
+
+def _assemble(examples: list[Example], rendered: list[list[int]], prefixes: list[list[int]] | None,
+              prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+              completion_mask: torch.Tensor, truncated: torch.Tensor, sampler_logprobs: torch.Tensor | None,
+              source: str, pad_id: int) -> Rollouts:
+    """Rollouts of completions drawn after ``rendered + prefix``: padding after the mask, then the prefixes moved
+    into the completions (``_move_prefixes``)."""
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
+    sampler_logprobs = None if sampler_logprobs is None else sampler_logprobs * completion_mask
     rollouts = Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, examples, source,
                         sampler_logprobs)
-    return _move_prefixes(rollouts, rendered, prefixes, tokenizer.pad_token_id) if prefixes else rollouts
+    return _move_prefixes(rollouts, rendered, prefixes, pad_id) if prefixes else rollouts
 
 
 def _move_prefixes(rollouts: Rollouts, rendered: list[list[int]], prefixes: list[list[int]], pad_id: int) -> Rollouts:

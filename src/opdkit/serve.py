@@ -3,17 +3,24 @@
 Endpoints (the subset that OPD clients use, in the shapes that OpenAI, vLLM, SGLang and llama.cpp's
 server share, so one client talks to all of them):
 
-- ``GET /v1/models``;
+- ``GET /v1/models``: the model, and each loaded LoRA adapter with ``"parent"``: the model (as vLLM lists them);
 - ``POST /v1/completions``: ``prompt`` as a string or token ids (or a list of either), ``max_tokens``
-  (``0`` scores the prompt only), ``temperature``, ``top_p``, ``n``, ``stop``, ``echo``, ``logprobs: k``
+  (``0`` scores the prompt only), ``temperature``, ``top_p``, ``n``, ``stop``, ``seed``, ``echo``, ``logprobs: k``
   (top-k per position, OpenAI legacy shape), vLLM's ``prompt_logprobs: k`` (``{id: {logprob, rank,
   decoded_token}}`` per prompt position) and ``return_tokens_as_token_ids`` (tokens as ``token_id:N``);
 - ``POST /v1/chat/completions``: ``messages``, ``max_tokens``/``max_completion_tokens``, ``n``,
   ``temperature``, ``top_p``, ``stop``, ``logprobs``/``top_logprobs``, and vLLM's
-  ``continue_final_message`` (the final assistant message is a prefix to continue).
-
+  ``continue_final_message`` (the final assistant message is a prefix to continue);
+- ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path", "load_inplace"}`` and ``POST /v1/unload_lora_adapter``
+  ``{"lora_name"}``, as vLLM (``opdkit.serve_adapters``): a request whose ``model`` names an adapter is served with
+  it (a batch never mixes adapters), one naming the model with the base weights. ``opd train`` with
+  ``rollout.engine: server`` keeps the student's adapter in sync through it (``opdkit.served_rollout``);
 - ``POST /tokenize`` (vLLM's shape, at the root): a ``prompt`` or chat ``messages`` as the server renders
   them, ``{"count", "max_model_len", "tokens"}``; the client's probe compares it with the student's rendering.
+
+A request with a ``seed`` is decoded alone, the torch RNG seeded with it, so that it draws exactly what the local
+sampler (``rollout.sample`` after ``torch.manual_seed(seed)``) draws for the same prompt; unseeded requests share
+batches.
 
 Log-probs are the model's own at temperature 1 (``log_softmax(logits)``), whatever temperature the
 sampler used: the contract OPD needs (``logprobs_mode="processed"`` breaks it on purpose, as vLLM's
@@ -41,6 +48,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import render_prompt
+from .serve_adapters import AdapterError, Adapters
 
 MAX_LOGPROBS = 20  # the default cap on log-probs per position, vLLM's too
 
@@ -54,6 +62,7 @@ class _Request(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=64)
     stop: str | list[str] | None = None
+    seed: int | None = None  # vLLM's: the request's draws reproduce
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -74,6 +83,22 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     continue_final_message: bool = False
+
+
+class LoadAdapterRequest(BaseModel):
+    """vLLM's ``/v1/load_lora_adapter`` body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # vLLM's lora_int_id
+
+    lora_name: str
 
 
 class TokenizeRequest(BaseModel):
@@ -109,15 +134,17 @@ class _Job:
     n: int
     stops: list[str]
     top_k: int | None  # None: no log-probs needed
+    adapter: str | None = None  # the LoRA adapter to run with; None: the base weights
+    seed: int | None = None  # decoded alone, the torch RNG seeded with it (as the local engine draws)
     future: asyncio.Future = field(repr=False, default=None)
 
 
 class Engine:
-    """Batched sampling and scoring; one worker thread owns the model, an asyncio task feeds it."""
+    """Batched sampling and scoring; one worker thread owns the model and its adapters, an asyncio task feeds it."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32, batch_wait_s: float = 0.005,
                  logprobs_mode: str = "raw"):
-        self.model = model.eval().requires_grad_(False)
+        self.adapters = Adapters(model.eval().requires_grad_(False))
         self.logprobs_mode = logprobs_mode  # raw: log_softmax(logits); processed: of logits / the request's temperature
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -134,6 +161,10 @@ class Engine:
         job.future = asyncio.get_running_loop().create_future()
         await self._queue.put(job)
         return await job.future
+
+    async def call(self, function, *args):
+        """``function(*args)`` on the worker thread, between batches (adapter loads: never during a forward)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -160,20 +191,30 @@ class Engine:
                     job.future.set_result(result)
 
     def run(self, jobs: list[_Job]) -> list[list[Sequence]]:
-        """Sample every job's ``n`` sequences (grouped by sampler settings), then score the rows that
-        asked for log-probs in padded forwards of at most ``max_batch_size`` rows."""
+        """Sample every job's ``n`` sequences (grouped by adapter and sampler settings; a seeded job alone), then
+        score the rows that asked for log-probs in padded forwards of at most ``max_batch_size`` rows of one
+        adapter each."""
         self.batch_sizes.append(sum(j.n for j in jobs))
         rows = [(job, Sequence(len(job.prompt_ids), list(job.prompt_ids), "length")) for job in jobs for _ in range(job.n)]
         groups: dict[tuple, list[tuple[_Job, Sequence]]] = {}
         for job, seq in rows:
             if job.max_tokens > 0:
-                groups.setdefault((job.temperature == 0, job.temperature, job.top_p), []).append((job, seq))
+                alone = id(job) if job.seed is not None else None
+                key = (job.adapter, alone, job.temperature == 0, job.temperature, job.top_p)
+                groups.setdefault(key, []).append((job, seq))
         for members in groups.values():
-            for start in range(0, len(members), self.max_batch_size):
-                self._generate(members[start : start + self.max_batch_size])
-        scored = [(job, seq) for job, seq in rows if job.top_k is not None]
-        for start in range(0, len(scored), self.max_batch_size):
-            self._score(scored[start : start + self.max_batch_size])
+            job0 = members[0][0]
+            with self.adapters.use(job0.adapter) as model, _seeded(job0.seed):
+                for start in range(0, len(members), self.max_batch_size):
+                    self._generate(model, members[start : start + self.max_batch_size])
+        scored: dict[str | None, list[tuple[_Job, Sequence]]] = {}
+        for job, seq in rows:
+            if job.top_k is not None:
+                scored.setdefault(job.adapter, []).append((job, seq))
+        for adapter, members in scored.items():
+            with self.adapters.use(adapter) as model:
+                for start in range(0, len(members), self.max_batch_size):
+                    self._score(model, members[start : start + self.max_batch_size])
         out, index = [], 0
         for job in jobs:
             out.append([seq for _, seq in rows[index : index + job.n]])
@@ -181,7 +222,7 @@ class Engine:
         return out
 
     @torch.no_grad()
-    def _generate(self, members: list[tuple[_Job, Sequence]]) -> None:
+    def _generate(self, model, members: list[tuple[_Job, Sequence]]) -> None:
         from .data import left_pad
         from .decode import decode
 
@@ -189,7 +230,7 @@ class Engine:
         tok = self.tokenizer
         ids, mask = left_pad([job.prompt_ids for job, _ in members], tok.pad_token_id)
         greedy = job0.temperature == 0
-        out, _ = decode(self.model, ids.to(self.device), mask.to(self.device), max(job.max_tokens for job, _ in members),
+        out, _ = decode(model, ids.to(self.device), mask.to(self.device), max(job.max_tokens for job, _ in members),
                         tok.eos_token_id, tok.pad_token_id, 1.0 if greedy else job0.temperature, job0.top_p, greedy)
         for (job, seq), row in zip(members, out.tolist()):
             new, reason = row[: job.max_tokens], "length"
@@ -201,12 +242,12 @@ class Engine:
             seq.ids, seq.finish_reason = seq.ids + new, reason
 
     @torch.no_grad()
-    def _score(self, members: list[tuple[_Job, Sequence]]) -> None:
+    def _score(self, model, members: list[tuple[_Job, Sequence]]) -> None:
         from .data import right_pad
 
         ids, mask = right_pad([seq.ids for _, seq in members], self.tokenizer.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         if self.logprobs_mode == "processed":
             temperatures = [job.temperature if job.temperature > 0 else 1.0 for job, _ in members]
             logits = logits / torch.tensor(temperatures, device=logits.device)[:, None, None]
@@ -222,6 +263,17 @@ class Engine:
             seq.ranks = ranks[row, :n].tolist()
             kk = job.top_k
             seq.topk = [list(zip(i[:kk], v[:kk])) for i, v in zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist())]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Draws from the torch RNG seeded with ``seed`` (its state restored after), or from the running one (None)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
 
 
 def _stop_cut(tokenizer, ids: list[int], stops: list[str]) -> int | None:
@@ -338,14 +390,42 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         return None
 
     def wrong_model(name: str | None):
-        if name in (None, model_name):
+        if name in (None, model_name) or name in engine.adapters.names():
             return None
-        return _error(404, f"model {name!r} is not served here; this server serves {model_name!r}", code="model_not_found")
+        served = [model_name, *engine.adapters.names()]
+        return _error(404, f"model {name!r} is not served here; this server serves {served}", code="model_not_found")
+
+    def adapter(name: str | None) -> str | None:
+        return None if name in (None, model_name) else name
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "opdkit",
-                                            "max_model_len": engine.context}]}
+        card = {"object": "model", "created": 0, "owned_by": "opdkit", "max_model_len": engine.context}
+        adapters = [{"id": name, **card, "root": path, "parent": model_name}
+                    for name, path in engine.adapters.paths.items()]
+        return {"object": "list", "data": [{"id": model_name, **card}, *adapters]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(body: LoadAdapterRequest):
+        from fastapi.responses import PlainTextResponse
+
+        if body.lora_name == model_name:
+            return _error(400, f"lora_name {body.lora_name!r} is the base model's name: give the adapter another")
+        try:
+            await engine.call(engine.adapters.load, body.lora_name, body.lora_path, body.load_inplace)
+        except AdapterError as exc:
+            return _error(exc.status, str(exc))
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(body: UnloadAdapterRequest):
+        from fastapi.responses import PlainTextResponse
+
+        try:
+            await engine.call(engine.adapters.unload, body.lora_name)
+        except AdapterError as exc:
+            return _error(exc.status, str(exc))
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -360,7 +440,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
                 return _error(400, problem)
         want = [body.logprobs, body.prompt_logprobs]
         top_k = max((k for k in want if k is not None), default=None)
-        jobs = [_Job(ids, body.max_tokens, body.temperature, body.top_p, body.n, body.stops(), top_k) for ids in encoded]
+        jobs = [_Job(ids, body.max_tokens, body.temperature, body.top_p, body.n, body.stops(), top_k,
+                     adapter(body.model), body.seed) for ids in encoded]
         results = await asyncio.gather(*(engine.submit(job) for job in jobs))
         choices, completion_tokens = [], 0
         for prompt, ids, sequences in zip(prompts, encoded, results):
@@ -381,7 +462,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         prompt_tokens = sum(len(ids) for ids in encoded)
         request.state.tokens = (prompt_tokens, completion_tokens)
         return {"id": f"cmpl-{secrets.token_hex(8)}", "object": "text_completion", "created": int(time.time()),
-                "model": model_name, "choices": choices,
+                "model": body.model or model_name, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
@@ -404,7 +485,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
             return _error(400, problem)
         top_k = (body.top_logprobs or 0) if body.logprobs else None
         (sequences,) = await asyncio.gather(engine.submit(_Job(ids, max_tokens, body.temperature, body.top_p, body.n,
-                                                                body.stops(), top_k)))
+                                                                body.stops(), top_k, adapter(body.model), body.seed)))
         choices = []
         for seq in sequences:
             new = seq.ids[seq.prompt_len:]
@@ -414,7 +495,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         completion_tokens = sum(len(s.ids) - s.prompt_len for s in sequences)
         request.state.tokens = (len(ids), completion_tokens)
         return {"id": f"chatcmpl-{secrets.token_hex(8)}", "object": "chat.completion", "created": int(time.time()),
-                "model": model_name, "choices": choices,
+                "model": body.model or model_name, "choices": choices,
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
                           "total_tokens": len(ids) + completion_tokens}}
 

@@ -40,6 +40,7 @@ from .objectives import credit, gates, groups
 from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
 from .rollout import Rollouts, from_dataset, grouped, sample
+from .served_rollout import ServedStudent
 from .tasks import get_verifier
 from .teachers import Teacher, build_teachers, teacher_request
 from .teachers.context import TeacherContext
@@ -66,6 +67,7 @@ class Run:
     processes: Processes = field(default_factory=Processes)
     trained: torch.nn.Module | None = None  # what the loss pass runs through: DDP's wrapper, else the student
     reference: torch.nn.Module | None = None
+    served: ServedStudent | None = None  # rollout.engine: server; None: the student samples here
     history: list[dict] = field(default_factory=list)
     guidance_answers: dict[str, list[int]] = field(default_factory=dict)  # the teacher's greedy answer per prompt
 
@@ -152,9 +154,12 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     evaluator = Evaluator(teacher, data.tokenizer, data.eval, data.verifier, data.eval_length, config.eval.batch_size,
                           config.seed, amp_dtype, config.logging.samples)
     run_dir = Path(config.output_dir)
+    served = (ServedStudent(config.rollout.server, data.tokenizer, student,
+                            config.rollout.server.adapter_dir or run_dir / "served-adapter", processes)
+              if config.rollout.engine == "server" else None)
     trained = processes.wrap(student)  # last: a self teacher copies the student whole first
     return Run(config, student, teacher, data.tokenizer, method, PromptSampler(data.train, config.seed), evaluator,
-               device, amp_dtype, run_dir, processes, trained, reference)
+               device, amp_dtype, run_dir, processes, trained, reference, served)
 
 
 def trainable_parameters(run: Run) -> list[torch.nn.Parameter]:
@@ -192,10 +197,13 @@ def collect(run: Run, rng: random.Random, step: int) -> Rollouts:
         examples, group = grouped(examples, cfg.num_samples)
     guidance = run.config.objective.prefix_guidance
     prefixes = teacher_prefixes(run, examples, step) if guidance.enabled else None
-    rows = (processes.rank * len(examples), processes.world * len(examples))  # drawn as one process would
-    with autocast(run.device, run.amp_dtype):
-        rollouts = sample(run.student, run.tokenizer, examples, max_completion_length=cfg.max_completion_length,
-                          temperature=cfg.temperature, top_p=cfg.top_p, prefixes=prefixes, rows=rows)
+    if run.served is not None:
+        rollouts = run.served.sample(examples, cfg.max_completion_length, cfg.temperature, cfg.top_p, prefixes)
+    else:
+        rows = (processes.rank * len(examples), processes.world * len(examples))  # drawn as one process would
+        with autocast(run.device, run.amp_dtype):
+            rollouts = sample(run.student, run.tokenizer, examples, max_completion_length=cfg.max_completion_length,
+                              temperature=cfg.temperature, top_p=cfg.top_p, prefixes=prefixes, rows=rows)
     rollouts.group = None if group is None else group.to(rollouts.completion_ids.device)
     return rollouts
 
@@ -331,6 +339,8 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
     finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
     if finite:  # a non-finite step leaves the weights alone; the loop counts it
         optimizer.step()
+        if run.served is not None:  # the served student follows the trained one
+            run.served.sync()
         if (after_step := getattr(run.teacher, "after_step", None)) is not None:  # a self-teacher's EMA
             after_step(run.student)
     scheduler.step()

@@ -65,21 +65,25 @@ class ApiClient:
     honoured) and answers ``check`` rejects as :class:`Malformed`; other 4xx stop at once with the server's
     message. The sleep before retry ``a`` is ``uniform(0, min(max_backoff, backoff * 2**a))``, at least
     ``Retry-After``. A failing replica leaves the rotation for ``replica_cooldown_s``.
+
+    ``role`` (teacher, student) and ``section`` (the config section of ``spec``) name the server in messages.
     """
 
-    def __init__(self, spec, cache_dir: str | None = None, console: Console | None = None):
+    def __init__(self, spec, cache_dir: str | None = None, console: Console | None = None, role: str = "teacher",
+                 section: str = "teacher"):
         import os
 
+        self.role, self.section = role, section
         urls = [spec.base_url] if isinstance(spec.base_url, str) else list(spec.base_url)
         if not urls:
-            raise OPDError("teacher.base_url is an empty list: give at least one server URL")
+            raise OPDError(f"{section}.base_url is an empty list: give at least one server URL")
         self.replicas = [_Replica(u.rstrip("/")) for u in urls]
         self.spec = spec
         headers = {}
         if spec.api_key_env:
             key = os.environ.get(spec.api_key_env)
             if not key:
-                raise OPDError(f"teacher.api_key_env names {spec.api_key_env!r}, which is not set: export it")
+                raise OPDError(f"{section}.api_key_env names {spec.api_key_env!r}, which is not set: export it")
             headers["Authorization"] = f"Bearer {key}"
         self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(spec.timeout_s),
                                  limits=httpx.Limits(max_connections=spec.concurrency * 2))
@@ -87,7 +91,7 @@ class ApiClient:
         self.console = console or Console(stderr=True)
         self._lock = threading.Lock()
         self._next = 0
-        self._pool = ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix="opd-teacher")
+        self._pool = ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix=f"opd-{role}")
         self.usage: dict[str, float] = {}
 
     def count(self, **values: float) -> None:
@@ -156,8 +160,9 @@ class ApiClient:
                     header = response.headers.get("retry-after")
                     retry_after = float(header) if header and header.replace(".", "", 1).isdigit() else None
                 else:
-                    hint = " (set teacher.api_key_env to the variable holding the server's key)" if status == 401 else ""
-                    raise Refused(f"teacher server {replica.url}{path} refused the request with HTTP {status}: "
+                    hint = (f" (set {self.section}.api_key_env to the variable holding the server's key)"
+                            if status == 401 else "")
+                    raise Refused(f"{self.role} server {replica.url}{path} refused the request with HTTP {status}: "
                                    f"{response.text[:300]}{hint}")
             failures.append(failure)
             with self._lock:
@@ -167,10 +172,11 @@ class ApiClient:
             if attempt > max_retries:
                 if self.spec.on_failure == "raise" or max_retries < self.spec.max_retries:
                     raise TeacherUnavailable(
-                        f"teacher request to {path} failed {attempt} times (max_retries {max_retries}); "
+                        f"{self.role} request to {path} failed {attempt} times (max_retries {max_retries}); "
                         f"last errors: {failures[-3:]}. Check that the server at {[r.url for r in self.replicas]} "
-                        "answers, or raise teacher.max_retries / timeout_s, or set teacher.on_failure: wait")
-                self.console.print(f"[yellow]teacher unavailable after {attempt} tries ({failure}); "
+                        f"answers, or raise {self.section}.max_retries / timeout_s, or set "
+                        f"{self.section}.on_failure: wait")
+                self.console.print(f"[yellow]{self.role} unavailable after {attempt} tries ({failure}); "
                                    "on_failure: wait, so retrying")
                 attempt = 0
             time.sleep(self._backoff(attempt, retry_after))
@@ -204,8 +210,8 @@ class ApiClient:
                 errors.append(f"{replica.url}: {type(exc).__name__} {exc}")
                 continue
             if response.status_code == 401:
-                raise OPDError(f"teacher server {replica.url} refused the API key (HTTP 401): set teacher.api_key_env "
-                               "to the variable that holds the server's key")
+                raise OPDError(f"{self.role} server {replica.url} refused the API key (HTTP 401): set "
+                               f"{self.section}.api_key_env to the variable that holds the server's key")
             try:
                 cards = response.json()["data"]
                 if all(isinstance(card["id"], str) for card in cards):
@@ -213,8 +219,8 @@ class ApiClient:
             except (ValueError, KeyError, TypeError):
                 pass
             errors.append(f"{replica.url}: HTTP {response.status_code} {response.text[:200]}")
-        raise TeacherUnavailable(f"no teacher replica answered GET /models: {errors}. Start the server "
-                                 "(opd serve-teacher MODEL --port 8000) or fix teacher.base_url")
+        raise TeacherUnavailable(f"no {self.role} replica answered GET /models: {errors}. Start the server "
+                                 f"(opd serve-teacher MODEL --port 8000) or fix {self.section}.base_url")
 
     def post_once(self, path: str, payload: dict, root: bool = False) -> dict | None:
         """One POST to the first replica, not retried: the JSON answer, or None for any failure (an endpoint the
@@ -230,10 +236,24 @@ class ApiClient:
         except (httpx.TransportError, ValueError):
             return None
 
+    def post_each(self, path: str, payload: dict) -> list[httpx.Response]:
+        """One POST to every replica, not retried, for state each must hold (a loaded adapter): the responses, in
+        the order of ``base_url``; a replica that does not answer raises :class:`TeacherUnavailable`."""
+        responses = []
+        for replica in self.replicas:
+            self.count(http_calls=1)
+            try:
+                responses.append(self.http.post(replica.url + path, json=payload))
+            except httpx.TransportError as exc:
+                raise TeacherUnavailable(f"{self.role} server {replica.url} did not answer POST {path} "
+                                         f"({type(exc).__name__} {exc}): check that it runs, or fix "
+                                         f"{self.section}.base_url") from None
+        return responses
+
     def check_model(self, name: str) -> None:
         served = self.models()
         if name not in served:
-            raise OPDError(f"teacher.model {name!r} is not served at {self.replicas[0].url}; it serves {served}")
+            raise OPDError(f"{self.section}.model {name!r} is not served at {self.replicas[0].url}; it serves {served}")
 
 
 class TokenMap:
