@@ -97,7 +97,6 @@ class ServedStudent:
         return from_samples(self.tokenizer, examples, draws, max_completion_length, device, prefixes)
 
 
-
 def read_draw(body: dict, max_tokens: int, tokens: TokenMap) -> tuple[list[int], list[float]]:
     """``(token ids, log-probs)`` of the one completion in a ``/v1/completions`` answer; :class:`Malformed` (retried)
     for a broken answer, OPDError for tokens that name no student id."""

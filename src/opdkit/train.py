@@ -241,7 +241,8 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def student_forward(run: Run, batch: Rollouts, model: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def student_forward(run: Run, batch: Rollouts, model: torch.nn.Module) -> tuple[torch.Tensor | None,
+                                                                              torch.Tensor | None]:
     """``(logits, hidden)`` of the completion positions, as much of each as the method asks for, through ``model``
     (``run.trained`` for the loss pass, whose backward DDP reduces; else ``run.student``)."""
     needs_hidden, hidden_only = run.method.needs_hidden, run.method.hidden_only
@@ -278,7 +279,8 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
         method.guide(batch, signal, run.teacher)
     processes = run.processes
     usage_keys = set().union(*(s.usage for s in signals))  # teacher calls and tokens (remote teachers)
-    teacher_usage = processes.sum({f"teacher_{k}": sum(s.usage.get(k, 0.0) for s in signals) for k in sorted(usage_keys)})
+    teacher_usage = processes.sum({f"teacher_{k}": sum(s.usage.get(k, 0.0) for s in signals)
+                                   for k in sorted(usage_keys)})
     if run.reference is not None:
         with torch.no_grad(), autocast(run.device, run.amp_dtype):
             for b in batches:
@@ -290,7 +292,8 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
     # number of processes changes the loss; each process's loss is scaled by their number, which DDP's and FSDP's
     # gradient averaging divides out
     weights = [aggregation_weights(b.completion_mask, run.config.objective.aggregation) for b in batches]
-    counts = processes.sum({"tokens": sum(b.num_tokens for b in batches), "weight": float(sum(w.sum() for w in weights))})
+    counts = processes.sum({"tokens": sum(b.num_tokens for b in batches),
+                            "weight": float(sum(w.sum() for w in weights))})
     total_tokens, normalizer = max(1.0, counts["tokens"]), max(1e-8, counts["weight"])
     # sampling ran without dropout; the loss pass does too unless the config keeps it (student.disable_dropout);
     # gradient checkpointing needs train mode, its dropouts zeroed at setup when disabled
