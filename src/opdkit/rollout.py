@@ -172,7 +172,8 @@ def sample(
     prompt_ids, prompt_mask = left_pad(starts, tokenizer.pad_token_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     completion_ids, sampler_logprobs = decode(model, prompt_ids, prompt_mask, max_completion_length,
-                                              tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, top_p, greedy, rows)
+                                              tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, top_p,
+                                              greedy, rows)
     completion_mask, truncated = _completion_mask(completion_ids, tokenizer.eos_token_id)
     return _assemble(examples, rendered, prefixes, prompt_ids, prompt_mask, completion_ids, completion_mask, truncated,
                      None if greedy else sampler_logprobs, source, tokenizer.pad_token_id)
