@@ -53,18 +53,15 @@ def launch(*args: str, fsdp: bool = False) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def write_config(tiny, tmp_path):
+def write_config(tiny_config, tmp_path):
+    """``write(name, batch_size, **optim) -> (config path, run folder)``: the tiny run, 4 steps of 2 micro-batches,
+    one torch thread per process, an evaluation and a checkpoint every 2 steps."""
     def write(name: str, batch_size: int, **optim) -> tuple:
-        config = {
-            "seed": 0, "output_dir": str(tmp_path / name), "threads": 1,
-            "student": {"path": str(tiny / "student")}, "teacher": {"path": str(tiny / "teacher")},
-            "data": {"train": str(tiny / "train.jsonl"), "eval": str(tiny / "heldout.jsonl"), "task": "arithmetic",
-                     "eval_size": 8},
-            "rollout": {"max_completion_length": 8, "batch_size": batch_size},
-            "optim": {"steps": 4, "learning_rate": 3e-3, "gradient_accumulation_steps": 2, **optim},
-            "eval": {"batch_size": 8, "every": 2},
-            "checkpoint": {"every": 2, "keep": 3},
-        }
+        config = {**tiny_config, "output_dir": str(tmp_path / name), "threads": 1,
+                  "data": {**tiny_config["data"], "eval_size": 8},
+                  "rollout": {"max_completion_length": 8, "batch_size": batch_size},
+                  "optim": {"steps": 4, "learning_rate": 3e-3, "gradient_accumulation_steps": 2, **optim},
+                  "eval": {"batch_size": 8, "every": 2}, "checkpoint": {"every": 2, "keep": 3}}
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         return path, tmp_path / name

@@ -146,7 +146,8 @@ def save(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random, l
     it (a sharded student is gathered whole first); the first process writes, the others wait until it has."""
     run_dir = run.run_dir
     final = run_dir / f"checkpoint-{loop.step}"
-    model_state, optimizer_state = run.processes.state_dicts(run.student, optimizer)
+    model_state = run.processes.model_state(run.student)  # gathered whole from a sharded student
+    optimizer_state = run.processes.optimizer_state(run.student, optimizer)
     rngs = run.processes.gather(_rng_state())  # every process's generators: each resumes its own
     if run.processes.main:
         _write(run, final, model_state, optimizer_state, scheduler, rng, rngs, loop, metrics)
@@ -234,11 +235,12 @@ def restore(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random
     return loop
 
 
-def save_final(run, model_state: dict | None = None) -> Path:
+def save_final(run) -> Path:
     """``final/``: the student and its tokenizer alone (no trainer state), replaced atomically; a LoRA student
-    merged into its base weights, with the adapter in ``final/adapter``. ``model_state``: a sharded student's
-    weights gathered whole (``Processes.state_dicts``). The first process writes, the others wait."""
+    merged into its base weights, with the adapter in ``final/adapter``. Every process calls it (a sharded student
+    is gathered whole first); the first process writes, the others wait."""
     final = run.run_dir / "final"
+    model_state = run.processes.model_state(run.student)
     if run.processes.main:
         _write_final(run, final, model_state)
     run.processes.barrier()

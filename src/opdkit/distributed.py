@@ -10,8 +10,8 @@ DDP run the same on both. Everything the loop needs of several processes is here
 - ``sum`` / ``gather`` / ``all_true``: the collectives the loop's numbers need (a global token count, metrics,
   whether every process stopped decoding);
 - ``wrap``: the model the loss pass runs through (DDP's wrapper; FSDP2 shards the student in place);
-- ``state_dicts`` / ``load_state_dicts``: full (unsharded) model and optimizer states, so that a checkpoint of a
-  sharded run holds the whole model as ``save_pretrained`` writes it, like any other.
+- ``model_state`` / ``optimizer_state`` / ``load_state_dicts``: full (unsharded) model and optimizer states, so that
+  a checkpoint of a sharded run holds the whole model as ``save_pretrained`` writes it, like any other.
 
 One process is the default and needs none of this: ``Processes()`` answers every call locally.
 """
@@ -102,16 +102,13 @@ class Processes:
         since each forward of a sharded model is a collective all processes join."""
         if not self.several:
             return flag
-        tensor = torch.tensor([int(flag)], device=self._collective_device())
+        tensor = torch.tensor([int(flag)], device=self.device())  # NCCL reduces CUDA tensors, gloo CPU ones
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
         return bool(tensor.item())
 
     def barrier(self) -> None:
         if self.several:
             torch.distributed.barrier()
-
-    def _collective_device(self) -> torch.device:
-        return self.device()  # NCCL reduces CUDA tensors; gloo CPU ones
 
     # ---- the student ----
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -183,15 +180,24 @@ class Processes:
                 grad.mul_(max_norm / (norm + 1e-6))
         return norm
 
-    def state_dicts(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict]:
-        """``(model state, optimizer state)`` for a checkpoint. Under FSDP both are gathered in full from the shards
-        onto the CPU (a collective: every process calls it), the optimizer's keyed by parameter name; otherwise the
-        model's is None (``save_pretrained`` reads the module itself) and the optimizer's is its own ``state_dict``."""
+    def model_state(self, model: torch.nn.Module) -> dict | None:
+        """A sharded student's full weights, gathered onto the CPU (a collective: every process calls it), for
+        ``save_pretrained``; None for a whole student, which ``save_pretrained`` reads itself."""
         if self.strategy != "fsdp":
-            return None, optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state for a checkpoint: under FSDP gathered in full onto the CPU and keyed by parameter
+        name (a collective), otherwise its own ``state_dict`` (keyed by index)."""
+        if self.strategy != "fsdp":
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_state_dicts(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                          optimizer_state: dict) -> None:

@@ -45,6 +45,7 @@ from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .data import render_prompt
@@ -407,8 +408,6 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadAdapterRequest):
-        from fastapi.responses import PlainTextResponse
-
         if body.lora_name == model_name:
             return _error(400, f"lora_name {body.lora_name!r} is the base model's name: give the adapter another")
         try:
@@ -419,8 +418,6 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: UnloadAdapterRequest):
-        from fastapi.responses import PlainTextResponse
-
         try:
             await engine.call(engine.adapters.unload, body.lora_name)
         except AdapterError as exc:

@@ -532,7 +532,7 @@ def train_loop(run: Run, console: Console | None = None, resume: bool = False) -
         loop.track_best(config.checkpoint.best_metric, after)
         loop.finished = True
         final_checkpoint = save(after)
-        final = checkpoint.save_final(run, processes.state_dicts(run.student, optimizer)[0])
+        final = checkpoint.save_final(run)
         closing = {"step": steps, "eval": after, "final": True, "wall_s": loop.wall_s, "train_s": loop.train_s}
         write(metrics_path, closing)
         trackers.log(closing)
