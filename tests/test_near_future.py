@@ -292,6 +292,19 @@ def test_a_tempered_rollout_is_refused_with_a_lookahead():
         load_config(base={**BASE, "rollout": {"temperature": 0.7}, "objective": {"method": "near_future"}})
 
 
+def test_a_bridge_that_would_run_past_the_context_is_refused_before_models_load(tiny_config):
+    """A bridge from the completion's last prefix ends at prompt + max_completion_length - 1 + window tokens."""
+    from opdkit.train import check_data
+
+    tiny_config["rollout"]["max_completion_length"] = 40
+    tiny_config["objective"] = {"method": "near_future", "near_future": {"mode": "teacher_bridge", "window": 30}}
+    with pytest.raises(OPDError, match=r"max_completion_length 40 - 1 \+ a teacher bridge of near_future.window 30 "
+                                       r"exceeds the model context of 64.*lower max_completion_length or near_future"):
+        check_data(load_config(base=tiny_config))
+    tiny_config["objective"]["near_future"]["window"] = 8
+    check_data(load_config(base=tiny_config))
+
+
 # ---- teachers: a local model and a server continue the student's prefixes alike -------------------------------
 
 @pytest.fixture(scope="module")

@@ -138,16 +138,20 @@ def render_completion(tokenizer: PreTrainedTokenizerBase, messages: list[dict], 
 
 
 def validate_lengths(tokenizer, examples: list[Example], max_completion_length: int, context: int, name: str,
-                     prefix_length: int = 0) -> None:
+                     prefix_length: int = 0, bridge: int = 0) -> None:
     """Every prompt must leave room for ``max_completion_length`` tokens within the model context, after a
-    guidance prefix of up to ``prefix_length`` tokens (TrOPD)."""
+    guidance prefix of up to ``prefix_length`` tokens (TrOPD), and with near-future bridges of ``bridge`` tokens
+    for one written from the completion's last prefix (``max_completion_length - 1`` tokens of it)."""
     prefix = f" + a guidance prefix of up to {prefix_length}" if prefix_length else ""
+    after = f" - 1 + a teacher bridge of near_future.window {bridge}" if bridge else ""
+    fix = " or near_future.window" if bridge else ""
     for i, example in enumerate(examples):
         n = len(render_prompt(tokenizer, example.messages))
-        if n + prefix_length + max_completion_length > context:
+        if n + prefix_length + max_completion_length + max(bridge - 1, 0) > context:
             raise OPDError(
-                f"{name} record {i + 1}: prompt of {n} tokens{prefix} + max_completion_length {max_completion_length} "
-                f"exceeds the model context of {context}; shorten or drop the prompt, or lower max_completion_length"
+                f"{name} record {i + 1}: prompt of {n} tokens{prefix} + max_completion_length {max_completion_length}"
+                f"{after} exceeds the model context of {context}; shorten or drop the prompt, or lower "
+                f"max_completion_length{fix}"
             )
 
 

@@ -108,7 +108,8 @@ def check_data(config: Config, student_path: str | None = None) -> Data:
     budget = config.rollout.max_completion_length
     # a guidance prefix (at most one answer, which is at most max_completion_length) goes before the budget
     prefix = budget if config.objective.prefix_guidance.enabled else 0
-    validate_lengths(tokenizer, train_examples, budget, context, config.data.train, prefix)
+    bridge = config.objective.near_future.window if config.objective.teacher_bridge else 0
+    validate_lengths(tokenizer, train_examples, budget, context, config.data.train, prefix, bridge)
     if eval_examples:
         validate_lengths(tokenizer, eval_examples, eval_length, context, config.data.eval)
     for spec in config.teacher_specs():
