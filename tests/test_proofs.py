@@ -89,12 +89,22 @@ def test_opd_plus_corrected_advantage_is_unbiased_and_stop_gradient_is_not(diver
     corrected = ObjectiveConfig(method="opd_plus", divergence=divergence, credit={"gamma": 1.0})
     with pytest.raises(ValueError, match="stop-gradient advantage"):  # so the config refuses it ...
         ObjectiveConfig(method="opd_plus", divergence=divergence, correction=False, credit={"gamma": 1.0})
-    stop_gradient = corrected.model_copy(update={"correction": False})  # ... and here is why
+    # ... unless asked for as the ablation, and here is why
+    stop_gradient = ObjectiveConfig(method="opd_plus", divergence=divergence, correction=False,
+                                    ablate_correction=True, credit={"gamma": 1.0})
     assert torch.allclose(expected_gradient(corrected, student, teacher), exact, atol=1e-5)
     bias = (expected_gradient(stop_gradient, student, teacher) - exact).abs().max()
     assert bias > 1e-2, f"stop-gradient {divergence} should be biased (max bias {bias})"
     assert z_scores(corrected, student, teacher, exact).max() < Z
     assert z_scores(stop_gradient, student, teacher, exact).max() > Z
+
+
+@pytest.mark.parametrize("objective", [{"method": "opd_plus", "ablate_correction": True},  # corrected already
+                                       {"method": "opd", "ablate_correction": True},  # reverse KL: unbiased as is
+                                       {"method": "gkd", "ablate_correction": True}])  # no policy gradient
+def test_ablate_correction_is_refused_where_there_is_no_biased_advantage_to_keep(objective):
+    with pytest.raises(ValueError, match="ablate_correction keeps the biased"):
+        ObjectiveConfig(**objective)
 
 
 def test_reverse_kl_needs_no_correction():

@@ -454,6 +454,9 @@ class ObjectiveConfig(_Strict):
     grad_path: Literal["pg", "direct"] = Field("pg", description="policy gradient with a detached advantage, or "
                                                "backpropagate the divergence directly")
     correction: bool = Field(False, description="OPD+'s phi'(l) term that unbiases f-divergence advantages")
+    ablate_correction: bool = Field(False, description="train on the stop-gradient advantage -phi(l) of an "
+                                    "f-divergence other than reverse KL, which is biased: the ablation OPD+'s "
+                                    "correction is measured against (otherwise refused)")
     log_ratio_clip: float = Field(20.0, gt=0, description="clamp |log pi_S - log pi_T| in sampled-token PG costs")
     credit: CreditConfig = CreditConfig()
     trust_region: TrustRegionConfig = TrustRegionConfig()
@@ -575,9 +578,16 @@ class ObjectiveConfig(_Strict):
         if self.correction and not self.policy_gradient:
             raise ValueError("correction (OPD+) applies to sampled-token policy-gradient rewards: support: sampled, "
                              "grad_path: pg")
-        if self.policy_gradient and self.reward == "log_ratio" and self.divergence != "reverse_kl" and not self.correction:
+        stop_gradient_f = (self.policy_gradient and self.reward == "log_ratio" and self.divergence != "reverse_kl"
+                           and not self.correction)
+        if stop_gradient_f and not self.ablate_correction:
             raise ValueError(f"the stop-gradient advantage -phi(l) of {self.divergence} is biased (only reverse KL's is "
-                             "not; OPD+, proved in tests/test_proofs.py): set correction: true")
+                             "not; OPD+, proved in tests/test_proofs.py): set correction: true, or ablate_correction: "
+                             "true to train on the biased one knowingly (an ablation)")
+        if self.ablate_correction and not stop_gradient_f:
+            raise ValueError("ablate_correction keeps the biased stop-gradient advantage of a sampled-token "
+                             "f-divergence other than reverse KL on the policy-gradient route, with correction: false; "
+                             "this objective has none to keep: remove it")
         if self.reward == "teacher":
             if not self.policy_gradient or self.correction or self.trust_region.enabled or self.entropy_gate.enabled \
                     or self.credit.value == "analytic":
