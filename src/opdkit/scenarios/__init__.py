@@ -37,12 +37,12 @@ def resolve_builtin(spec: str) -> Path:
     return target
 
 
-def build_atomically(module, folder: Path) -> None:
-    """``module.build`` writes into a temporary folder that replaces ``folder`` only once complete, so an
-    interrupted build never leaves a half-written scenario that later runs would load."""
+def build_atomically(module, folder: Path, **options) -> None:
+    """``module.build`` (with ``options``) writes into a temporary folder that replaces ``folder`` only once
+    complete, so an interrupted build never leaves a half-written scenario that later runs would load."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    module.build(tmp)
+    module.build(tmp, **options)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

@@ -8,15 +8,23 @@ Built once (about two minutes on 2 CPU cores) by our own code, saved with ``save
    the student's warm-up) and ``heldout`` (every reported number);
 3. a teacher (Llama, d=128, 2 layers) trained from scratch on the reference completions until its
    validation accuracy reaches ``TEACHER_TARGET``;
-4. a student (Llama, d=64, 2 layers) warmed up on the same data only until its validation accuracy first
-   reaches ``STUDENT_TARGET``: it knows the format but is weak. Learning this task has a long plateau and
-   a sudden jump, so the stop is set by a measured accuracy, not by a step count.
+4. a student (Llama, d=64, 2 layers) warmed up on the same data only until its per-token cross-entropy on the
+   validation completions first falls to ``STUDENT_CE`` (checked every step): it knows the format but is weak.
+   Learning this task has a long plateau and a sudden jump, during which held-out greedy accuracy climbs by about
+   20 points in 10 steps, so a stop on accuracy checked every 10 steps landed anywhere in the jump (25% to 37.5%
+   held-out on three processors). The cross-entropy falls almost smoothly through the jump and pins the
+   student's regime whatever the processor's float rounding, which moves only when the jump comes.
+
+``build(tmp, seed=s)`` draws the teacher's initialisation and batches from ``s`` and the student's from ``s + 1``
+(the default 0 is the cached scenario; ``bench/demo_seeds.py`` builds others); the splits are the same for every
+seed.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +36,7 @@ from ..data import Example, render_completion, render_prompt
 from ..rollout import sample
 from ..tasks import arithmetic
 
-FOLDER = "arith-v1"
+FOLDER = "arith-v2"
 ARTIFACTS = {"teacher": "teacher", "student": "student", "train": "train.jsonl",
              "validation": "validation.jsonl", "heldout": "heldout.jsonl"}
 SPLITS = {"train": 20000, "validation": 256, "heldout": 512}
@@ -36,7 +44,7 @@ SEED = 0
 TEACHER = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512)
 STUDENT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
 TEACHER_TARGET = 0.97
-STUDENT_TARGET = 0.20
+STUDENT_CE = 0.13  # nats per completion token on the validation split
 SPECIAL = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<unk>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -91,16 +99,26 @@ def accuracy(model, tokenizer, examples: list[Example], batch_size: int = 256) -
     return correct / len(examples)
 
 
-def supervised(model, tokenizer, train: list[Example], validation: list[Example], *, target: float, max_steps: int,
-               lr: float, check_every: int, seed: int, console: Console, label: str, batch_size: int = 64) -> float:
-    """Next-token cross-entropy on completion tokens until validation accuracy >= ``target``."""
+def validation_ce(model, ids: torch.Tensor, loss_mask: torch.Tensor, pad_id: int) -> float:
+    """Per-token cross-entropy on the completion tokens of ``_encode``'d examples, teacher-forced."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=(ids != pad_id).long()).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    return float((nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum())
+
+
+def supervised(model, tokenizer, train: list[Example], done: Callable[[object], tuple[bool, str]], *, max_steps: int,
+               lr: float, check_every: int, seed: int, console: Console, label: str, batch_size: int = 64) -> int:
+    """Next-token cross-entropy on completion tokens until ``done(model)`` says so (checked every ``check_every``
+    steps, with what it measured); the step it stopped at."""
     ids, loss_mask = _encode(tokenizer, train)
     attention = (ids != tokenizer.pad_token_id).long()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = 100
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     generator = torch.Generator().manual_seed(seed)
-    acc, started = 0.0, time.perf_counter()
+    started, last = time.perf_counter(), 0.0
     for step in range(1, max_steps + 1):
         model.train()
         rows = torch.randint(len(ids), (batch_size,), generator=generator)
@@ -113,15 +131,17 @@ def supervised(model, tokenizer, train: list[Example], validation: list[Example]
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % check_every == 0:
-            acc = accuracy(model, tokenizer, validation)
-            console.print(f"  {label}: step {step:5d}  loss {float(loss.detach()):.3f}  validation accuracy {acc:.1%}  "
-                          f"({time.perf_counter() - started:.0f} s)")
-            if acc >= target:
-                return acc
-    raise RuntimeError(f"{label} did not reach {target:.0%} validation accuracy in {max_steps} steps (last {acc:.1%})")
+            stop, measured = done(model)
+            elapsed = time.perf_counter() - started
+            if stop or elapsed - last >= 10:  # a line every 10 s, and the last one
+                console.print(f"  {label}: step {step:5d}  loss {float(loss.detach()):.3f}  {measured}  ({elapsed:.0f} s)")
+                last = elapsed
+            if stop:
+                return step
+    raise RuntimeError(f"{label} did not stop within {max_steps} steps (last: {measured})")
 
 
-def build(tmp: Path, console: Console | None = None) -> None:
+def build(tmp: Path, console: Console | None = None, seed: int = SEED) -> None:
     """Write the tokenizer, splits, teacher and student into the (temporary) folder ``tmp``."""
     console = console or Console(stderr=True)
     console.print("[bold]Building the embedded arithmetic scenario[/] (once; cached afterwards)")
@@ -133,17 +153,33 @@ def build(tmp: Path, console: Console | None = None) -> None:
     examples = {name: [Example([{"role": "user", "content": p.prompt}], p.completion, p.answer) for p in problems]
                 for name, problems in splits.items()}
     tokenizer = build_tokenizer()
+    validation = examples["validation"]
 
-    teacher = new_model(tokenizer, TEACHER, SEED)
-    acc = supervised(teacher, tokenizer, examples["train"], examples["validation"], target=TEACHER_TARGET,
-                     max_steps=4000, lr=1e-3, check_every=200, seed=SEED, console=console, label="teacher")
+    def accurate(model) -> tuple[bool, str]:
+        acc = accuracy(model, tokenizer, validation)
+        return acc >= TEACHER_TARGET, f"validation accuracy {acc:.1%}"
+
+    teacher = new_model(tokenizer, TEACHER, seed)
+    teacher_steps = supervised(teacher, tokenizer, examples["train"], accurate, max_steps=4000, lr=1e-3,
+                               check_every=200, seed=seed, console=console, label="teacher")
     teacher.save_pretrained(tmp / "teacher")
     tokenizer.save_pretrained(tmp / "teacher")
 
-    student = new_model(tokenizer, STUDENT, SEED + 1)
-    acc_s = supervised(student, tokenizer, examples["train"], examples["validation"], target=STUDENT_TARGET,
-                       max_steps=6000, lr=1e-3, check_every=10, seed=SEED + 1, console=console, label="student warm-up")
+    ids, loss_mask = _encode(tokenizer, validation)
+    pad = tokenizer.pad_token_id
+
+    def warm(model) -> tuple[bool, str]:
+        ce = validation_ce(model, ids, loss_mask, pad)
+        return ce <= STUDENT_CE, f"validation cross-entropy {ce:.3f}"
+
+    student = new_model(tokenizer, STUDENT, seed + 1)
+    student_steps = supervised(student, tokenizer, examples["train"], warm, max_steps=6000, lr=1e-3, check_every=1,
+                               seed=seed + 1, console=console, label="student warm-up")
     student.save_pretrained(tmp / "student")
     tokenizer.save_pretrained(tmp / "student")
-    (tmp / "build.json").write_text(json.dumps({"teacher_validation_accuracy": acc, "student_validation_accuracy": acc_s,
-                                                "teacher": TEACHER, "student": STUDENT, "splits": SPLITS}, indent=2))
+    record = {"seed": seed, "teacher_steps": teacher_steps,
+              "teacher_validation_accuracy": accuracy(teacher, tokenizer, validation),
+              "student_steps": student_steps, "student_validation_ce": validation_ce(student, ids, loss_mask, pad),
+              "student_validation_accuracy": accuracy(student, tokenizer, validation),
+              "teacher": TEACHER, "student": STUDENT, "splits": SPLITS}
+    (tmp / "build.json").write_text(json.dumps(record, indent=2))
