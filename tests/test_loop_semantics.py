@@ -71,14 +71,19 @@ def test_guidance_asks_the_teacher_once_per_prompt_and_uses_its_answer(tiny_conf
     asked = []
     sample = run.teacher.sample
 
+    decoded = []
+
     def counting(examples, *args, **kwargs):
         asked.extend(str(e.messages) for e in examples)
-        return sample(examples, *args, **kwargs)
+        answers = sample(examples, *args, **kwargs)
+        decoded.append(float(answers.completion_mask.sum()))
+        return answers
 
     run.teacher.sample = counting
     rng = random.Random(0)
     batches = [collect(run, rng, step) for step in range(20)]  # 20 x 4 prompts out of 64: some come twice
     assert len(asked) == len(set(asked)) and len(asked) == len(run.guidance_answers) < 80
+    assert run.guidance_tokens == sum(decoded) > 0  # what the step's record logs as teacher_guidance_tokens
     teacher_answer = sample(batches[0].examples, 12, greedy=True)  # the teacher's own greedy answer
     eos = run.tokenizer.eos_token_id
     for row in range(4):
@@ -87,6 +92,16 @@ def test_guidance_asks_the_teacher_once_per_prompt_and_uses_its_answer(tiny_conf
         prefix = batches[0].completion_ids[row][batches[0].guidance_mask[row].bool()].tolist()
         assert prefix == answer  # step 0: the whole answer
         assert batches[0].own_mask[row].sum() == batches[0].completion_mask[row].sum() - len(answer)
+
+
+def test_a_step_logs_the_teacher_tokens_decoded_for_its_guidance_answers(tiny_config):
+    run = setup(tropd_config(tiny_config))
+    record = train_step(run, *optimizer_for(run), random.Random(0))
+    answers = sum(len(a) for a in run.guidance_answers.values())  # without end tokens; decoded with them
+    assert answers <= record["teacher_guidance_tokens"] <= answers + len(run.guidance_answers)
+    assert run.guidance_tokens == 0.0  # counted once, in the step that asked
+    dataset = setup(tropd_config(tiny_config, answer="dataset"))
+    assert "teacher_guidance_tokens" not in train_step(dataset, *optimizer_for(dataset), random.Random(0))
 
 
 def test_guidance_from_the_dataset_only_when_asked(tiny_config):

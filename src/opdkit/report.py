@@ -699,7 +699,8 @@ def checklist(log: RunLog) -> list[ChecklistItem]:
     # 10. compute
     facts = []
     for key, label in (("teacher_calls", "teacher calls"), ("teacher_tokens", "teacher tokens"),
-                       ("teacher_bridge_tokens", "teacher bridge tokens")):
+                       ("teacher_bridge_tokens", "teacher bridge tokens"),
+                       ("teacher_guidance_tokens", "teacher tokens decoded for guidance answers")):
         if log.has(key):
             facts.append(f"{label}: {sum(r.get(key, 0) for r in log.steps):,.0f}")
     for name in (spec.name for spec in config.teacher_specs() if config.teachers is not None):  # several teachers

@@ -174,7 +174,8 @@ def run_sweep(config_path: str, methods: list[str], seeds: list[int], overrides:
                 run = setup(config)
                 result, history = train(run, console, resume=plan[folder] == "resume"), run.history
             tokens_per_s = statistics.fmean(r["tokens_per_s"] for r in history if "tokens_per_s" in r)
-            extra = sum(r.get("teacher_bridge_tokens", 0.0) for r in history)  # near-future bridges
+            # teacher tokens beyond scoring: near-future bridges, TrOPD's guidance answers
+            extra = sum(r.get("teacher_bridge_tokens", 0.0) + r.get("teacher_guidance_tokens", 0.0) for r in history)
             runs[method].append({"seed": config.seed, "before": result["before"], "after": result["after"],
                                  "wall_s": result["wall_s"], "tokens_per_s": tokens_per_s, "extra_teacher_tokens": extra,
                                  "evals": _evals(result, history)})

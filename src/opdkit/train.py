@@ -70,6 +70,7 @@ class Run:
     served: ServedStudent | None = None  # rollout.engine: server; None: the student samples here
     history: list[dict] = field(default_factory=list)
     guidance_answers: dict[str, list[int]] = field(default_factory=dict)  # the teacher's greedy answer per prompt
+    guidance_tokens: float = 0.0  # tokens the teacher decoded for those answers since the last step's record
 
 
 @dataclass
@@ -233,6 +234,7 @@ def guidance_answers(run: Run, examples) -> list[list[int]]:
     if missing:
         answers = run.teacher.sample(list(missing.values()), length, greedy=True)
         run.guidance_answers.update(zip(missing, ids(answers)))
+        run.guidance_tokens += float(answers.completion_mask.sum())
     return [run.guidance_answers[k] for k in keys]
 
 
@@ -282,6 +284,9 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
     usage_keys = set().union(*(s.usage for s in signals))  # teacher calls and tokens (remote teachers)
     teacher_usage = processes.sum({f"teacher_{k}": sum(s.usage.get(k, 0.0) for s in signals)
                                    for k in sorted(usage_keys)})
+    if run.config.objective.prefix_guidance.enabled and run.config.objective.prefix_guidance.answer == "teacher":
+        teacher_usage |= processes.sum({"teacher_guidance_tokens": run.guidance_tokens})  # decoded by collect
+        run.guidance_tokens = 0.0
     if run.reference is not None:
         with torch.no_grad(), autocast(run.device, run.amp_dtype):
             for b in batches:
