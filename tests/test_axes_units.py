@@ -204,6 +204,8 @@ def test_teacher_prefixes_take_floor_of_fraction_times_the_answer():
     assert teacher_prefixes(run, examples, 4) == [[5, 6], [3]]  # floor(2.5), floor(1.5)
     assert teacher_prefixes(run, examples, 8) == [[], []]  # anneal_steps, not optim.steps, is the horizon
     assert teacher_prefixes(run, examples, 50) == [[], []]
+    unseen = [Example(messages=[{"role": "user", "content": "c"}])]  # run.teacher is None: asking would fail
+    assert teacher_prefixes(run, unseen, 8) == [[]]  # after the anneal no answer is asked for
 
 
 def test_prefix_tokens_get_beta_times_cross_entropy_whatever_the_other_terms():

@@ -215,6 +215,8 @@ def teacher_prefixes(run: Run, examples, step: int) -> list[list[int]]:
     excluded), ``alpha(t)`` annealed from 1 to 0 over ``anneal_steps`` (``gates.guidance_fraction``)."""
     guidance = run.config.objective.prefix_guidance
     fraction = gates.guidance_fraction(step, guidance.anneal_steps or run.config.optim.steps)
+    if fraction * run.config.rollout.max_completion_length < 1:  # every prefix is empty: no answer to ask for
+        return [[] for _ in examples]
     return [answer[: int(fraction * len(answer))] for answer in guidance_answers(run, examples)]
 
 
