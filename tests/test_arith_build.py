@@ -16,7 +16,7 @@ from opdkit.train import setup
 pytestmark = pytest.mark.slow
 
 ACCURACY_BAND = (0.15, 0.35)  # held-out greedy accuracy of the built student
-REVERSE_KL_BAND = (0.30, 0.55)  # its exact per-token reverse KL to the teacher on its own samples
+REVERSE_KL_BAND = (0.30, 0.65)  # its exact per-token reverse KL to the teacher on its own samples
 
 
 def test_the_built_student_lands_in_the_demo_regime(tmp_path, monkeypatch):
