@@ -24,7 +24,7 @@ DEAD = "http://127.0.0.1:9"  # the discard port: nothing listens, connections ar
 
 
 def spec(url, **overrides) -> ServerTeacherSpec:
-    values = {"kind": "server", "base_url": url, "model": "t", "top_k": 5, "timeout_s": 5, "backoff_s": 0.01,
+    values = {"kind": "server", "base_url": url, "model": "t", "top_k": 5, "timeout_s": 30, "backoff_s": 0.01,
               "max_backoff_s": 0.05, "max_retries": 3, "replica_cooldown_s": 60}
     return ServerTeacherSpec(**{**values, **overrides})
 
