@@ -22,7 +22,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from opdkit.demo import RUNS, run_demo, verdict
+from opdkit.config import load_config
+from opdkit.demo import RUNS, run_demo, shipped_config, verdict
 from opdkit.scenarios import arith, build_atomically
 
 
@@ -58,10 +59,10 @@ def main() -> None:
     rows = [one_seed(int(s), out, console) for s in args.seeds.split(",")]
 
     labels = [label for label, _ in RUNS]
-    table = Table(title="opd demo over build seeds: held-out accuracy (512 problems)")
+    n = load_config(shipped_config("arith-opd.yaml")).data.eval_size  # the held-out problems the demo measures
+    table = Table(title=f"opd demo over build seeds: held-out accuracy ({n} problems)")
     for column in ("seed", "warm-up steps", "val. CE", "before", "KL before", *labels, "verdict"):
         table.add_column(column, justify="right")
-    n = 512
     for row in rows:
         *on_policy, baseline = labels
         best = max(on_policy, key=lambda label: row["after"][label])
