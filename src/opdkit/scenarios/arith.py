@@ -156,8 +156,10 @@ def build(tmp: Path, console: Console | None = None, seed: int = SEED) -> None:
     tokenizer = build_tokenizer()
     validation = examples["validation"]
 
+    measured = {}  # what each stop check measured last
+
     def accurate(model) -> tuple[bool, str]:
-        acc = accuracy(model, tokenizer, validation)
+        measured["teacher_validation_accuracy"] = acc = accuracy(model, tokenizer, validation)
         return acc >= TEACHER_TARGET, f"validation accuracy {acc:.1%}"
 
     teacher = new_model(tokenizer, TEACHER, seed)
@@ -184,9 +186,7 @@ def build(tmp: Path, console: Console | None = None, seed: int = SEED) -> None:
                                seed=seed + 1, console=console, label="student warm-up")
     student.save_pretrained(tmp / "student")
     tokenizer.save_pretrained(tmp / "student")
-    record = {"seed": seed, "teacher_steps": teacher_steps,
-              "teacher_validation_accuracy": accuracy(teacher, tokenizer, validation),
-              "student_steps": student_steps, "student_validation_ce": validation_ce(student, ids, loss_mask, pad),
-              "student_validation_accuracy": accuracy(student, tokenizer, validation),
+    record = {"seed": seed, "teacher_steps": teacher_steps, **measured, "student_steps": student_steps,
+              "student_validation_ce": ce, "student_validation_accuracy": accuracy(student, tokenizer, validation),
               "teacher": TEACHER, "student": STUDENT, "splits": SPLITS}
     (tmp / "build.json").write_text(json.dumps(record, indent=2))
