@@ -8,7 +8,7 @@ so they stand in for other processors. Seed ``s`` builds the scenario into its o
 teacher's initialisation and batches from ``s``, the student's from ``s + 1``; seed 0 is the scenario ``make demo``
 builds) and runs the demo on it. Printed per seed: the build (steps, the student's validation cross-entropy and
 accuracy), held-out accuracy before and after each method, and the demo's verdict on the best on-policy run
-against SeqKD; then the mean and standard deviation over seeds.
+against SeqKD; then the mean, standard deviation and 95% interval of the mean over seeds.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from rich.table import Table
 from opdkit.config import load_config
 from opdkit.demo import RUNS, run_demo, shipped_config, verdict
 from opdkit.scenarios import arith, build_atomically
+from opdkit.sweep import interval95
 
 
 def one_seed(seed: int, out: Path, console: Console) -> dict:
@@ -72,9 +73,11 @@ def main() -> None:
                       f"{row['before_reverse_kl']:.3f}",
                       *(f"{row['after'][label]:.1%}" for label in labels), sentence)
     if len(rows) > 1:
+        columns = [[r["before"] for r in rows], *([r["after"][label] for r in rows] for label in labels)]
         mean_sd = lambda xs: f"{statistics.mean(xs):.1%} ± {statistics.stdev(xs):.1%}"  # noqa: E731
-        table.add_row("mean ± sd", "", "", mean_sd([r["before"] for r in rows]), "",
-                      *(mean_sd([r["after"][label] for r in rows]) for label in labels), "")
+        table.add_row("mean ± sd", "", "", mean_sd(columns[0]), "", *map(mean_sd, columns[1:]), "")
+        span = lambda xs: "{:.1%} to {:.1%}".format(*interval95(xs))  # noqa: E731
+        table.add_row("95% interval", "", "", span(columns[0]), "", *map(span, columns[1:]), "")
     console.print(table)
 
 

@@ -1,6 +1,7 @@
 """Every named method runs in the real loop on tiny models and logs what it is about."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -84,8 +85,18 @@ def test_sweep_writes_a_table_and_a_plot(tiny_config, tmp_path):
     path.write_text(yaml.safe_dump(tiny_config))
     assert main(["sweep", str(path), "--methods", "opd,vopd", "--seeds", "0,1", "--output-dir", str(tmp_path / "s")]) == 0
     table = (tmp_path / "s" / "sweep.md").read_text()
-    assert "| opd |" in table and "| vopd |" in table and "±" in table
+    assert "| opd |" in table and "| vopd |" in table and "±" in table and "95% interval" in table
     assert (tmp_path / "s" / "sweep.png").stat().st_size > 10_000
+
+
+def test_interval95_is_students_t_interval_of_the_mean():
+    from opdkit.sweep import interval95
+
+    lo, hi = interval95([1.0, 2.0, 3.0, 4.0, 5.0])  # t(0.975, 4) = 2.776, sd = 1.5811, n = 5
+    assert (lo, hi) == pytest.approx((3 - 2.776 * 1.5811 / 5 ** 0.5, 3 + 2.776 * 1.5811 / 5 ** 0.5), abs=1e-3)
+    assert interval95([2.0, 2.0]) == (2.0, 2.0)
+    lo11, hi11 = interval95([float(i) for i in range(12)])  # df 11 is not tabulated: df 10's t, the wider one
+    assert hi11 - lo11 == pytest.approx(2 * 2.228 * statistics.stdev(range(12)) / 12 ** 0.5)
 
 
 def test_vocab_chunked_training_loss_equals_the_plain_one(tiny):

@@ -3,7 +3,8 @@
 Every run starts from the config's student with the config's steps, batch size and learning rate; only
 ``objective.method`` and ``seed`` change. Each method runs as its preset defines it: a preset's values replace
 the config's ``objective`` keys (the config's other keys still apply), and ``--set`` overrides win over both.
-Written to ``<output_dir>/sweep.md`` (mean and spread over seeds of the held-out metrics the runs measured:
+Written to ``<output_dir>/sweep.md`` (mean, standard deviation and the 95% interval of the mean over seeds (Student's
+t) of the held-out metrics the runs measured:
 accuracy with a task, else token agreement, and the reverse KL the teacher allows; tokens/s, the extra teacher
 tokens of near-future bridges, and a link to each run's ``opd report``), ``<output_dir>/sweep.json`` and, with
 matplotlib, ``<output_dir>/sweep.png`` (the plotted metric against steps) and every run's ``report.html``, written
@@ -104,13 +105,30 @@ def _evals(result: dict, history: list[dict]) -> list[tuple[int, dict]]:
             (result["steps"], result["after"])]
 
 
-def _spread(values: list[float], fmt: str) -> str:
+# Two-sided 95% quantiles of Student's t by degrees of freedom (the last one stands for every larger count).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+
+
+def interval95(values: list[float]) -> tuple[float, float]:
+    """The 95% confidence interval of the mean of ``values`` (two or more), from Student's t: seeds are few."""
+    df = len(values) - 1
+    t = _T975[max(k for k in _T975 if k <= df)]  # between tabulated counts the smaller one: a slightly wider interval
+    mean, half = statistics.fmean(values), t * statistics.stdev(values) / len(values) ** 0.5
+    return mean - half, mean + half
+
+
+def _spread(values: list[float], fmt: str, interval: bool = False) -> str:
     if not values:
         return "-"
     mean = statistics.fmean(values)
     if len(values) == 1:
         return format(mean, fmt)
-    return f"{format(mean, fmt)} ± {format(statistics.stdev(values), fmt)}"
+    text = f"{format(mean, fmt)} ± {format(statistics.stdev(values), fmt)}"
+    if interval:
+        lo, hi = interval95(values)
+        text += f" [{format(lo, fmt)}, {format(hi, fmt)}]"
+    return text
 
 
 def _values(measured: list[dict], key: str | None) -> list[float]:
@@ -201,7 +219,7 @@ def table_metrics(before: dict) -> list[str]:
 
 
 def _row(name: str, measured: list[dict], metrics: list[str], results: list[dict] = ()) -> str:
-    cells = [_spread(_values(measured, key), METRICS[key][1]) for key in metrics]
+    cells = [_spread(_values(measured, key), METRICS[key][1], interval=True) for key in metrics]
     cells += [_spread([r[key] for r in results], ".0f") for key in ("tokens_per_s", "wall_s", "extra_teacher_tokens")]
     cells.append(" ".join(f"[seed {r['seed']}]({r['report']})" for r in results if "report" in r) or "-")
     return f"| {name} | {' | '.join(cells)} |"
@@ -215,7 +233,8 @@ def markdown_table(runs: dict, base: Config, config_path: str, methods, seeds, o
     header = " | ".join(METRICS[key][0] for key in metrics)
     lines = [f"Command: `{command}`", "",
              f"Budget per run: {base.optim.steps} steps x {base.rollout.batch_size} prompts, learning rate "
-             f"{base.optim.learning_rate}, {len(seeds)} seeds; mean ± standard deviation over seeds.", "",
+             f"{base.optim.learning_rate}, {len(seeds)} seeds; mean ± standard deviation over seeds, "
+             "and for the held-out metrics [the 95% interval of the mean] (Student's t).", "",
              f"| method | {header} | tokens/s | wall time (s) | extra teacher tokens | reports |",
              "|---|" + "---|" * (len(metrics) + 4),
              _row("student before", [before], metrics),
