@@ -56,10 +56,12 @@ def test_file_errors(tmp_path):
 
 
 def test_shipped_configs_validate():
-    from opdkit.demo import shipped_config
+    from importlib import resources
 
-    for name in ("arith-opd.yaml", "smollm2-compress.yaml"):
-        load_config(shipped_config(name))
+    shipped = sorted(p for p in (resources.files("opdkit") / "configs").iterdir() if p.name.endswith(".yaml"))
+    assert {"arith-opd.yaml", "arith-chunk-opd.yaml", "smollm2-compress.yaml", "smollm2-heal.yaml"} <= {p.name for p in shipped}
+    for path in shipped:
+        load_config(str(path))
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def scenario():
-    return resolve_builtin("builtin:smollm2/teacher").parent
+    return resolve_builtin("builtin:smollm2/student-20").parent  # builds the scenario where any part is missing
 
 
 def test_converted_teacher_loads_like_any_hf_model_and_matches_the_gguf(scenario):
@@ -32,6 +32,12 @@ def test_converted_teacher_loads_like_any_hf_model_and_matches_the_gguf(scenario
     # shared parts are copies of the teacher's; layer i of the student is layer 3i of the teacher
     assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)
     assert torch.equal(student.model.layers[2].mlp.up_proj.weight, teacher.model.layers[6].mlp.up_proj.weight)
+    # the two-thirds student drops the block 12-21: its layer 12 is the teacher's layer 22
+    student_20 = load_model(str(scenario / "student-20"))
+    assert student_20.config.num_hidden_layers == 20
+    assert torch.equal(student_20.model.layers[11].self_attn.q_proj.weight, teacher.model.layers[11].self_attn.q_proj.weight)
+    assert torch.equal(student_20.model.layers[12].self_attn.q_proj.weight, teacher.model.layers[22].self_attn.q_proj.weight)
+    assert torch.equal(student_20.lm_head.weight, teacher.lm_head.weight)
 
 
 def test_a_few_steps_of_smollm2_compress_lower_the_reverse_kl(scenario, tmp_path):

