@@ -74,7 +74,7 @@ def test_teacher_prefix_rollouts_start_with_the_prefix(tiny):
     assert rollouts.prompt_ids.shape[1] == max(len(render_prompt(tokenizer, e.messages)) for e in examples)
 
 
-def test_sweep_writes_a_table_and_a_plot(tiny_config, tmp_path):
+def test_sweep_writes_a_table_and_a_plot(tiny_config, tmp_path, capsys):
     import yaml
 
     from opdkit.cli import main
@@ -86,6 +86,8 @@ def test_sweep_writes_a_table_and_a_plot(tiny_config, tmp_path):
     assert main(["sweep", str(path), "--methods", "opd,vopd", "--seeds", "0,1", "--output-dir", str(tmp_path / "s")]) == 0
     table = (tmp_path / "s" / "sweep.md").read_text()
     assert "| opd |" in table and "| vopd |" in table and "±" in table and "95% interval" in table
+    printed = capsys.readouterr().out
+    assert "[seed 0](opd/seed0/report.html)" in printed and "[the 95% interval of the mean]" in printed  # no markup
     assert (tmp_path / "s" / "sweep.png").stat().st_size > 10_000
 
 

@@ -206,7 +206,7 @@ def run_sweep(config_path: str, methods: list[str], seeds: list[int], overrides:
     if plots:
         plot(runs, plotted_metric(next(iter(runs.values()))[0]["before"]), root / "sweep.png")
         written += ["sweep.png", "report.html in each run folder (opd report)"]
-    console.print(table)
+    console.print(table, markup=False, highlight=False, soft_wrap=True)  # markdown, as written: [..] is no markup
     console.print(f"written to {root}: {', '.join(written)}")
     return runs
 
