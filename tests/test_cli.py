@@ -302,6 +302,11 @@ def test_sweep_reuses_finished_runs_and_refuses_stopped_ones_before_training(tin
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("finished earlier, reusing") == 2
     assert [log.stat().st_mtime_ns for log in logs] == written and (out / "sweep.md").read_text() == table
+    # another thread count still reuses them; another learning rate is refused, naming the key, before any run
+    assert opd(*sweep, "--set", "threads=1").stdout.count("finished earlier, reusing") == 2
+    changed = opd(*sweep, "--set", "optim.learning_rate=2e-3")
+    assert changed.returncode == 2 and "trained with another optim.learning_rate" in changed.stdout
+    assert [log.stat().st_mtime_ns for log in logs] == written
 
     # a run stopped part-way: refused before anything trains (gkd would run first), continued with --resume
     stopped = logs[1]

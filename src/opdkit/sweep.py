@@ -11,8 +11,9 @@ matplotlib, ``<output_dir>/sweep.png`` (the plotted metric against steps) and ev
 when the run ends (a finished run reused gets a fresh one), so that the table never links a page that is not there.
 
 Every config is validated, and every run folder checked, before the first run. Run again, a sweep reuses the
-runs that finished (read back from their ``metrics.jsonl``); ``resume`` also continues those that stopped
-part-way, which are otherwise refused before anything trains.
+runs that finished (read back from their ``metrics.jsonl``) with the same config but for ``REUSABLE_DESPITE``, and
+refuses those trained with another; ``resume`` also continues those that stopped part-way, which are otherwise
+refused before anything trains.
 """
 
 from __future__ import annotations
@@ -148,16 +149,33 @@ def finished_run(run_dir: Path) -> tuple[dict, list[dict]] | None:
     return result, [r for r in records[1:-1] if "loss" in r]
 
 
+# Config sections a finished run may differ in and still be reused: where it ran and what it logged and kept.
+REUSABLE_DESPITE = ("output_dir", "threads", "logging", "checkpoint")
+
+
+def changed_keys(folder: Path, config: Config) -> list[str]:
+    """The keys, set in both, whose value in the ``config.yaml`` a run in ``folder`` was trained with differs from
+    ``config``'s (keys one of them lacks, from another opdkit version, are not compared)."""
+    saved = _flatten(yaml.safe_load((folder / "config.yaml").read_text()) or {})
+    now = _flatten(config.model_dump(mode="json"))
+    return sorted(key for key in saved.keys() & now.keys()
+                  if key.split(".")[0] not in REUSABLE_DESPITE and saved[key] != now[key])
+
+
 def _plan(configs: dict[str, list[Config]], resume: bool) -> dict[Path, str]:
     """Each run folder's fate: ``new``, ``done`` (reused) or ``resume``. Refused here, before anything trains: a
-    stopped run without ``resume``, data that does not fit a method (a TrOPD prefix beyond the context), and a
-    tracker in ``logging.report_to`` that is not installed."""
+    finished run trained with another config (a sweep reuses only the runs it would have run), a stopped run without
+    ``resume``, data that does not fit a method (a TrOPD prefix beyond the context), and a tracker in
+    ``logging.report_to`` that is not installed."""
     plan = {}
     for config in (c for cs in configs.values() for c in cs):
         check_data(config)
         check_installed(config.logging.report_to)
         folder = Path(config.output_dir)
         if finished_run(folder) is not None:
+            if changed := changed_keys(folder, config):
+                raise OPDError(f"{folder} holds a finished run trained with another {', '.join(changed)} than this "
+                               "sweep's: give the sweep another --output-dir, or delete the folder to run it again")
             plan[folder] = "done"
         elif checkpoints(folder):
             if not resume:
