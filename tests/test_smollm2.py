@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def scenario():
-    return resolve_builtin("builtin:smollm2/student-20").parent  # builds the scenario where any part is missing
+    return resolve_builtin("builtin:smollm2/teacher").parent
 
 
 def test_converted_teacher_loads_like_any_hf_model_and_matches_the_gguf(scenario):

@@ -98,6 +98,28 @@ def test_unknown_builtin_names_the_closest():
         resolve_builtin("builtin:arith/teachr")
 
 
+def test_a_scenario_cache_missing_any_part_is_built_again(tmp_path, monkeypatch):
+    """A cache written before the scenario gained an artifact (smollm2's student-20) is rebuilt whichever part is
+    asked for, so that `opd build`, which asks for the teacher, leaves the whole scenario in place."""
+    from opdkit.scenarios import arith, resolve_builtin
+
+    builds = []
+
+    def fake_build(tmp, **options):
+        builds.append(tmp)
+        for artifact in arith.ARTIFACTS.values():
+            (tmp / artifact).mkdir()
+
+    monkeypatch.setenv("OPDKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(arith, "build", fake_build)
+    folder = tmp_path / arith.FOLDER
+    (folder / arith.ARTIFACTS["teacher"]).mkdir(parents=True)  # an older cache: the teacher alone
+    assert resolve_builtin("builtin:arith/teacher") == folder / arith.ARTIFACTS["teacher"] and len(builds) == 1
+    assert all((folder / artifact).exists() for artifact in arith.ARTIFACTS.values())
+    resolve_builtin("builtin:arith/student")  # complete now: nothing is built again
+    assert len(builds) == 1
+
+
 def test_hf_dataset_folder_loads_offline(tmp_path):
     datasets = pytest.importorskip("datasets")
     from opdkit.data import load_examples
