@@ -15,6 +15,7 @@ from opdkit.config import ObjectiveConfig, load_config
 from opdkit.data import PromptSampler, left_pad, load_examples, render_prompt
 from opdkit.decode import ROW_MAJOR_ROWS, _fast_projections, choose, decode
 from opdkit.errors import OPDError
+from opdkit.llama_step import unsupported
 from opdkit.models import load_model, load_tokenizer
 from opdkit.rollout import sample
 from opdkit.teachers import LocalTeacher
@@ -69,10 +70,66 @@ def test_row_major_projections_give_the_same_logits(tiny):
     ids = torch.randint(0, model.config.vocab_size, (ROW_MAJOR_ROWS, 5))
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-        with _fast_projections(model, ROW_MAJOR_ROWS):
+        with _fast_projections(model, True):
             fast = model(input_ids=ids).logits
         assert "forward" not in vars(model.get_output_embeddings())  # restored after
         assert torch.allclose(plain, fast, atol=1e-5)
+
+
+def _family(kind: str, **extra):
+    """A tiny random model of a Llama family with grouped-query attention (4 query heads, 2 key heads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(kind, vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  pad_token_id=0, eos_token_id=1, bos_token_id=None, **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+FAMILIES = {"llama": {}, "llama-biases": {"attention_bias": True, "mlp_bias": True}, "mistral": {"sliding_window": None},
+            "qwen2": {}, "qwen3": {"head_dim": 8}}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_step_samples_log_probs_equal_to_the_models_own_forward(family):
+    model = _family(family.split("-")[0], **FAMILIES[family])
+    assert unsupported(model) is None
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], pad_id=0)
+    torch.manual_seed(3)
+    tokens, logprobs = decode(model, ids, mask, 12, eos_id=-1, pad_id=0)
+    full_mask = torch.cat([mask, torch.ones_like(tokens)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([ids, tokens], 1), attention_mask=full_mask,
+                       position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits[:, ids.shape[1] - 1 : -1]
+    expected = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logprobs, expected, atol=1e-5)
+
+
+def test_llama_step_under_bf16_autocast_stays_close_to_the_models_forward():
+    model = _family("llama")
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11]], pad_id=0)
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens, logprobs = decode(model, ids, mask, 12, eos_id=-1, pad_id=0)
+    full_mask = torch.cat([mask, torch.ones_like(tokens)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([ids, tokens], 1), attention_mask=full_mask,
+                       position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits[:, ids.shape[1] - 1 : -1]
+    expected = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert (logprobs - expected).abs().max() < 0.05  # bf16 products: about 3 significant digits
+
+
+def test_llama_step_names_what_it_cannot_run(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    assert "model type 'gpt2'" in unsupported(__import__("transformers").GPT2LMHeadModel(
+        __import__("transformers").GPT2Config(n_layer=1, n_embd=8, n_head=2)))
+    assert "sliding" in unsupported(_family("mistral", sliding_window=16))
+    lora = get_peft_model(load_model(str(tiny / "student")), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "LoRA" in unsupported(lora.get_base_model())
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)  # and decoding falls back to the model's own forward
+    assert decode(lora, ids, mask, 4, eos_id=-1, pad_id=0)[0].shape == (2, 4)
 
 
 # ---- the teacher ---------------------------------------------------------------------------------------

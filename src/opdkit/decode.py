@@ -19,6 +19,14 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
+from .llama_step import LlamaStep, unsupported
+
+
+def compute_dtype(model: PreTrainedModel) -> torch.dtype:
+    """What the products compute in: the autocast dtype where autocast is on, else the weights' dtype."""
+    device = next(model.parameters()).device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else next(model.parameters()).dtype
+
 
 def choose(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
            rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,15 +67,14 @@ ROW_MAJOR_ROWS = 16  # at most this many rows per step: W @ x.T (measured faster
 
 
 @contextlib.contextmanager
-def _fast_projections(model: PreTrainedModel, rows: int):
+def _fast_projections(model: PreTrainedModel, row_major: bool):
     """Decode with ``W @ x.T`` in every CPU ``nn.Linear`` when a step has few rows; restored after. A fixed rule,
     not a timing, so that the same seed gives the same bits in every run (a resumed run included). Decoders that
     share a model (server threads) take turns; a plain forward of the same model from another thread meanwhile
     computes its products in this form too (equal up to float rounding)."""
     lock = model.__dict__.setdefault("_opd_decode_lock", threading.Lock())
     with lock:
-        swapped = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-                   and rows <= ROW_MAJOR_ROWS]
+        swapped = [m for m in model.modules() if type(m) is torch.nn.Linear and row_major]
         for linear in swapped:
             linear.forward = _row_major(linear)
         try:
@@ -105,27 +112,40 @@ def decode(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.
     ``Rollouts.completion_logits`` assigns them. ``rows``: this batch's place in one shared among processes
     (``choose``)."""
     all_ended = LOCKSTEP.get() or (lambda ended: ended)
-    batch = prompt_ids.shape[0]
-    mask = prompt_mask
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    ones = mask.new_ones(batch, 1)
+    batch, width = prompt_ids.shape
+    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    # every column the decode can reach: the prompt's, then one per new token (as Rollouts.completion_logits)
+    positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, max_new_tokens + 1, device=positions.device)], 1)
+    key_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
     ended = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     tokens, logprobs = [], []
     was_training = model.training
     model.eval()  # no dropout while sampling
-    with _fast_projections(model, batch):
-        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        position = positions[:, -1:]
+    row_major = batch <= ROW_MAJOR_ROWS and prompt_ids.device.type == "cpu"
+    with _fast_projections(model, row_major):
+        # the last position's logits, kept by index (rollout.ONE_POSITION says why not logits_to_keep=1)
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[:, :width], use_cache=True,
+                    logits_to_keep=torch.tensor([width - 1]))
+        stepper = None
+        if max_new_tokens > 1 and unsupported(model) is None:
+            stepper = LlamaStep(model, positions, compute_dtype(model), row_major)
+            stepper.load(out.past_key_values, width)
+        logits = out.logits[:, -1]
         for step in range(max_new_tokens):
-            token, logprob = choose(out.logits[:, -1], temperature, top_p, greedy, rows)
+            token, logprob = choose(logits, temperature, top_p, greedy, rows)
             token = token.masked_fill(ended, pad_id)
             tokens.append(token)
             logprobs.append(logprob.masked_fill(ended, 0.0))
             ended = ended | (token == eos_id)
             if all_ended(bool(ended.all())) or step == max_new_tokens - 1:
                 break
-            mask, position = torch.cat([mask, ones], dim=1), position + 1
-            out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
-                        past_key_values=out.past_key_values, use_cache=True)
+            column = width + step
+            if stepper is not None:
+                logits = stepper.step(token, column, key_mask)
+            else:
+                out = model(input_ids=token.unsqueeze(1), attention_mask=key_mask[:, : column + 1],
+                            position_ids=positions[:, column : column + 1], past_key_values=out.past_key_values,
+                            use_cache=True)
+                logits = out.logits[:, -1]
     model.train(was_training)
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)

@@ -34,8 +34,8 @@ from .evaluate import Evaluator
 from .faults import StopSignals, diagnose, save_batch
 from .lora import adapter_folder, require_peft
 from .methods import Method, build_method
-from .models import (autocast, context_length, enable_gradient_checkpointing, load_model, load_student, load_tokenizer,
-                     machine_description, pick_device, resolve_precision, set_threads)
+from .models import (autocast, context_length, enable_gradient_checkpointing, keep_freed_memory, load_model,
+                     load_student, load_tokenizer, machine_description, pick_device, resolve_precision, set_threads)
 from .objectives import credit, gates, groups
 from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
@@ -129,6 +129,7 @@ def check_data(config: Config, student_path: str | None = None) -> Data:
 def setup(config: Config, student_path: str | None = None) -> Run:
     """Load models and data and check that they fit together; raise OPDError before any training."""
     set_threads(config.threads)
+    keep_freed_memory()
     torch.manual_seed(config.seed)
     processes = Processes.start(config.distributed.strategy)
     if processes.strategy == "fsdp" and (reason := config.cannot_shard()):  # FSDP from the accelerate config
