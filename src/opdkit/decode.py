@@ -122,15 +122,16 @@ def decode(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.
     was_training = model.training
     model.eval()  # no dropout while sampling
     row_major = batch <= ROW_MAJOR_ROWS and prompt_ids.device.type == "cpu"
-    with _fast_projections(model, row_major):
-        # the last position's logits, kept by index (rollout.ONE_POSITION says why not logits_to_keep=1)
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[:, :width], use_cache=True,
-                    logits_to_keep=torch.tensor([width - 1]))
-        stepper = None
-        if max_new_tokens > 1 and unsupported(model) is None:
-            stepper = LlamaStep(model, positions, compute_dtype(model), row_major)
-            stepper.load(out.past_key_values, width)
-        logits = out.logits[:, -1]
+    stepper = None
+    if unsupported(model) is None:
+        stepper = LlamaStep(model, positions, compute_dtype(model), ROW_MAJOR_ROWS if row_major else 0)
+    with _fast_projections(model, row_major and stepper is None):
+        if stepper is not None:
+            logits = stepper.prefill(prompt_ids, key_mask)
+        else:  # the last position's logits, kept by index (rollout.ONE_POSITION says why not logits_to_keep=1)
+            out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[:, :width],
+                        use_cache=True, logits_to_keep=torch.tensor([width - 1]))
+            logits = out.logits[:, -1]
         for step in range(max_new_tokens):
             token, logprob = choose(logits, temperature, top_p, greedy, rows)
             token = token.masked_fill(ended, pad_id)

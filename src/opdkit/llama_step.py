@@ -3,10 +3,10 @@
 ``transformers``' forward of one token spends most of a small model's decode step outside its matrix products:
 module calls, keyword plumbing, a causal mask built again from the whole attention mask, the cache grown by
 concatenation. On the SmolLM2 student (10 layers, 4 rows, 2 cores) a step took 16.5 ms of which about 4 ms were
-matrix products. ``LlamaStep`` does the same arithmetic in about 25 operators per layer: the q/k/v and the
-gate/up projections each fused into one product, rotary tables computed once for every position the decode
-can reach (by the model's own rotary module, so every rope type it knows is honoured), keys and values written
-in place.
+matrix products. ``LlamaStep`` does the same arithmetic in about 25 operators per layer, the prompt's prefill
+included: the weights cast once per decode (not once by autocast for the prefill and again for the steps), rotary
+tables computed once for every position the decode can reach (by the model's own rotary module, so every rope
+type it knows is honoured), keys and values written in place.
 
 It applies to Llama, Mistral, Qwen2 and Qwen3 models made of plain ``nn.Linear`` projections with full
 attention (``unsupported`` names anything else, and ``decode.decode`` then keeps ``transformers``' forward):
@@ -51,17 +51,19 @@ def unsupported(model: PreTrainedModel) -> str | None:
 
 
 class LlamaStep:
-    """``step(tokens [B], column, key_mask [B, L]) -> logits [B, V]``: one token per row at cache column
-    ``column``; positions and rotary tables per row come from ``positions [B, L]``. ``load`` copies the prompt's
-    keys and values out of ``transformers``' cache after the prefill.
+    """``prefill(ids [B, P], key_mask)`` then ``step(tokens [B], column, key_mask)``, each returning the logits
+    ``[B, V]`` of the last position: the prompt through columns ``0:P`` of the cache, then one token per row at
+    ``column``. ``positions [B, L]`` are every column's position (rotary tables are computed for them once),
+    ``key_mask [B, L]`` says which columns hold tokens (left padding is 0).
 
-    ``dtype``: what the products compute in (bf16 under a bf16 autocast, else the weights' dtype); the residual
-    stream, the norms and the rotary embedding stay float32, as ``transformers`` keeps them under autocast.
-    ``row_major``: compute each product as ``W @ x.T`` (``decode.ROW_MAJOR_ROWS``)."""
+    ``dtype``: what the products compute in (bf16 under a bf16 autocast, else the weights' dtype), the weights
+    cast once; the residual stream, the norms and the rotary embedding stay float32, as ``transformers`` keeps
+    them under autocast. Products of at most ``row_major_rows`` rows are computed as ``W @ x.T``
+    (``decode.ROW_MAJOR_ROWS``)."""
 
-    def __init__(self, model: PreTrainedModel, positions: torch.Tensor, dtype: torch.dtype, row_major: bool):
+    def __init__(self, model: PreTrainedModel, positions: torch.Tensor, dtype: torch.dtype, row_major_rows: int):
         decoder, config = model.get_decoder(), model.config
-        self.dtype, self.row_major = dtype, row_major
+        self.dtype, self.row_major_rows = dtype, row_major_rows
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.groups = self.heads // self.kv_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -80,28 +82,21 @@ class LlamaStep:
                                 norm(layer.post_attention_layernorm), cast(m.gate_proj), cast(m.up_proj),
                                 cast(m.down_proj)))
         batch, length = positions.shape
-        device = positions.device
-        # x * cos + rotate_half(x) * sin = x @ (diag(cos) + J diag(sin)), J the rotate_half matrix: one product
-        # per layer for the queries and keys of every head
-        cos, sin = decoder.rotary_emb(torch.zeros(1, device=device), positions)  # [B, L, hd], any rope type
-        half = self.head_dim // 2
-        eye = torch.eye(half, device=device)
-        rotate = torch.zeros(self.head_dim, self.head_dim, device=device)
-        rotate[half:, :half], rotate[:half, half:] = -eye, eye
-        self.cos, self.sin, self.rotate = cos, sin, rotate
+        cos, sin = decoder.rotary_emb(torch.zeros(1, device=positions.device), positions)  # any rope type it knows
+        self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, L, hd] float32
         shape = (batch, self.kv_heads, length, self.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=positions.device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=positions.device) for _ in self.layers]
 
-    def load(self, cache, width: int) -> None:
-        """The prompt's keys and values (columns ``0:width``) from ``transformers``' cache."""
-        for i, layer in enumerate(cache.layers):
-            self.keys[i][:, :, :width] = layer.keys
-            self.values[i][:, :, :width] = layer.values
+    def prefill(self, ids: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        return self._forward(ids, 0, key_mask)
+
+    def step(self, tokens: torch.Tensor, column: int, key_mask: torch.Tensor) -> torch.Tensor:
+        return self._forward(tokens.unsqueeze(1), column, key_mask)
 
     def _linear(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         weight, bias = weights
-        out = (weight @ x.T).T if self.row_major else x @ weight.T
+        out = (weight @ x.T).T if x.shape[0] <= self.row_major_rows else x @ weight.T
         return out if bias is None else out + bias
 
     @staticmethod
@@ -109,29 +104,40 @@ class LlamaStep:
         """RMSNorm in float32, as the models' ``*RMSNorm.forward`` computes it."""
         return F.rms_norm(x.float(), x.shape[-1:], *norm)
 
-    def step(self, tokens: torch.Tensor, column: int, key_mask: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(tokens.device.type, enabled=False):  # the dtypes are chosen here, operator by operator
-            return self._step(tokens, column, key_mask)
+    def _rotate(self, x: torch.Tensor, columns: slice) -> torch.Tensor:
+        """``x [B, h, T, hd]`` rotated at ``columns``, in float32 (``apply_rotary_pos_emb``)."""
+        x, half = x.float(), x.shape[-1] // 2
+        return x * self.cos[:, :, columns] + torch.cat((-x[..., half:], x[..., :half]), -1) * self.sin[:, :, columns]
 
-    def _step(self, tokens: torch.Tensor, column: int, key_mask: torch.Tensor) -> torch.Tensor:
-        batch, hd, dtype = tokens.shape[0], self.head_dim, self.dtype
-        rotation = torch.diag_embed(self.cos[:, column]) + self.rotate * self.sin[:, column, None, :]  # [B, hd, hd]
-        visible = key_mask[:, None, None, : column + 1].bool()
-        x = self.embed(tokens).float()  # [B, d]: the residual stream
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
-            norm_in, q_proj, k_proj, v_proj, q_norm, k_norm, o_proj, norm_post, gate, up, down = layer
-            h = self._norm(x, norm_in).to(dtype)
-            q = self._linear(h, q_proj).reshape(batch, self.heads, hd)
-            k = self._linear(h, k_proj).reshape(batch, self.kv_heads, hd)
-            if q_norm is not None:
-                q, k = self._norm(q, q_norm), self._norm(k, k_norm)
-            keys[:, :, column] = k.float() @ rotation
-            values[:, :, column] = self._linear(h, v_proj).reshape(batch, self.kv_heads, hd)
-            # grouped-query attention without repeating keys: the heads that share a key head are its queries
-            q = (q.float() @ rotation).to(dtype).view(batch, self.kv_heads, self.groups, hd)
-            attended = F.scaled_dot_product_attention(q, keys[:, :, : column + 1], values[:, :, : column + 1],
-                                                      attn_mask=visible, scale=self.scaling)
-            x += self._linear(attended.reshape(batch, self.heads * hd), o_proj)
-            h = self._norm(x, norm_post).to(dtype)
-            x += self._linear(F.silu(self._linear(h, gate)) * self._linear(h, up), down)
-        return self._linear(self._norm(x, self.final_norm).to(dtype), self.head)
+    def _forward(self, ids: torch.Tensor, start: int, key_mask: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(ids.device.type, enabled=False):  # the dtypes are chosen here, operator by operator
+            batch, width = ids.shape
+            end, columns, hd, dtype = start + width, slice(start, start + width), self.head_dim, self.dtype
+            # query t sees the keys of columns <= start + t that hold tokens, and always its own (a padding
+            # query attends to itself instead of to nothing); the queries of one key head's `groups` heads are
+            # laid side by side, so keys are never repeated
+            if width == 1:  # a new token: every column before it that holds one, and its own
+                visible = key_mask[:, None, None, :end].bool()
+            else:
+                causal = torch.ones(width, end, dtype=torch.bool, device=ids.device).tril(start)
+                own = causal & ~causal.tril(start - 1)
+                visible = (causal & key_mask[:, None, :end].bool() | own).unsqueeze(1).repeat(1, 1, self.groups, 1)
+            x = self.embed(ids).float().reshape(batch * width, -1)  # the residual stream
+            for layer, keys, values in zip(self.layers, self.keys, self.values):
+                norm_in, q_proj, k_proj, v_proj, q_norm, k_norm, o_proj, norm_post, gate, up, down = layer
+                h = self._norm(x, norm_in).to(dtype)
+                q = self._linear(h, q_proj).reshape(batch, width, self.heads, hd).transpose(1, 2)
+                k = self._linear(h, k_proj).reshape(batch, width, self.kv_heads, hd).transpose(1, 2)
+                if q_norm is not None:
+                    q, k = self._norm(q, q_norm), self._norm(k, k_norm)
+                keys[:, :, columns] = self._rotate(k, columns)
+                values[:, :, columns] = self._linear(h, v_proj).reshape(batch, width, self.kv_heads, hd).transpose(1, 2)
+                q = self._rotate(q, columns).to(dtype).reshape(batch, self.kv_heads, self.groups * width, hd)
+                attended = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=visible,
+                                                          scale=self.scaling)  # [B, kv heads, groups * T, hd]
+                attended = attended.reshape(batch, self.heads, width, hd).transpose(1, 2).reshape(batch * width, -1)
+                x += self._linear(attended, o_proj)
+                h = self._norm(x, norm_post).to(dtype)
+                x += self._linear(F.silu(self._linear(h, gate)) * self._linear(h, up), down)
+            last = x.reshape(batch, width, -1)[:, -1]
+            return self._linear(self._norm(last, self.final_norm).to(dtype), self.head)
