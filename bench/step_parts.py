@@ -1,10 +1,13 @@
 """Two parts of a step measured against what they replaced, on the SmolLM2 student, in one process.
 
-    .venv/bin/python bench/step_parts.py [--threads 2] [--batch 4] [--tokens 32]
+    .venv/bin/python bench/step_parts.py [--threads 2] [--batch 4] [--tokens 32] [--precision auto]
 
-- decoding: ms per new token of ``opdkit.decode.decode`` (one token and its log-prob per step, ``W @ x.T`` for few
-  rows) against ``transformers``' ``generate(output_scores=True)`` followed by the ``[B, C, V]`` float32
-  log-softmax that the rollout used to read one log-prob per position from; alternated, medians of 3;
+- decoding, in the precision a run would use (``auto``: bf16 autocast where the processor has AMX): ms per new
+  token of ``opdkit.decode.decode`` (one token and its log-prob per step, ``W @ x.T`` for few rows, the student's
+  layers through ``opdkit.llama_step``), of the same loop over ``transformers``' forward (what ``decode`` does for
+  a model ``llama_step`` does not support), and of ``transformers``' ``generate(output_scores=True)`` followed by
+  the ``[B, C, V]`` float32 log-softmax that the rollout used to read one log-prob per position from; alternated,
+  medians of 3;
 - the optimizer: seconds and extra peak memory of one AdamW step over the student's parameters, ``fused`` against
   ``foreach`` and the per-parameter loop, each in a fresh process (peak RSS is per process).
 """
@@ -31,7 +34,9 @@ def decoding(args) -> dict:
     import torch
     from transformers import GenerationConfig
 
+    import opdkit.decode
     from opdkit.decode import decode
+    from opdkit.models import autocast, resolve_precision
 
     model = student()
     g = torch.Generator().manual_seed(0)
@@ -39,20 +44,30 @@ def decoding(args) -> dict:
     mask = torch.ones_like(ids)
     config = GenerationConfig(max_new_tokens=args.tokens, do_sample=True, top_k=0, return_dict_in_generate=True,
                               output_scores=True, pad_token_id=0, eos_token_id=None)
+    supported = opdkit.decode.unsupported
 
     def ours():
         decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
+
+    def ours_over_transformers():
+        opdkit.decode.unsupported = lambda model: "measured without llama_step"
+        try:
+            decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
+        finally:
+            opdkit.decode.unsupported = supported
 
     def generate():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)
         scores.gather(-1, out.sequences[:, ids.shape[1]:].unsqueeze(-1))
 
-    times: dict[str, list[float]] = {"ours": [], "generate": []}
-    with torch.no_grad():
-        ours(), generate()  # warm-up
+    variants = {"ours": ours, "ours over transformers' forward": ours_over_transformers, "generate": generate}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.no_grad(), autocast(torch.device("cpu"), resolve_precision(args.precision, torch.device("cpu"))):
+        for fn in variants.values():  # warm-up
+            fn()
         for _ in range(3):
-            for name, fn in (("ours", ours), ("generate", generate)):
+            for name, fn in variants.items():
                 start = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - start) / args.tokens * 1000)
@@ -85,6 +100,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="for decoding")
     parser.add_argument("--optimizer", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
@@ -95,10 +111,13 @@ def main() -> None:
     if args.optimizer:
         print(json.dumps(optimizer_step(args.optimizer)))
         return
-    print(machine_description(torch.float32))
+    from opdkit.models import resolve_precision
+
+    print(machine_description(resolve_precision(args.precision, torch.device("cpu"))))
     ms = decoding(args)
-    print(f"decoding, batch {args.batch}, {args.tokens} new tokens: ours {ms['ours']:.1f} ms/token, "
-          f"generate + [B, C, V] log-softmax {ms['generate']:.1f} ms/token ({ms['generate'] / ms['ours']:.2f}x)")
+    print(f"decoding, batch {args.batch}, {args.tokens} new tokens, ms per token (ratio to ours):")
+    for name, value in ms.items():
+        print(f"  {name:34s} {value:6.1f}  ({value / ms['ours']:.2f}x)")
     for mode in ("fused", "foreach", "loop"):
         out = subprocess.run([sys.executable, __file__, "--optimizer", mode, "--threads", str(args.threads)],
                              capture_output=True, text=True, check=True)
