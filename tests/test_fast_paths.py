@@ -91,6 +91,15 @@ FAMILIES = {"llama": {}, "llama-biases": {"attention_bias": True, "mlp_bias": Tr
             "qwen2": {}, "qwen3": {"head_dim": 8}}
 
 
+def _forward_logprobs(model, ids, mask, tokens) -> torch.Tensor:
+    """The model's own float32 log-probs of ``tokens`` after the left-padded prompts ``ids``, in one forward pass."""
+    full_mask = torch.cat([mask, torch.ones_like(tokens)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([ids, tokens], 1), attention_mask=full_mask,
+                       position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits[:, ids.shape[1] - 1 : -1]
+    return logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llama_step_samples_log_probs_equal_to_the_models_own_forward(family):
     model = _family(family.split("-")[0], **FAMILIES[family])
@@ -98,11 +107,7 @@ def test_llama_step_samples_log_probs_equal_to_the_models_own_forward(family):
     ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], pad_id=0)
     torch.manual_seed(3)
     tokens, logprobs = decode(model, ids, mask, 12, eos_id=-1, pad_id=0)
-    full_mask = torch.cat([mask, torch.ones_like(tokens)], 1)
-    with torch.no_grad():
-        logits = model(input_ids=torch.cat([ids, tokens], 1), attention_mask=full_mask,
-                       position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits[:, ids.shape[1] - 1 : -1]
-    expected = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    expected = _forward_logprobs(model, ids, mask, tokens)
     assert torch.allclose(logprobs, expected, atol=1e-5)
 
 
@@ -112,11 +117,7 @@ def test_llama_step_under_bf16_autocast_stays_close_to_the_models_forward():
     torch.manual_seed(3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tokens, logprobs = decode(model, ids, mask, 12, eos_id=-1, pad_id=0)
-    full_mask = torch.cat([mask, torch.ones_like(tokens)], 1)
-    with torch.no_grad():
-        logits = model(input_ids=torch.cat([ids, tokens], 1), attention_mask=full_mask,
-                       position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits[:, ids.shape[1] - 1 : -1]
-    expected = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    expected = _forward_logprobs(model, ids, mask, tokens)
     assert (logprobs - expected).abs().max() < 0.05  # bf16 products: about 3 significant digits
 
 
