@@ -139,13 +139,14 @@ def test_a_run_shows_banner_before_evals_and_summary_and_keeps_samples_and_final
     path = write_yaml(tiny_config, tmp_path / "c.yaml")
     assert main(["train", str(path)]) == 0
     out = capsys.readouterr().out
-    order = ["opd train", "method", "student", "teacher", "precision", "machine", "data", "steps", "checkpoints",
-             "output", "first prompt", "before training:", "opd step 2/4", "eval at step 2:", "saved checkpoint-2",
+    order = ["opd train", "method", "student", "teacher", "precision", "decoding", "machine", "data", "steps",
+             "checkpoints", "output", "first prompt", "before training:", "opd step 2/4", "eval at step 2:", "saved checkpoint-2",
              "held-out, before and after 4 steps of opd", "evaluation completions", "best checkpoint:",
              "final model:", "of which training steps"]
     positions = [out.index(text) for text in order]
     assert positions == sorted(positions), out
     assert "rendered with the student's chat template" in out
+    assert "(llama_step)" in " ".join(out.split())  # the tiny Llama student decodes through opdkit's own step
     for needle in ("lr ", "gnorm ", "s/step", "rkl~k1 "):
         assert needle in out.split("opd step 2/4")[1].splitlines()[0]
 

@@ -114,6 +114,7 @@ class RunView:
             ("student", f"{config.student.path} ({_trainable(run.student)} parameters)"),
             *teachers,  # Text: no markup in a server's answers
             ("precision", precisions(run)),
+            ("decoding", decoding(run)),
             ("machine", f"{run.device.type}: {machine_description(run.amp_dtype)}"),
             ("data", data),
             ("steps", schedule),
@@ -288,6 +289,17 @@ def probe_lines(teacher) -> list[str]:
     """What the probe found about a server teacher (nothing for other teachers), shown under the teacher."""
     findings = getattr(teacher, "findings", None)
     return findings.lines() if findings is not None else []
+
+
+def decoding(run) -> str:
+    """How the student's rollouts are decoded, for the run log."""
+    from .llama_step import unsupported
+
+    if run.served is not None:
+        return "by the server that serves the student (rollout.engine: server)"
+    reason = unsupported(run.student)
+    return ("opdkit's Llama-family step over a preallocated KV cache (llama_step)" if reason is None
+            else f"transformers' forward over its KV cache (llama_step does not support {reason})")
 
 
 def precisions(run) -> str:
