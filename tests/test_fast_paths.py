@@ -158,6 +158,19 @@ def test_teacher_token_and_topk_log_probs_equal_the_full_log_softmax(scored):
     assert signal.logprobs is None and signal.hidden is None  # nothing [B, C, V] kept
 
 
+def test_teacher_full_support_never_copies_its_head_per_row(scored):
+    """``logits_to_keep=1`` made the head a ``bmm`` over a ``[B, d, V]`` copy of its weight (rollout.ONE_POSITION)."""
+    from torch.profiler import profile
+
+    teacher, batch, _ = scored
+    head = teacher.model.get_output_embeddings().weight
+    expanded = [len(batch.completion_ids), head.shape[1], head.shape[0]]
+    with profile(record_shapes=True) as run:
+        teacher.score(batch, "full", top_k=5, entropy=True)
+    shapes = [shape for event in run.events() for shape in event.input_shapes]
+    assert expanded not in shapes and [head.shape[0], head.shape[1]] in shapes  # the head ran, on its own weight
+
+
 def test_teacher_full_support_hands_over_hidden_states_that_give_the_same_distribution(scored):
     teacher, batch, full = scored
     signal = teacher.score(batch, "full", entropy=True)
