@@ -68,13 +68,13 @@ ROW_MAJOR_ROWS = 16  # at most this many rows per step: W @ x.T (measured faster
 
 @contextlib.contextmanager
 def _fast_projections(model: PreTrainedModel, row_major: bool):
-    """Decode with ``W @ x.T`` in every CPU ``nn.Linear`` when a step has few rows; restored after. A fixed rule,
-    not a timing, so that the same seed gives the same bits in every run (a resumed run included). Decoders that
-    share a model (server threads) take turns; a plain forward of the same model from another thread meanwhile
-    computes its products in this form too (equal up to float rounding)."""
+    """With ``row_major`` (a CPU step of at most ``ROW_MAJOR_ROWS`` rows), decode with ``W @ x.T`` in every
+    ``nn.Linear``; restored after. A fixed rule, not a timing, so that the same seed gives the same bits in every run
+    (a resumed run included). Decoders that share a model (server threads) take turns; a plain forward of the same
+    model from another thread meanwhile computes its products in this form too (equal up to float rounding)."""
     lock = model.__dict__.setdefault("_opd_decode_lock", threading.Lock())
     with lock:
-        swapped = [m for m in model.modules() if type(m) is torch.nn.Linear and row_major]
+        swapped = [m for m in model.modules() if type(m) is torch.nn.Linear] if row_major else []
         for linear in swapped:
             linear.forward = _row_major(linear)
         try:
