@@ -292,8 +292,11 @@ class RolloutConfig(_Strict):
                              "batch_size * num_samples rollouts, each prompt's adjacent; teacher and dataset states "
                              "stay one per prompt")
     engine: Literal["hf", "server"] = Field("hf", description="hf: the student decodes its own rollouts in this "
-                                            "process; server: an OpenAI-compatible server serving the student (vLLM, "
-                                            "SGLang, opd serve-teacher) draws them, its LoRA adapter synced each step")
+                                            "process (Llama, Mistral, Qwen2 and Qwen3 students through opdkit's "
+                                            "llama_step over a KV cache allocated once, others through transformers' "
+                                            "forward; the run log says which); server: an OpenAI-compatible server "
+                                            "serving the student (vLLM, SGLang, opd serve-teacher) draws them, its "
+                                            "LoRA adapter synced each step")
     server: ServedStudentSpec | None = Field(None, description="engine server: the server serving the student "
                                              "(base_url, model: the base model's served name, adapter_name, "
                                              "adapter_dir, and the teacher server's retry settings)")
