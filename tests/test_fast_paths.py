@@ -159,7 +159,7 @@ def test_teacher_token_and_topk_log_probs_equal_the_full_log_softmax(scored):
 
 
 def test_teacher_full_support_never_copies_its_head_per_row(scored):
-    """``logits_to_keep=1`` made the head a ``bmm`` over a ``[B, d, V]`` copy of its weight (rollout.ONE_POSITION)."""
+    """``logits_to_keep=1`` made the head a ``bmm`` over a ``[B, d, V]`` copy of its weight (decode.one_position)."""
     from torch.profiler import profile
 
     teacher, batch, _ = scored

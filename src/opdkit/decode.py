@@ -19,13 +19,21 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
-from .llama_step import LlamaStep, unsupported
+from .llama_step import LlamaStep, project, unsupported
 
 
 def compute_dtype(model: PreTrainedModel) -> torch.dtype:
     """What the products compute in: the autocast dtype where autocast is on, else the weights' dtype."""
     device = next(model.parameters()).device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else next(model.parameters()).dtype
+
+
+def one_position(index: int) -> torch.Tensor:
+    """``logits_to_keep`` for the logits of position ``index`` alone. An index tensor, not ``logits_to_keep=1``:
+    that slices the hidden states ``[:, -1:]``, a view that ``matmul`` cannot fold into a matrix without gradient,
+    so the LM head ran as a ``bmm`` over a ``[B, d, V]`` copy of its weight (a quarter of a SmolLM2 teacher's
+    scoring time); an index copies ``[B, 1, d]`` instead."""
+    return torch.tensor([index])
 
 
 def choose(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
@@ -59,8 +67,7 @@ def choose(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, g
 
 def _row_major(linear: torch.nn.Linear):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        out = (linear.weight @ x.reshape(-1, x.shape[-1]).T).T.reshape(*x.shape[:-1], -1)
-        return out if linear.bias is None else out + linear.bias
+        return project(x.reshape(-1, x.shape[-1]), linear.weight, linear.bias, row_major=True).reshape(*x.shape[:-1], -1)
 
     return forward
 
@@ -126,13 +133,13 @@ def decode(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.
     row_major = batch <= ROW_MAJOR_ROWS and prompt_ids.device.type == "cpu"
     stepper = None
     if unsupported(model) is None:
-        stepper = LlamaStep(model, positions, compute_dtype(model), ROW_MAJOR_ROWS if row_major else 0)
+        stepper = LlamaStep(model, positions, compute_dtype(model), row_major)
     with _fast_projections(model, row_major and stepper is None):
         if stepper is not None:
             logits = stepper.prefill(prompt_ids, key_mask)
-        else:  # the last position's logits, kept by index (rollout.ONE_POSITION says why not logits_to_keep=1)
+        else:
             out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions[:, :width],
-                        use_cache=True, logits_to_keep=torch.tensor([width - 1]))
+                        use_cache=True, logits_to_keep=one_position(width - 1))
             logits = out.logits[:, -1]
         for step in range(max_new_tokens):
             token, logprob = choose(logits, temperature, top_p, greedy, rows)

@@ -24,6 +24,12 @@ from transformers import PreTrainedModel
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_major: bool) -> torch.Tensor:
+    """``x [N, d] @ weight.T + bias``, as ``(weight @ x.T).T`` with ``row_major`` (``decode.ROW_MAJOR_ROWS``)."""
+    out = (weight @ x.T).T if row_major else x @ weight.T
+    return out if bias is None else out + bias
+
+
 def unsupported(model: PreTrainedModel) -> str | None:
     """Why ``LlamaStep`` cannot run this model (None when it can)."""
     config = model.config
@@ -58,12 +64,12 @@ class LlamaStep:
 
     ``dtype``: what the products compute in (bf16 under a bf16 autocast, else the weights' dtype), the weights
     cast once; the residual stream, the norms and the rotary embedding stay float32, as ``transformers`` keeps
-    them under autocast. Products of at most ``row_major_rows`` rows are computed as ``W @ x.T``
-    (``decode.ROW_MAJOR_ROWS``)."""
+    them under autocast. ``row_major``: every product as ``W @ x.T`` (``project``), as ``decode`` computes the
+    model's own projections for a CPU batch of few rows."""
 
-    def __init__(self, model: PreTrainedModel, positions: torch.Tensor, dtype: torch.dtype, row_major_rows: int):
+    def __init__(self, model: PreTrainedModel, positions: torch.Tensor, dtype: torch.dtype, row_major: bool):
         decoder, config = model.get_decoder(), model.config
-        self.dtype, self.row_major_rows = dtype, row_major_rows
+        self.dtype, self.row_major = dtype, row_major
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.groups = self.heads // self.kv_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -95,9 +101,7 @@ class LlamaStep:
         return self._forward(tokens.unsqueeze(1), column, key_mask)
 
     def _linear(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-        weight, bias = weights
-        out = (weight @ x.T).T if x.shape[0] <= self.row_major_rows else x @ weight.T
-        return out if bias is None else out + bias
+        return project(x, *weights, self.row_major)
 
     @staticmethod
     def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:

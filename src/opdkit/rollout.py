@@ -16,15 +16,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import Example, left_pad, render_completion, render_prompt, right_pad
-from .decode import decode
+from .decode import decode, one_position
 from .objectives.support import sampled_from_logits
-
-
-# The one position kept when no logits are wanted, as an index tensor: ``logits_to_keep=1`` slices the hidden
-# states ``[:, -1:]``, a view that ``matmul`` cannot fold into a matrix without gradient, so the LM head ran as a
-# ``bmm`` over a ``[B, d, V]`` copy of its weight (a quarter of a SmolLM2 teacher's scoring time). An index copies
-# ``[B, 1, d]`` instead.
-ONE_POSITION = torch.tensor([0])
 
 
 @dataclass
@@ -97,7 +90,7 @@ class Rollouts:
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         width = self.completion_ids.shape[1]
         out = model(input_ids=self.input_ids, attention_mask=mask, position_ids=position_ids,
-                    logits_to_keep=width + 1 if logits else ONE_POSITION, use_cache=False,
+                    logits_to_keep=width + 1 if logits else one_position(0), use_cache=False,
                     output_hidden_states=return_hidden)
         completion_logits = out.logits[:, :-1] if logits else None
         if return_hidden:

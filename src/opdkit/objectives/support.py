@@ -149,6 +149,14 @@ def _add(total: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor:
     return block.float() if total is None else total.add_(block)
 
 
+def _head_grads(weight_grad, bias_grad, weight, bias):
+    """The summed head gradients, zeros where no block contributed (no rows)."""
+    if weight_grad is None:
+        weight_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        bias_grad = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+    return weight_grad, bias_grad
+
+
 class _FusedHeadDivergence(torch.autograd.Function):
     @staticmethod
     def _blocks(block: _Block, hidden, weight, bias, upstream=None):
@@ -172,9 +180,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
             weight_grad = _add(weight_grad, logits_grad.T @ hidden[i:j].to(logits_grad.dtype))
             if bias is not None:
                 bias_grad = _add(bias_grad, logits_grad.sum(0))
-        if weight_grad is None:  # no rows
-            weight_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            bias_grad = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        weight_grad, bias_grad = _head_grads(weight_grad, bias_grad, weight, bias)
         ctx.save_for_backward(hidden, weight, bias, hidden_grad, weight_grad, bias_grad)
         ctx.mark_non_differentiable(entropy, reverse_kl)
         return loss, entropy, reverse_kl
@@ -188,13 +194,13 @@ class _FusedHeadDivergence(torch.autograd.Function):
                 grads[1] = weight_grad.mul_(upstream[0]) if ctx.needs_input_grad[1] else None  # in place: no copy
                 grads[2] = bias_grad.mul_(upstream[0]) if ctx.needs_input_grad[2] else None
             else:  # row weights differ: each block once more, its logits' gradient weighted by them
-                weight_grad, bias_grad = torch.zeros_like(weight_grad), None if bias is None else torch.zeros_like(bias_grad)
+                weight_grad = bias_grad = None
                 with torch.autocast(hidden.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
                     for i, j, _, logits_grad, *_ in _FusedHeadDivergence._blocks(ctx.block, hidden, weight, bias, upstream):
-                        weight_grad += logits_grad.T @ hidden[i:j].to(logits_grad.dtype)
-                        if bias_grad is not None:
-                            bias_grad += logits_grad.sum(0)
-                grads[1], grads[2] = weight_grad, bias_grad
+                        weight_grad = _add(weight_grad, logits_grad.T @ hidden[i:j].to(logits_grad.dtype))
+                        if bias is not None:
+                            bias_grad = _add(bias_grad, logits_grad.sum(0))
+                grads[1], grads[2] = _head_grads(weight_grad, bias_grad, weight, bias)
         grads[1] = None if grads[1] is None else grads[1].to(weight.dtype)
         grads[2] = None if grads[2] is None else grads[2].to(bias.dtype)
         return (*grads, None)
