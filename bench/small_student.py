@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+from functools import partial
 from pathlib import Path
 
 SMALL = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=256)
@@ -31,13 +31,10 @@ SMALL = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, interme
 def warm_student(folder: Path, steps: int) -> dict:
     from rich.console import Console
 
-    from opdkit.data import Example
     from opdkit.scenarios import arith
     from opdkit.tasks import arithmetic
 
-    splits = arithmetic.make_splits(arith.SPLITS, seed=arith.SEED)
-    examples = {name: [Example([{"role": "user", "content": p.prompt}], p.completion, p.answer) for p in problems]
-                for name, problems in splits.items()}
+    examples = arith.as_examples(arithmetic.make_splits(arith.SPLITS, seed=arith.SEED))
     tokenizer = arith.build_tokenizer()
     student = arith.new_model(tokenizer, SMALL, seed=1)
     arith.supervised(student, tokenizer, examples["train"], lambda model: (True, "done"), max_steps=steps, lr=1e-3,
@@ -64,7 +61,7 @@ def main() -> None:
     from opdkit.config import load_config
     from opdkit.demo import RUNS, shipped_config
     from opdkit.scenarios import resolve_builtin
-    from opdkit.sweep import interval95
+    from opdkit.sweep import spread
     from opdkit.train import setup, train
 
     out = Path(args.output_dir)
@@ -96,13 +93,7 @@ def main() -> None:
 
     seeds = sorted({int(k.rsplit(" ", 1)[1]) for k in results})
 
-    def summary(values: list[float], fmt: str) -> str:
-        if len(values) < 2:
-            return format(values[0], fmt)
-        low, high = interval95(values)
-        return (f"{format(statistics.fmean(values), fmt)} ± {format(statistics.stdev(values), fmt)} "
-                f"[{format(low, fmt)}, {format(high, fmt)}]")
-
+    summary = partial(spread, interval=True)
     console.print(f"\nover seeds {seeds}: mean ± sd [95% interval of the mean]")
     for label, _ in RUNS:
         accuracy = [results[f"{label} / seed {s}"]["after"]["accuracy"] for s in seeds]

@@ -119,7 +119,8 @@ def interval95(values: list[float]) -> tuple[float, float]:
     return mean - half, mean + half
 
 
-def _spread(values: list[float], fmt: str, interval: bool = False) -> str:
+def spread(values: list[float], fmt: str, interval: bool = False) -> str:
+    """``mean ± sd`` of ``values``, with their 95% interval of the mean in brackets when asked."""
     if not values:
         return "-"
     mean = statistics.fmean(values)
@@ -237,8 +238,8 @@ def table_metrics(before: dict) -> list[str]:
 
 
 def _row(name: str, measured: list[dict], metrics: list[str], results: list[dict] = ()) -> str:
-    cells = [_spread(_values(measured, key), METRICS[key][1], interval=True) for key in metrics]
-    cells += [_spread([r[key] for r in results], ".0f") for key in ("tokens_per_s", "wall_s", "extra_teacher_tokens")]
+    cells = [spread(_values(measured, key), METRICS[key][1], interval=True) for key in metrics]
+    cells += [spread([r[key] for r in results], ".0f") for key in ("tokens_per_s", "wall_s", "extra_teacher_tokens")]
     cells.append(" ".join(f"[seed {r['seed']}]({r['report']})" for r in results if "report" in r) or "-")
     return f"| {name} | {' | '.join(cells)} |"
 

@@ -142,6 +142,12 @@ def supervised(model, tokenizer, train: list[Example], done: Callable[[object], 
     raise RuntimeError(f"{label} did not stop within {max_steps} steps (last: {measured})")
 
 
+def as_examples(splits: dict) -> dict[str, list[Example]]:
+    """``arithmetic.make_splits``'s problems as chat examples, split by split."""
+    return {name: [Example([{"role": "user", "content": p.prompt}], p.completion, p.answer) for p in problems]
+            for name, problems in splits.items()}
+
+
 def build(tmp: Path, console: Console | None = None, seed: int = SEED) -> None:
     """Write the tokenizer, splits, teacher and student into the (temporary) folder ``tmp``."""
     console = console or Console(stderr=True)
@@ -151,8 +157,7 @@ def build(tmp: Path, console: Console | None = None, seed: int = SEED) -> None:
         with (tmp / f"{name}.jsonl").open("w") as f:
             for p in problems:
                 f.write(json.dumps(p.record()) + "\n")
-    examples = {name: [Example([{"role": "user", "content": p.prompt}], p.completion, p.answer) for p in problems]
-                for name, problems in splits.items()}
+    examples = as_examples(splits)
     tokenizer = build_tokenizer()
     validation = examples["validation"]
 
