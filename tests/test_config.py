@@ -59,7 +59,8 @@ def test_shipped_configs_validate():
     from importlib import resources
 
     shipped = sorted(p for p in (resources.files("opdkit") / "configs").iterdir() if p.name.endswith(".yaml"))
-    assert {"arith-opd.yaml", "arith-chunk-opd.yaml", "smollm2-compress.yaml", "smollm2-heal.yaml"} <= {p.name for p in shipped}
+    assert {"arith-opd.yaml", "arith-chunk-opd.yaml", "branch-gae.yaml", "smollm2-compress.yaml",
+            "smollm2-heal.yaml"} <= {p.name for p in shipped}
     for path in shipped:
         load_config(str(path))
 

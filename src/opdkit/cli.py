@@ -16,6 +16,7 @@ from rich.console import Console  # noqa: E402
 
 from . import version  # noqa: E402
 from .errors import Interrupted, OPDError, Stopped  # noqa: E402
+from .scenarios import SCENARIOS  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="where to write it (default: RUN_DIR/report.html)")
 
     p = commands.add_parser("build", help="build a built-in scenario's models and data into the cache now")
-    p.add_argument("scenario", choices=["arith", "smollm2"], help="which scenario")
+    p.add_argument("scenario", choices=list(SCENARIOS), help="which scenario")
 
     p = commands.add_parser("serve-teacher", help="serve a local HF causal LM as an OpenAI-compatible teacher server",
                             formatter_class=defaults)

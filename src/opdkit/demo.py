@@ -1,6 +1,6 @@
 """``opd demo``: the main job on the embedded default, with an honest baseline.
 
-Builds (once) the arithmetic teacher and weak student, then from the same student copy runs
+Unpacks (once) the arithmetic teacher and weak student shipped with the package, then from the same student copy runs
 on-policy distillation and, for the same steps and prompts, sequence-level KD (SFT on teacher samples),
 and prints a before/after table on held-out problems.
 """
@@ -37,20 +37,23 @@ RUNS = [
 
 
 def verdict(label: str, best: float, baseline: float, n: int) -> tuple[str, bool]:
-    """How the best on-policy run's held-out accuracy compares with the SeqKD baseline's over ``n`` problems, and
-    whether it beat it by more than the noise (two standard errors of the difference of two accuracies). The
-    sentence and the decision use the same rounded numbers."""
+    """Whether on-policy distillation beat the SeqKD baseline, said first, then what was measured: the best
+    on-policy run's held-out accuracy against the baseline's over ``n`` problems, and whether the margin is more
+    than the noise (two standard errors of the difference of two accuracies). It beat the baseline only where the
+    margin is above that noise; the sentence and the decision use the same rounded numbers."""
     points = round((best - baseline) * 100, 1)
     noise = round(200 * math.sqrt(best * (1 - best) / n + baseline * (1 - baseline) / n), 1)
     if points > 0:
-        measured = f"beat the SeqKD baseline by {points:.1f} points"
+        measured = f"above it by {points:.1f} points"
     elif points < 0:
-        measured = f"was below the SeqKD baseline by {-points:.1f} points"
+        measured = f"below it by {-points:.1f} points"
     else:
-        measured = "was level with the SeqKD baseline"
+        measured = "level with it"
+    beat = points > noise
     resolved = "more than" if abs(points) > noise else "within"
-    return (f"The best on-policy run ({label}) {measured} at the same budget, {resolved} the noise that {n} held-out "
-            f"problems can resolve (two standard errors: {noise:.1f} points).", points > noise)
+    return (f"On-policy distillation {'beat' if beat else 'did not beat'} the SeqKD baseline at the same budget: "
+            f"the best on-policy run ({label}) was {measured}, {resolved} the noise that {n} held-out problems can "
+            f"resolve (two standard errors: {noise:.1f} points).", beat)
 
 
 def run_demo(overrides: list[str] = (), output_dir: str = "runs/demo", console: Console | None = None) -> dict:
@@ -79,8 +82,9 @@ def run_demo(overrides: list[str] = (), output_dir: str = "runs/demo", console: 
                       _fmt(result["after"]["reverse_kl"], ".4f"), f"{result['wall_s']:.0f} s")
     console.print(table)
     amp_dtype = resolve_precision(config.precision, pick_device())  # as train.setup resolves it
-    console.print(f"These figures come from {machine_description(amp_dtype)}; they depend on the processor and "
-                  "the precision (the built student itself differs between processors).")
+    console.print(f"These figures come from {machine_description(amp_dtype)}. Every processor starts from the same "
+                  "shipped teacher and student, but float rounding differs between processors and precisions, so "
+                  "training takes another path on each.")
     console.print("OPD: classic on-policy distillation, sampled-token reverse KL as a policy-gradient reward. "
                   "GKD on-policy: generalized JSD (beta 0.5) over the full vocabulary on student samples. "
                   "SeqKD: SFT on teacher samples for the same steps and prompts.")

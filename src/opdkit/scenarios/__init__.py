@@ -18,7 +18,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("OPDKIT_CACHE", Path.home() / ".cache" / "opdkit"))
 
 
-SCENARIOS = ("arith", "smollm2")
+SCENARIOS = ("arith", "branch", "smollm2")
 
 
 def resolve_builtin(spec: str) -> Path:

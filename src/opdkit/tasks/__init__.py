@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import arithmetic
+from . import arithmetic, branching
 
 Verifier = Callable[[str, str], bool]
 
 VERIFIERS: dict[str, Verifier] = {
     "arithmetic": arithmetic.is_correct,
+    "branching": branching.is_correct,
 }
 
 
