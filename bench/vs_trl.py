@@ -230,11 +230,11 @@ def summarize(runs: list[dict]) -> dict:
 def machine(threads: int) -> dict:
     import torch
 
-    from opdkit.models import amx_available, machine_description, pick_device, resolve_precision
+    from opdkit.models import bf16_units, machine_description, pick_device, resolve_precision
 
     torch.set_num_threads(threads)
     precision = resolve_precision("auto", pick_device())  # what opd train's precision: auto picked here
-    return {"description": machine_description(precision), "amx": amx_available(), "torch_threads": threads}
+    return {"description": machine_description(precision), "bf16_units": bf16_units(), "torch_threads": threads}
 
 
 def report(runs: list[dict], summary: dict, host: dict) -> None:

@@ -320,7 +320,7 @@ def test_sweep_reuses_finished_runs_and_refuses_stopped_ones_before_training(tin
 def test_bf16_on_a_processor_without_bf16_units_says_so(tiny_config, tmp_path, monkeypatch, capsys):
     import opdkit.console as console_module
 
-    monkeypatch.setattr(console_module, "amx_available", lambda: False)
+    monkeypatch.setattr(console_module, "bf16_units", lambda: None)
     tiny_config.update(precision="bf16", optim={"steps": 1, "learning_rate": 1e-3})
     assert main(["train", str(write_yaml(tiny_config, tmp_path / "c.yaml"))]) == 0
     out = capsys.readouterr().out

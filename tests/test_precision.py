@@ -13,9 +13,10 @@ from opdkit.train import setup, train
 def test_auto_precision_follows_the_hardware(monkeypatch):
     import opdkit.models as models
 
-    monkeypatch.setattr(models, "amx_available", lambda: True)
-    assert resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
-    monkeypatch.setattr(models, "amx_available", lambda: False)
+    for units in ("AMX", "AVX512-BF16"):
+        monkeypatch.setattr(models, "bf16_units", lambda: units)
+        assert resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(models, "bf16_units", lambda: None)
     assert resolve_precision("auto", torch.device("cpu")) == torch.float32
     assert resolve_precision("fp32", torch.device("cuda")) == torch.float32
 

@@ -101,7 +101,7 @@ class _OwnView(_NamedTeacher):
 class _TeacherView(_OwnView):
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="the teacher's weights: auto follows the run's precision (bf16 on CUDA and on CPUs "
-        "with bf16 matrix units, float32 elsewhere); its log-softmax is always taken in float32")
+        "with bf16 matrix units, AMX or AVX512-BF16, float32 elsewhere); its log-softmax is always taken in float32")
 
 
 class LocalTeacherSpec(_TeacherView, ModelSpec):
@@ -840,7 +840,8 @@ class Config(_Strict):
     seed: int = Field(0, description="seeds sampling, shuffling and initialisation")
     output_dir: str = Field("runs/opd", description="the run folder: config, metrics.jsonl, checkpoints, final model")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast where the CPU has AMX or on CUDA; master weights stay fp32"
+        "auto", description="auto: bf16 autocast on CUDA and where the CPU has bf16 matrix units (AMX or "
+        "AVX512-BF16), float32 elsewhere; master weights stay fp32"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     student: StudentSpec

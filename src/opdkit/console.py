@@ -15,7 +15,7 @@ from rich.text import Text
 
 from .evaluate import METRICS
 from .lora import is_lora
-from .models import amx_available, machine_description
+from .models import bf16_units, machine_description
 
 def _size(model: torch.nn.Module) -> str:
     return _count(sum(p.numel() for p in model.parameters()))
@@ -125,7 +125,7 @@ class RunView:
             table.add_row(name, text)
         self.console.rule("[bold]opd train")
         self.console.print(table)
-        if run.amp_dtype == torch.bfloat16 and run.device.type == "cpu" and not amx_available():
+        if run.amp_dtype == torch.bfloat16 and run.device.type == "cpu" and not bf16_units():
             self.warn("bf16", "precision bf16 on a processor without bf16 matrix units: the run computes in bf16 "
                       "autocast as asked, but emulated, so it is likely slower than precision: fp32")
         self.rendered_prompt()

@@ -163,17 +163,23 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def amx_available() -> bool:
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+def bf16_units() -> str | None:
+    """The CPU's bf16 matrix instructions, or None: ``AMX`` (Intel's tiles: bf16 products about 6x float32's) or
+    ``AVX512-BF16`` (bf16 dot products: 2.4-3.7x float32's on an AMD EPYC Zen 4, ``docs/performance.md``)."""
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    return None
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 autocast on CUDA and on CPUs with AMX tiles (6x faster matmuls), else fp32."""
+    """``auto``: bf16 autocast on CUDA and on CPUs with bf16 matrix instructions (``bf16_units``), else fp32."""
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp32":
         return torch.float32
-    if device.type == "cuda" or (device.type == "cpu" and amx_available()):
+    if device.type == "cuda" or (device.type == "cpu" and bf16_units()):
         return torch.bfloat16
     return torch.float32
 
@@ -212,8 +218,8 @@ def keep_freed_memory() -> None:
 
 
 def machine_description(amp_dtype: torch.dtype) -> str:
-    """What a run's figures depend on: the processor (or CUDA device), whether the CPU has bf16 matrix units
-    (AMX tiles), torch's CPU threads and the precision in use."""
+    """What a run's figures depend on: the processor (or CUDA device), the CPU's bf16 matrix units (AMX,
+    AVX512-BF16 or none), torch's CPU threads and the precision in use."""
     import platform
 
     if pick_device().type == "cuda":
@@ -223,6 +229,7 @@ def machine_description(amp_dtype: torch.dtype) -> str:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")] if cpuinfo.is_file() else []
         name = names[0] if names else platform.processor() or "an unnamed processor"
-        machine = f"{name} ({'with' if amx_available() else 'without'} bf16 matrix units)"
+        units = bf16_units()
+        machine = f"{name} ({f'bf16 matrix units: {units}' if units else 'without bf16 matrix units'})"
     precision = "float32" if amp_dtype == torch.float32 else "bf16 autocast"
     return f"{machine}, {torch.get_num_threads()} torch threads, {precision}"
