@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/vs_trl.py --pair smollm2 --rounds 2 --steps 10
     .venv/bin/python bench/vs_trl.py --pair arith --rounds 2 --steps 10
+    .venv/bin/python bench/vs_trl.py --pair smollm2 --rounds 1 --seed 1     # another seed for both trainers
 
 TRL is an optional extra: ``pip install -e '.[bench]'``.
 
@@ -80,7 +81,7 @@ def run_ours(args, workdir: Path) -> dict:
     prompts.write_text("".join(json.dumps({"messages": e.messages}) + "\n"
                                for e in load_examples(builtin(args.pair, "train"))[:TRAIN_PROMPTS]))
     config = {
-        "seed": 0, "output_dir": str(workdir / "run"), "threads": args.threads,
+        "seed": args.seed, "output_dir": str(workdir / "run"), "threads": args.threads,
         "student": {"path": f"builtin:{args.pair}/student"}, "teacher": {"path": f"builtin:{args.pair}/teacher"},
         "data": {"train": str(prompts)},  # no eval: no before/after evaluation inside the run
         "rollout": {"temperature": 1.0, "max_completion_length": args.max_completion_length, "batch_size": BATCH_SIZE},
@@ -134,7 +135,7 @@ def run_trl(args, workdir: Path, bf16: bool) -> dict:
         gradient_accumulation_steps=1, learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0,
         adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, max_grad_norm=1.0, beta=1.0, temperature=1.0,
         max_completion_length=args.max_completion_length, gradient_checkpointing=False, disable_dropout=True,
-        bf16=bf16, shuffle_dataset=False, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, dataloader_num_workers=0, seed=0,
+        bf16=bf16, shuffle_dataset=False, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, dataloader_num_workers=0, seed=args.seed,
     )
     timer = StepTimer()
     trainer = DistillationTrainer(
@@ -187,7 +188,8 @@ def child(args) -> None:
 def spawn(args, variant: str, workdir: Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, __file__, "--pair", args.pair, "--steps", str(args.steps), "--threads", str(args.threads),
-               "--max-completion-length", str(args.max_completion_length), "--variant", variant, "--workdir", str(workdir)]
+               "--max-completion-length", str(args.max_completion_length), "--seed", str(args.seed), "--variant", variant,
+               "--workdir", str(workdir)]
     with (workdir / "stderr.log").open("w") as stderr:
         done = subprocess.run(command, env={**os.environ, **CHILD_ENV}, stdout=subprocess.PIPE, stderr=stderr, text=True)
     if done.returncode != 0:
@@ -263,6 +265,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
     parser.add_argument("--max-completion-length", type=int, default=32)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (both sides)")
+    parser.add_argument("--seed", type=int, default=0, help="both trainers' seed (sampling, initialisation); the "
+                        "prompts' order and the held-out evaluation's samples stay the same")
     parser.add_argument("--output", default=None, help="JSON results (default: bench/results/vs_trl-<pair>.json)")
     parser.add_argument("--variant", choices=[*VARIANTS, "eval"], help=argparse.SUPPRESS)  # a child
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -279,7 +283,7 @@ def main() -> None:
     report(runs, summary, host)
     output = Path(args.output or Path(__file__).parent / "results" / f"vs_trl-{args.pair}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("pair", "rounds", "steps", "max_completion_length", "threads")}
+    settings = {k: getattr(args, k) for k in ("pair", "rounds", "steps", "max_completion_length", "threads", "seed")}
     settings |= {"train_prompts": TRAIN_PROMPTS, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
                  "heldout_prompts": HELDOUT_PROMPTS, "eval_max_completion_length": EVAL_LENGTH}
     output.write_text(json.dumps({"settings": settings, "machine": host, "runs": runs, "summary": summary}, indent=2))
