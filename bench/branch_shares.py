@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opdkit.data import load_examples
 from opdkit.objectives.divergence import kl
 from opdkit.rollout import sample
-from opdkit.scenarios import branch, resolve_builtin
+from opdkit.models import load_model, load_tokenizer
+from opdkit.scenarios import branch
 from opdkit.tasks import branching
 from opdkit.sweep import interval95, spread
 
@@ -55,12 +55,8 @@ def reverse_kl(model, teacher, tokenizer, examples, batch_size: int = 256) -> di
     return report
 
 
-def measure(model_dir: Path, config: dict) -> dict:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    source = config["teacher"]["path"]
-    teacher = AutoModelForCausalLM.from_pretrained(
-        resolve_builtin(source) if source.startswith("builtin:") else source).eval()
+def measure(model_dir: str, config: dict) -> dict:
+    tokenizer, model, teacher = load_tokenizer(model_dir), load_model(model_dir), load_model(config["teacher"]["path"])
     examples = load_examples(config["data"]["eval"])[: config["data"]["eval_size"]]
     return {**branch.fork_report(model, tokenizer, examples), **reverse_kl(model, teacher, tokenizer, examples)}
 
@@ -71,8 +67,8 @@ def reports(root: Path) -> dict[str, dict[int, dict]]:
     for final in sorted(root.glob("*/seed*/final")):
         path = final.parent / "branch.json"
         report = json.loads(path.read_text()) if path.exists() else {}
-        if "seq_kl_direct" not in report:
-            report = measure(final, yaml.safe_load((final.parent / "config.yaml").read_text()))
+        if not report:
+            report = measure(str(final), yaml.safe_load((final.parent / "config.yaml").read_text()))
             path.write_text(json.dumps(report, indent=2))
         found.setdefault(final.parent.parent.name, {})[int(final.parent.name.removeprefix("seed"))] = report
     return found
@@ -91,9 +87,7 @@ def main() -> None:
     if args.before:
         config = yaml.safe_load(next(args.roots[0].glob("*/seed*/config.yaml")).read_text())
         for name in ("student", "teacher"):
-            source = config[name]["path"]
-            folder = resolve_builtin(source) if source.startswith("builtin:") else Path(source)
-            by_arm[f"({name}, untrained)"] = {0: measure(folder, config)}
+            by_arm[f"({name}, untrained)"] = {0: measure(config[name]["path"], config)}
     print("| arm | " + " | ".join(KEYS) + " |")
     print("|---" * (len(KEYS) + 1) + "|")
     for arm, runs in by_arm.items():

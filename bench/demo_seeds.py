@@ -77,7 +77,7 @@ def main() -> None:
         *on_policy, baseline = labels
         best = max(on_policy, key=lambda label: row["after"][label])
         sentence, _ = verdict(best, row["after"][best], row["after"][baseline], n)
-        table.add_row(str(row["seed"]), str(row.get("run_seed", 0)), str(row["build"]["student_steps"]),
+        table.add_row(str(row["seed"]), str(row["run_seed"]), str(row["build"]["student_steps"]),
                       f"{row['build']['student_validation_ce']:.3f}", f"{row['before']:.1%}",
                       f"{row['before_reverse_kl']:.3f}",
                       *(f"{row['after'][label]:.1%}" for label in labels), sentence)

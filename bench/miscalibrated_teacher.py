@@ -26,6 +26,7 @@ import statistics
 from pathlib import Path
 
 import torch
+import yaml
 
 
 def scale_logits(src: Path, out: Path, alpha: float) -> None:
@@ -44,8 +45,9 @@ def scale_logits(src: Path, out: Path, alpha: float) -> None:
 
 def _entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean entropy (nats) of ``softmax(logits)`` over the positions of ``mask``."""
-    logprobs = logits.float().log_softmax(-1)
-    return float((-(logprobs.exp() * logprobs).sum(-1))[mask].mean())
+    from opdkit.objectives.divergence import entropy
+
+    return float(entropy(logits.float().log_softmax(-1))[mask].mean())
 
 
 def make(alpha: float, out: Path, source: str, prompts: int) -> None:
@@ -98,7 +100,7 @@ def _final(run: Path, prompt_tokens: int) -> tuple[dict, dict]:
             cost[key] = sum(r.get(f"teacher_{key}", 0.0) for r in steps) / n
         cost["positions"] = cost["prompt_tokens"] + cost["completion_tokens"]
     else:
-        rows = 64  # rollout.batch_size of these configs
+        rows = yaml.safe_load((run / "config.yaml").read_text())["rollout"]["batch_size"]
         cost.update(requests=0.0, prompt_tokens=0.0, completion_tokens=0.0,
                     scored_tokens=sum(r["completion_length"] * rows for r in steps) / n,
                     positions=sum((prompt_tokens + r["completion_length"]) * rows for r in steps) / n)
@@ -132,7 +134,7 @@ def table(arms: list[str], prompt_tokens: int) -> None:
             traffic = (f"{cost['requests']:.0f} requests, {cost['prompt_tokens']:,.0f} prompt + "
                        f"{cost['completion_tokens']:,.0f} generated tokens")
         else:
-            traffic = f"1 forward over 64 rollouts, {cost['scored_tokens']:,.0f} completion tokens scored"
+            traffic = f"1 forward over the rollouts, {cost['scored_tokens']:,.0f} completion tokens scored"
         print(f"| {name} | {','.join(r.name.rsplit('-s', 1)[1] for r in runs)} | {spread(own_acc, '.1f', True)} | "
               f"{spread(kl, '.3f', True)} | {spread(own_kl, '.3f', True) if own_kl else '-'} | {traffic} | "
               f"{cost['positions']:,.0f} | {cost['train_s']:.2f} |")

@@ -58,38 +58,27 @@ def is_correct(completion_text: str, answer: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Problem:
-    a: int
-    b: int
-    digits: int
-    fork: str = SCRATCH  # the branch of ``completion``
+class Problem(arithmetic.Problem):
+    """``arithmetic.Problem`` on the branch the fork token ``fork`` opens."""
 
-    @property
-    def prompt(self) -> str:
-        return f"{self.a}+{self.b}"
-
-    @property
-    def answer(self) -> str:
-        return str(self.a + self.b)
+    fork: str = SCRATCH
 
     @property
     def completion(self) -> str:
         return completion(self.a, self.b, self.digits, self.fork)
 
     def record(self) -> dict:
-        return {"prompt": self.prompt, "completion": self.completion, "answer": self.answer,
-                "branch": BRANCHES[self.fork]}
+        return {**super().record(), "branch": BRANCHES[self.fork]}
 
 
-def make_splits(sizes: dict[str, int], digits: int = 3, seed: int = 0,
-                both: tuple[str, ...] = ("train",)) -> dict[str, list[Problem]]:
-    """``arithmetic.make_splits``'s disjoint problems; a split named in ``both`` holds every problem twice, once per
-    branch (adjacent), so a model trained on it meets both formats of every prompt; the other splits hold each
-    problem once, on a seeded fair coin's branch."""
+def make_splits(sizes: dict[str, int], digits: int = 3, seed: int = 0) -> dict[str, list[Problem]]:
+    """``arithmetic.make_splits``'s disjoint problems; ``train`` holds every problem twice, once per branch
+    (adjacent), so a model trained on it meets both formats of every prompt; the other splits hold each problem
+    once, on a seeded fair coin's branch."""
     rng = random.Random(seed + 1)
     splits = {}
     for name, problems in arithmetic.make_splits(sizes, digits=digits, seed=seed).items():
-        if name in both:
+        if name == "train":
             splits[name] = [Problem(p.a, p.b, digits, fork) for p in problems for fork in (SCRATCH, DIRECT)]
         else:
             splits[name] = [Problem(p.a, p.b, digits, rng.choice((SCRATCH, DIRECT))) for p in problems]
