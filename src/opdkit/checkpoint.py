@@ -136,7 +136,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise OPDError(f"{str(run_dir)!r} is not a run folder (no config.yaml): pass the output_dir of an earlier opd train")
-    config = load_config(run_dir / "config.yaml", overrides)
+    config = load_config(run_dir / "config.yaml", overrides, run_folder=True)
     return config.model_copy(update={"output_dir": str(run_dir)})
 
 
@@ -213,6 +213,11 @@ def restore(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random
         raise OPDError(f"{path} was written by a run {'with' if by_name else 'without'} FSDP and this one runs "
                        f"{'with' if sharded else 'without'} it: resume with the run's distributed.strategy "
                        f"({'fsdp' if by_name else 'ddp, or one process'})")
+    groups = state["optimizer"].get("param_groups")
+    if groups is not None and len(groups) != len(optimizer.param_groups):
+        raise OPDError(f"{path} was written with {len(groups)} optimizer group(s) and this "
+                       f"run has {len(optimizer.param_groups)}: an opdkit before the learned value head had its own "
+                       "group (credit.value_learning_rate) trained it with the student; start the run again")
     if run.config.student.lora is not None:  # the adapter alone; the base weights are student.path's
         lora.load_weights(run.student, path)
         optimizer.load_state_dict(state["optimizer"])

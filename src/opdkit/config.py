@@ -309,6 +309,16 @@ class CreditConfig(_Strict):
     ``gamma = 0`` trains the per-token divergence at the visited states, ``gamma = 1`` (with ``lam = 1``) the
     sequence-level one; values are baselines and change neither.
 
+    The learned value is a critic apart from the policy: a linear head on the student's last hidden states, read
+    detached (its regression loss trains the head alone), in its own optimizer group at ``value_learning_rate``
+    and with its gradient clipped apart from the student's (``optim.max_grad_norm`` for each), so the student's
+    step is what it would be with the head's output as a fixed baseline. The default, 0.1: Adam moves each of
+    the head's parameters by about the learning rate a step, so its mean output moves by at most about
+    ``lr * (1 + |mean h|_1)``, 1.5 nats a step at 0.1 on the branch scenario's student (``|mean h|_1`` about 14):
+    it can reach the returns' mean (-4 to -10 nats) within a 10-step warm-up, where the student's 3e-4 would move
+    it by about half a nat in 100 steps. Chosen among 3e-3 to 3e-1 on the value's own explained variance and loss
+    (docs/results.md, GAE-OPD).
+
     ``baseline`` uses the ``rollout.num_samples`` completions of one prompt (``objectives.groups``): each row's
     advantage loses the mean sequence return ``sum_t r_t`` of its prompt's samples (``group_mean``, GRPO's, which
     scales the expected gradient by ``(n-1)/n``) or of the prompt's other samples (``leave_one_out``, RLOO's,
@@ -318,7 +328,9 @@ class CreditConfig(_Strict):
     lam: float = Field(1.0, ge=0, le=1, description="GAE's lambda (needs a value)")
     value: Literal["none", "zero", "analytic", "learned"] = Field(
         "none", description="baseline for GAE: none (return-to-go), zero, analytic (-KL at the state) or learned (a value head)")
-    value_coef: float = Field(0.5, ge=0, description="weight of the learned value head's regression loss")
+    value_learning_rate: float = Field(
+        0.1, gt=0, description="peak learning rate of the learned value head (value: learned), on the run's schedule; "
+        "the head reads the student's hidden states detached and its gradient is clipped apart from the student's")
     normalize: bool = Field(False, description="standardise advantages over the optimizer step's tokens")
     baseline: Literal["none", "group_mean", "leave_one_out"] = Field(
         "none", description="per-prompt baseline from the sequence returns of its rollout.num_samples samples: "
@@ -643,9 +655,9 @@ class ObjectiveConfig(_Strict):
         if "lam" in changed and credit.value == "none":
             raise ValueError("credit.lam is GAE's lambda and needs a value: set credit.value: zero, analytic or "
                              "learned, or remove lam (value none is the discounted return at gamma)")
-        if "value_coef" in changed and credit.value != "learned":
-            raise ValueError("credit.value_coef weighs a learned value head's loss: set credit.value: learned, or "
-                             "remove value_coef")
+        if "value_learning_rate" in changed and credit.value != "learned":
+            raise ValueError("credit.value_learning_rate is the learning rate of a learned value head: set "
+                             "credit.value: learned, or remove value_learning_rate")
         if credit.baseline != "none" and (credit.gamma < 1 or credit.value != "none" or self.lookahead):
             raise ValueError(f"credit.baseline {credit.baseline} subtracts the group's mean sequence return sum_t r_t, "
                              "which is on the scale of the advantage only when that is the undiscounted return-to-go: "
@@ -1111,7 +1123,23 @@ RETIRED = {
     "objective.ratio_clip": "PPO's clip acts on samples reused after the policy moved; opdkit takes one optimizer step "
                             "per batch of fresh samples (its importance ratio is 1, or the fixed tempering ratio at "
                             "rollout.temperature != 1, which a clip would bias): remove it",
+    "objective.credit.value_coef": "the learned value head reads the student's hidden states detached, in its own "
+                                   "optimizer group with its own gradient clip, so a constant weight on its loss "
+                                   "no longer changes what Adam does: remove it (its step size is "
+                                   "objective.credit.value_learning_rate)",
 }
+# Retired keys that every run folder's config.yaml holds at their old default (``dump_config`` writes them all):
+# a run folder read back (``load_config(..., run_folder=True)``) drops them there, any other value is refused.
+RETIRED_DEFAULTS = {("objective", "credit", "value_coef"): 0.5}
+
+
+def _drop_retired_defaults(tree: dict) -> None:
+    for *parents, key in RETIRED_DEFAULTS:
+        node = tree
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node and node[key] == RETIRED_DEFAULTS[(*parents, key)]:
+            del node[key]
 
 
 def _explain(error: ValidationError, source: str) -> OPDError:
@@ -1133,8 +1161,10 @@ def _explain(error: ValidationError, source: str) -> OPDError:
     return OPDError("\n".join(lines))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
-    """Read YAML (or start from ``base``), apply ``key=value`` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None,
+                run_folder: bool = False) -> Config:
+    """Read YAML (or start from ``base``), apply ``key=value`` overrides, validate. ``run_folder``: the file is a
+    run folder's ``config.yaml``, whose retired keys at their old defaults are dropped (``RETIRED_DEFAULTS``)."""
     tree: dict[str, Any] = dict(base or {})
     source = "(built in)"
     if path is not None:
@@ -1148,6 +1178,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         if not isinstance(tree, dict):
             raise OPDError(f"config file {str(path)!r} must hold a mapping of keys, not {type(tree).__name__}")
         source = str(path)
+    if run_folder:
+        _drop_retired_defaults(tree)
     for item in overrides:
         if "=" not in item:
             raise OPDError(f"--set expects key=value, got {item!r} (for example --set optim.steps=50)")

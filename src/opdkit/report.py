@@ -124,7 +124,7 @@ def read_run(run_dir: str | Path) -> RunLog:
     if missing:
         raise OPDError(f"{run_dir} is not a run folder: it has no {' and no '.join(missing)}. Train first with "
                        "opd train CONFIG (its output_dir is the run folder), or pass that folder")
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.yaml", run_folder=True)
     records = _read_jsonl(run_dir / "metrics.jsonl")
     start = records[0] if records and records[0].get("step") == 0 and "loss" not in records[0] else {}
     final = next((r for r in records if r.get("final")), None)
@@ -638,7 +638,8 @@ def checklist(log: RunLog) -> list[ChecklistItem]:
         c = o.credit
         value = {"none": "none (the discounted return-to-go)", "zero": "zero (GAE)",
                  "analytic": "analytic, -KL(student || teacher) at the state (GAE)",
-                 "learned": f"a learned value head (GAE, regression weight {c.value_coef:g})"}[c.value]
+                 "learned": f"a learned value head on the detached hidden states (GAE, learning rate "
+                            f"{c.value_learning_rate:g})"}[c.value]
         facts = [f"gamma {c.gamma:g}", f"lambda {c.lam:g}" if c.value != "none" else "lambda: not used (no value)",
                  f"baseline / value: {value}", f"advantages standardised per step: {'yes' if c.normalize else 'no'}"]
         if o.lookahead:

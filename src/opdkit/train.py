@@ -167,7 +167,21 @@ def setup(config: Config, student_path: str | None = None) -> Run:
 
 def trainable_parameters(run: Run) -> list[torch.nn.Parameter]:
     """The student's trainable parameters (with LoRA, the adapter's alone) and any the method owns (a value head)."""
-    return [p for p in run.student.parameters() if p.requires_grad] + run.method.parameters()
+    return student_parameters(run) + run.method.parameters()
+
+
+def student_parameters(run: Run) -> list[torch.nn.Parameter]:
+    """The student's trainable parameters (with LoRA, the adapter's alone)."""
+    return [p for p in run.student.parameters() if p.requires_grad]
+
+
+def optimizer_groups(run: Run) -> list[dict]:
+    """The optimizer's parameter groups: the student's (``processes.param_groups``), then the method's own (a value
+    head) at its own peak learning rate, both on the run's schedule."""
+    groups = run.processes.param_groups(student_parameters(run))
+    if own := run.method.parameters():
+        groups.append({"params": own, "lr": run.method.own_learning_rate or run.config.optim.learning_rate})
+    return groups
 
 
 def lr_lambda(config: Config):
@@ -319,7 +333,12 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
             logits, hidden = student_forward(run, batch, run.trained)
             token_loss = method.token_loss(logits, batch, signal, hidden=hidden)
             loss = (token_loss.loss * weight).sum() / normalizer
-            (loss * processes.world).backward()
+            total = loss
+            if token_loss.value_loss is not None:  # trains the method's value head alone (detached inputs)
+                value_loss = (token_loss.value_loss * weight).sum() / normalizer
+                total = loss + value_loss
+                sums["value_loss"] = sums.get("value_loss", 0.0) + float(value_loss.detach())
+            (total * processes.world).backward()
         sums["loss"] += float(loss.detach())
         share = batch.num_tokens / total_tokens
         with torch.no_grad():
@@ -346,9 +365,13 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
     timings["forward_backward"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    max_norm = run.config.optim.max_grad_norm
-    grad_norm = processes.clip_grad_norm(trainable_parameters(run), max_norm if max_norm else float("inf"))
-    finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+    max_norm = run.config.optim.max_grad_norm or float("inf")
+    # the student's gradient and the method's own (a value head) are clipped apart: the head's loss cannot shrink
+    # the student's step
+    grad_norm = processes.clip_grad_norm(student_parameters(run), max_norm)
+    own = {"value_grad_norm": processes.clip_grad_norm(method.parameters(), max_norm)} if method.parameters() else {}
+    finite = (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+              and all(math.isfinite(v) for v in [*own.values(), sums.get("value_loss", 0.0)]))
     if finite:  # a non-finite step leaves the weights alone; the loop counts it
         optimizer.step()
         if run.served is not None:  # the served student follows the trained one
@@ -386,6 +409,7 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
         **teacher_usage,
         **(teacher_metrics(by_teacher, total_tokens, processes.sum) if by_teacher else {}),
         "grad_norm": grad_norm,
+        **own,
         "lr": scheduler.get_last_lr()[0],
         "completion_length": total_tokens / rollouts["rows"],
         "truncation_rate": rollouts["truncated"] / rollouts["rows"],
@@ -450,7 +474,7 @@ def train_loop(run: Run, console: Console | None = None, resume: bool = False) -
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     # fused: one kernel over all parameters; measured here twice as fast as foreach, without its temporaries
-    optimizer = torch.optim.AdamW(processes.param_groups(trainable_parameters(run)), lr=config.optim.learning_rate,
+    optimizer = torch.optim.AdamW(optimizer_groups(run), lr=config.optim.learning_rate,
                                   fused=True, betas=config.optim.adam_betas, weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
 

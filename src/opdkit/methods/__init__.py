@@ -32,6 +32,9 @@ class TokenLoss:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, C] detached per-token values to log
     scalars: dict[str, float] = field(default_factory=dict)  # per-batch values to log (rates, explained variance)
     token_logprobs: torch.Tensor | None = None  # [B, C] detached log pi_S(y_t) where computed (the loop's diagnostics reuse it)
+    # [B, C] regression loss of the method's own value head, on detached inputs: it trains that head alone; the loop
+    # aggregates it like ``loss``, adds it to the backward and logs it apart (``value_loss``)
+    value_loss: torch.Tensor | None = None
 
 
 class Method:
@@ -43,6 +46,7 @@ class Method:
     needs_teacher_entropy: bool = False  # the teacher's full entropy per position, where it can give it
     normalizes_advantages: bool = False  # standardises advantages with the step's moments (set by the loop)
     advantage_moments: tuple[float, float] | None = None
+    own_learning_rate: float | None = None  # peak learning rate of ``parameters()`` (None: the student's)
 
     def state_source(self, rng: random.Random) -> StateSource:
         return "student"
@@ -55,7 +59,8 @@ class Method:
         """Keep or create what the method needs of the student before training (a value head, say)."""
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        """Trainable parameters the method owns besides the student's (a value head, say)."""
+        """Trainable parameters the method owns besides the student's (a value head, say): the loop trains them in an
+        optimizer group of their own at ``own_learning_rate`` and clips their gradient apart from the student's."""
         return []
 
     def guide(self, rollouts: Rollouts, teacher_signal: TeacherSignal, teacher) -> None:

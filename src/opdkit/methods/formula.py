@@ -64,6 +64,7 @@ class Formula(Method):
         self.normalizes_advantages = objective.credit.normalize
         self.advantage_moments: tuple[float, float] | None = None  # the step's (mean, std), set by the loop
         self.value_head: torch.nn.Linear | None = None
+        self.own_learning_rate = objective.credit.value_learning_rate if objective.credit.value == "learned" else None
         self.head: torch.nn.Module | None = None
         self.student: torch.nn.Module | None = None  # kept for the bridge's forward pass (near_future teacher_bridge)
 
@@ -111,6 +112,7 @@ class Formula(Method):
             torch.nn.init.zeros_(self.value_head.bias)
 
     def parameters(self) -> list[torch.nn.Parameter]:
+        """The learned value head's, trained at ``credit.value_learning_rate`` (``own_learning_rate``)."""
         return list(self.value_head.parameters()) if self.value_head is not None else []
 
     # ---- near-future bridges: teacher continuations from the student's states, asked after scoring ----
@@ -176,6 +178,7 @@ class Formula(Method):
         token_logprobs = sampled_from_logits(student_logits, rollouts.completion_ids)[0]
         stats: dict[str, torch.Tensor] = {"student_entropy": entropy(logprobs.detach())}
         scalars: dict[str, float] = {}
+        value_loss = None
 
         if o.support != "sampled":
             loss = self._distributional(student_logits, logprobs, teacher, stats)
@@ -185,8 +188,8 @@ class Formula(Method):
             loss = estimator(o.estimator, teacher.token_logprobs - token_logprobs)
             stats["reverse_kl_k1"] = (token_logprobs - teacher.token_logprobs).detach()
         else:
-            loss = self._policy_gradient(student_logits, logprobs, token_logprobs, rollouts, teacher, hidden, stats,
-                                         scalars)
+            loss, value_loss = self._policy_gradient(student_logits, logprobs, token_logprobs, rollouts, teacher,
+                                                     hidden, stats, scalars)
 
         if o.entropy_gate.enabled:
             ids, top = self._teacher_topk(teacher, o.entropy_gate.top_k)
@@ -206,7 +209,8 @@ class Formula(Method):
             guided = rollouts.guidance_mask
             loss = torch.where(guided > 0, o.prefix_guidance.beta * -token_logprobs, loss)
             scalars["guidance_fraction"] = float(token_mean(guided, mask))
-        return self._with_bridge(TokenLoss(loss, stats, scalars, token_logprobs.detach()), teacher, mask, student_logits)
+        return self._with_bridge(TokenLoss(loss, stats, scalars, token_logprobs.detach(), value_loss), teacher, mask,
+                                 student_logits)
 
     def _position_weighted(self, loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         decay = self.objective.position_decay
@@ -244,7 +248,8 @@ class Formula(Method):
         return distributional(o.divergence, s, t, beta=o.beta, alpha=o.alpha)
 
     def _policy_gradient(self, logits, logprobs, token_logprobs, rollouts, teacher, hidden, stats,
-                         scalars) -> torch.Tensor:
+                         scalars) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The PG loss, and the learned value head's regression loss (None without one)."""
         o, mask, own = self.objective, rollouts.completion_mask, rollouts.own_mask
         if o.reward == "teacher":  # a text-only teacher's own per-token reward (chunk_opd): no log-ratio
             if teacher.token_advantages is None:
@@ -258,7 +263,7 @@ class Formula(Method):
             scalars["log_ratio_clamp_rate"] = float(token_mean((raw != l).float(), own))
             reward = -_sampled_cost(o, l)
             stats["reverse_kl_k1"] = raw
-        extra = torch.zeros_like(reward)
+        extra, value_loss = torch.zeros_like(reward), None
 
         if o.trust_region.enabled:
             tr = o.trust_region
@@ -283,9 +288,9 @@ class Formula(Method):
             advantage = credit.returns_to_go(reward, mask, o.credit.gamma)
         else:
             advantage = credit.gae(reward, values.detach(), mask, o.credit.gamma, o.credit.lam)
-            if self.value_head is not None:
+            if self.value_head is not None:  # regressed on the lambda-return; reads detached states (_values)
                 target = (advantage + values).detach()
-                extra = extra + o.credit.value_coef * 0.5 * (values - target).pow(2)
+                value_loss = 0.5 * (values - target).pow(2)
                 scalars["value_explained_variance"] = credit.explained_variance(values.detach(), target, mask)
         advantage = self._group_baseline(advantage, reward, rollouts, scalars)
         if o.correction:
@@ -298,7 +303,7 @@ class Formula(Method):
         loss = policy_gradient_loss(token_logprobs, sampler, advantage)
         if o.routing == "cr":
             loss = self._route(logits, logprobs, loss, feedback, rollouts, teacher, scalars)
-        return loss + extra
+        return loss + extra, value_loss
 
     def _group_baseline(self, advantage: torch.Tensor, reward: torch.Tensor, rollouts: Rollouts,
                         scalars) -> torch.Tensor:
@@ -356,7 +361,9 @@ class Formula(Method):
             return torch.zeros_like(reward)
         if source == "analytic":  # expected immediate reward at s_t: -KL(pi_S || pi_T)
             return -kl(logprobs.detach(), teacher.logprobs)
-        return self.value_head(hidden.float()).squeeze(-1)
+        # a critic apart from the policy: its loss must not train the student's trunk (detached input), so the
+        # student's gradient is exactly the one with the head's output as a fixed baseline
+        return self.value_head(hidden.detach().float()).squeeze(-1)
 
     @staticmethod
     def _teacher_topk(teacher: TeacherSignal, k: int) -> tuple[torch.Tensor, torch.Tensor]:
