@@ -55,3 +55,26 @@ def test_fork_report_forces_each_branch_of_a_tiny_model():
     assert 0 <= report["p_direct"] <= 1 and 0 <= report["greedy_direct"] <= 1
     assert set(report) >= {"accuracy"} | {f"forced_{name}" for name in BRANCHES.values()}
     assert all(tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id for token in BRANCHES)
+
+
+def test_the_shipped_pair_unpacks_in_its_recorded_regime(tmp_path, monkeypatch):
+    # the pair of docs/results.md's GAE-OPD section, the same bits on every processor; greedy decoding of the same
+    # weights can flip a near-tie on another processor, hence the small tolerances
+    import json
+
+    from opdkit.data import load_examples
+    from opdkit.models import load_model, load_tokenizer
+    from opdkit.scenarios import branch, resolve_builtin
+
+    monkeypatch.setenv("OPDKIT_CACHE", str(tmp_path))
+    folder = resolve_builtin("builtin:branch/student").parent
+    assert folder == tmp_path / branch.FOLDER
+    for name in ("teacher", "student"):
+        assert (folder / name / "model.safetensors").read_bytes() == (branch.SHIPPED / name / "model.safetensors").read_bytes()
+    recorded = json.loads((folder / "build.json").read_text())["validation"]
+    validation = load_examples("builtin:branch/validation")
+    tokenizer = load_tokenizer(str(folder / "student"))
+    for name in ("teacher", "student"):
+        measured = branch.fork_report(load_model(str(folder / name)), tokenizer, validation)
+        for key in ("p_direct", "forced_scratchpad", "forced_direct"):
+            assert abs(measured[key] - recorded[name][key]) <= 0.02, (name, key, measured, recorded[name])

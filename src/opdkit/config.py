@@ -201,6 +201,19 @@ class ChatTeacherSpec(_RemoteTeacherSpec, _OwnView):
         "instruct: a user instruction to continue it")
     temperature: float = Field(1.0, ge=0, description="teacher sampling temperature for continuations")
     cache_dir: str | None = Field(None, description="cache identical requests here (default: none)")
+    prefix_probe: int = Field(4, ge=0, description="before training, the teacher continues its greedy answers to this "
+                              "many training prompts from cuts after each student token; the run log warns when it "
+                              "reproduces them from under 90% of cuts (0: skip)")
+    fork_snap: bool = Field(False, description="move each fork back to the nearest cut whose context (the kinds of "
+                            "the characters around it) the prefix probe found the teacher reads right: for a teacher "
+                            "whose tokenizer splits text unlike the student's")
+
+    @model_validator(mode="after")
+    def _snap_needs_the_probe(self) -> "ChatTeacherSpec":
+        if self.fork_snap and not self.prefix_probe:
+            raise ValueError("teacher.fork_snap moves forks by what the prefix probe measured: set teacher.prefix_probe "
+                             "to 1 or more (4 by default), or fork_snap: false")
+        return self
 
 
 def _teacher_kind(value: Any) -> str:

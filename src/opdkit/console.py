@@ -286,7 +286,7 @@ def _method_line(name: str) -> str:
 
 
 def probe_lines(teacher) -> list[str]:
-    """What the probe found about a server teacher (nothing for other teachers), shown under the teacher."""
+    """What the probe found about a server or chat teacher (nothing for other teachers), shown under the teacher."""
     findings = getattr(teacher, "findings", None)
     return findings.lines() if findings is not None else []
 

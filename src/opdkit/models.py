@@ -123,7 +123,8 @@ def check_tokenizers_match(student: PreTrainedTokenizerBase, teacher: PreTrained
             "student and teacher tokenizers differ, so per-token log-probs cannot be compared: "
             f"{len(s_vocab)} vs {len(t_vocab)} tokens; only in student {only_s}, only in teacher {only_t}, "
             f"different ids for {moved}. Use a student built on the teacher's tokenizer "
-            "(same vocabulary and ids), or a cross-tokenizer method."
+            "(same vocabulary and ids), or reach this teacher as text only: serve it (opd serve-teacher) and set "
+            "teacher.kind: chat with objective.method: chunk_opd, which compares text, not tokens."
         )
     if student.eos_token_id != teacher.eos_token_id:
         raise OPDError(

@@ -152,6 +152,9 @@ def setup(config: Config, student_path: str | None = None) -> Run:
                  .requires_grad_(False) if config.objective.ref_kl_coef else None)
     teacher = build_teachers(config, data.tokenizer, student.config, device, amp_dtype,
                              method.top_k if method.teacher_support == "topk" else 1, student=student)
+    for each in getattr(teacher, "teachers", {None: teacher}).values():  # text-only ones: do they read our cuts?
+        if hasattr(each, "check_prefixes"):
+            each.check_prefixes(data.train, config.rollout.max_completion_length)
     if store is not None:
         teacher = StoredTeacher(teacher, store, data.tokenizer, device)
     evaluator = Evaluator(teacher, data.tokenizer, data.eval, data.verifier, data.eval_length, config.eval.batch_size,
@@ -511,7 +514,7 @@ def train_loop(run: Run, console: Console | None = None, resume: bool = False) -
     if processes.main:
         checkpoint.write_log(metrics_path, log)
         dump_config(config, run.run_dir / "config.yaml")
-        if (findings := getattr(run.teacher, "findings", None)) is not None:  # a server teacher's probe
+        if (findings := getattr(run.teacher, "findings", None)) is not None:  # a server or chat teacher's probe
             (run.run_dir / "teacher_probe.json").write_text(json.dumps(findings.as_dict(), indent=2) + "\n")
     trackers = Trackers(config, log, resume, active=processes.main)
 

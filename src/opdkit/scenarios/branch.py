@@ -1,8 +1,10 @@
 """Addition with a fork (``tasks.branching``): a teacher fluent in both formats, a student weak on the direct one.
 
 The regime of issue 19's GAE-OPD item: the completion's first token decides what follows (``+`` the scratchpad,
-``=`` the sum at once). Built once, like ``arith`` and with its functions (tokenizer, model shapes, supervised
-training), into ``$OPDKIT_CACHE/branch-v1``:
+``=`` the sum at once). Like ``arith``, the pair is shipped with the package (``branch_pair/``, 2.6 MB: the pair of
+``docs/results.md``, ``build(folder, seed=0)`` on an AMD EPYC Zen 4), so every processor starts from the same bits;
+``build`` unpacks it with the tokenizer and splits into ``$OPDKIT_CACHE/branch-v2``. ``build(tmp, seed=s)`` trains a
+pair here instead, with ``arith``'s functions (tokenizer, model shapes, supervised training):
 
 1. splits of ``DIGITS``-digit problems; ``train`` holds every problem on both branches, so the teacher learns even
    odds at the fork;
@@ -20,6 +22,7 @@ greedy answer takes, and its accuracy on each branch, free and forced); the buil
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,7 +32,8 @@ from ..rollout import sample
 from ..tasks import branching
 from . import arith
 
-FOLDER = "branch-v1"
+FOLDER = "branch-v2"
+SHIPPED = Path(__file__).with_name("branch_pair")  # teacher/ and student/ weights and their build.json
 ARTIFACTS = arith.ARTIFACTS
 DIGITS = 3
 SPLITS = {"train": 10000, "validation": 256, "heldout": 512}
@@ -69,14 +73,21 @@ def fork_report(model, tokenizer, examples, batch_size: int = 256) -> dict:
     return report
 
 
-def build(tmp: Path, console: Console | None = None, seed: int = SEED) -> None:
-    """Write the tokenizer, splits, teacher and student into the (temporary) folder ``tmp``."""
-    console = console or Console(stderr=True)
-    console.print("[bold]Building the branching-addition scenario[/] (once; cached afterwards)")
+def build(tmp: Path, console: Console | None = None, seed: int | None = None) -> None:
+    """Write the tokenizer, splits, teacher and student into the (temporary) folder ``tmp``: the shipped pair
+    (``seed=None``), or a pair trained here from ``seed``."""
     splits = branching.make_splits(SPLITS, digits=DIGITS, seed=SEED)
     arith.write_splits(tmp, splits)
-    examples = arith.as_examples(splits)
     tokenizer = arith.build_tokenizer()
+    if seed is None:
+        for name in ("teacher", "student"):
+            shutil.copytree(SHIPPED / name, tmp / name)
+            tokenizer.save_pretrained(tmp / name)
+        shutil.copy(SHIPPED / "build.json", tmp / "build.json")
+        return
+    console = console or Console(stderr=True)
+    console.print(f"[bold]Training the branching-addition scenario's teacher and student[/] from seed {seed}")
+    examples = arith.as_examples(splits)
     validation = examples["validation"]
     measured = {}
 

@@ -32,6 +32,7 @@ from ..errors import OPDError
 from ..rollout import Rollouts
 from . import Support, TeacherSignal
 from .context import TeacherContext
+from .prefix_probe import PrefixProbe, probe_prefixes
 from .server import ApiClient, Malformed, rollouts_from_texts
 
 END = "\u2403"  # marks "the answer ends here" in compared texts
@@ -100,6 +101,12 @@ class ChatTeacher:
         self.spec, self.tokenizer = spec, tokenizer
         self.client = ApiClient(spec, cache_dir=spec.cache_dir, console=console)
         self.context = context  # teacher.prompt: the conversation the teacher is asked in (teachers.context)
+        self.findings: PrefixProbe | None = None  # check_prefixes', for the run log
+
+    def check_prefixes(self, examples: list[Example], max_completion_length: int) -> None:
+        """``teacher.prefix_probe``: does the teacher continue its own answers from cuts after each student token?"""
+        if self.spec.prefix_probe:
+            self.findings = probe_prefixes(self, examples[: self.spec.prefix_probe], max_completion_length)
 
     def _view(self, example: Example) -> list[dict]:
         return example.messages if self.context is None else self.context.messages(example)
@@ -125,11 +132,23 @@ class ChatTeacher:
             raise OPDError("the chat teacher audits student samples (it picks forks from the sampler's log-probs); "
                            f"these states come from the {rollouts.source}: use objective.method chunk_opd")
         out = []
-        for row, mask in zip(rollouts.sampler_logprobs, rollouts.completion_mask):
+        for row, ids, mask in zip(rollouts.sampler_logprobs, rollouts.completion_ids, rollouts.completion_mask):
             n = int(mask.sum())
-            out.append(pick_forks((-row[:n]).tolist(), self.spec.chunk_length, self.spec.max_forks,
-                                  self.spec.fork_quantile, self.spec.smoothing_window))
+            forks = pick_forks((-row[:n]).tolist(), self.spec.chunk_length, self.spec.max_forks,
+                               self.spec.fork_quantile, self.spec.smoothing_window)
+            out.append(sorted({self._snap(ids[:n].tolist(), t) for t in forks}) if self.spec.fork_snap else forks)
         return out
+
+    def _snap(self, ids: list[int], t: int) -> int:
+        """``teacher.fork_snap``: the nearest cut at or before token ``t`` whose context the teacher reads right. Two
+        forks can then land closer than ``chunk_length``: the later chunk's reward is the one on the tokens they share."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        while t > 0:
+            prefix = self.tokenizer.decode(ids[:t], skip_special_tokens=True)
+            if text.startswith(prefix) and self.findings.reads(prefix, text[len(prefix):]):
+                return t
+            t -= 1
+        return t
 
     def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None,
               entropy: bool = False) -> TeacherSignal:
