@@ -96,10 +96,13 @@ def table(arms: list[str]) -> None:
               f"{spread(per_step, '.4f') if per_step else '-'} | {spread([r['teacher_s'] for r in runs], '.1f')} |")
     (first, base), *rest = summaries.items()
     for label, runs in rest:
-        pairs = [(r["accuracy"] - b["accuracy"]) * 100 for r in runs for b in base if b["seed"] == r["seed"]]
+        pairs = [(r, b) for r in runs for b in base if b["seed"] == r["seed"]]
         if len(pairs) > 1:
-            lo, hi = interval95(pairs)
-            print(f"{label} minus {first}, paired by seed: {statistics.fmean(pairs):+.1f} points [{lo:+.1f}, {hi:+.1f}]")
+            accuracy = [(r["accuracy"] - b["accuracy"]) * 100 for r, b in pairs]
+            kl = [r["reverse_kl"] - b["reverse_kl"] for r, b in pairs]
+            (a_lo, a_hi), (k_lo, k_hi) = interval95(accuracy), interval95(kl)
+            print(f"{label} minus {first}, paired by seed ({len(pairs)}): accuracy {statistics.fmean(accuracy):+.1f} "
+                  f"points [{a_lo:+.1f}, {a_hi:+.1f}], reverse KL {statistics.fmean(kl):+.3f} [{k_lo:+.3f}, {k_hi:+.3f}]")
 
 
 def main() -> None:

@@ -58,12 +58,15 @@ def test_chunk_opd_trains_against_a_served_teacher_of_another_tokenizer(tiny, ti
     model, tokenizer = load_model(str(tmp_path / "teacher")), load_tokenizer(str(tmp_path / "teacher"))
     with serve_in_thread(create_app(model, tokenizer, "t")) as url:
         tiny_config["teacher"] = {"kind": "chat", "base_url": url, "model": "t", "chunk_length": 4,
-                                  "samples_per_fork": 2, "max_forks": 2}
+                                  "samples_per_fork": 2, "max_forks": 2, "fork_snap": True}
         tiny_config["objective"] = {"method": "chunk_opd", "ref_kl_coef": 0.02}
         tiny_config["optim"]["steps"] = 2
         train(setup(load_config(base=tiny_config)))
-    steps = [json.loads(line) for line in open(f"{tiny_config['output_dir']}/metrics.jsonl") if '"loss"' in line]
+    run = Path(tiny_config["output_dir"])
+    steps = [json.loads(line) for line in open(run / "metrics.jsonl") if '"loss"' in line]
     assert len(steps) == 2 and all(r["teacher_forks"] > 0 and r["audited"] > 0 for r in steps)
+    assert all(0 <= r["teacher_forks_moved"] <= 2 * 8 for r in steps)  # how many forks fork_snap moved, of 2 per row
+    assert json.loads((run / "teacher_probe.json").read_text())["cuts"] > 0  # the prefix probe, kept with the run
 
 
 def test_the_prefix_probe_tells_a_teacher_that_misreads_cuts_from_one_that_does_not(tiny, tmp_path):

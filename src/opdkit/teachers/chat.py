@@ -127,17 +127,22 @@ class ChatTeacher:
                "it stops. Reply with the continuation only, without repeating the beginning.")
         return history + [{"role": last["role"], "content": ask}], {}
 
-    def forks(self, rollouts: Rollouts) -> list[list[int]]:
+    def forks(self, rollouts: Rollouts) -> tuple[list[list[int]], int]:
+        """Each row's fork positions, and how many of them ``fork_snap`` moved."""
         if rollouts.sampler_logprobs is None:
             raise OPDError("the chat teacher audits student samples (it picks forks from the sampler's log-probs); "
                            f"these states come from the {rollouts.source}: use objective.method chunk_opd")
-        out = []
+        out, moved = [], 0
         for row, ids, mask in zip(rollouts.sampler_logprobs, rollouts.completion_ids, rollouts.completion_mask):
             n = int(mask.sum())
             forks = pick_forks((-row[:n]).tolist(), self.spec.chunk_length, self.spec.max_forks,
                                self.spec.fork_quantile, self.spec.smoothing_window)
-            out.append(sorted({self._snap(ids[:n].tolist(), t) for t in forks}) if self.spec.fork_snap else forks)
-        return out
+            if self.spec.fork_snap:
+                snapped = [self._snap(ids[:n].tolist(), t) for t in forks]
+                moved += sum(a != b for a, b in zip(forks, snapped))
+                forks = sorted(set(snapped))
+            out.append(forks)
+        return out, moved
 
     def _snap(self, ids: list[int], t: int) -> int:
         """``teacher.fork_snap``: the nearest cut at or before token ``t`` whose context the teacher reads right. Two
@@ -156,7 +161,7 @@ class ChatTeacher:
             raise OPDError("a chat teacher returns text only, no log-probs: use objective.method chunk_opd "
                            "(or a teacher of kind server/local for log-prob objectives)")
         spec, tok = self.spec, self.tokenizer
-        forks = self.forks(rollouts)
+        forks, moved = self.forks(rollouts)
         requests, places = [], []
         for b, (ts, example) in enumerate(zip(forks, rollouts.examples)):
             ids = rollouts.completion_ids[b, : int(rollouts.completion_mask[b].sum())].tolist()
@@ -187,6 +192,8 @@ class ChatTeacher:
             advantages[b, t : t + width] = p - baseline
         usage = self.client.take_usage()
         usage.update(forks=float(len(places)), audited_tokens=float(sum(w for _, _, w, _, _ in places)))
+        if spec.fork_snap:
+            usage["forks_moved"] = float(moved)
         mask = rollouts.completion_mask
         return TeacherSignal(torch.zeros_like(mask), token_advantages=advantages.to(mask.device) * mask, usage=usage)
 
