@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import re
 import statistics
 import time
 from pathlib import Path
@@ -60,22 +59,18 @@ def samples(seed: int, steps: int, batch: int, out: Path, temperature: float) ->
 
 
 def run_summary(folder: Path) -> dict:
-    rows = [json.loads(line) for line in open(folder / "metrics.jsonl")]
-    steps = [r for r in rows if "time_rollout" in r]
-    final = next(r for r in reversed(rows) if r.get("final"))
-    config = (folder / "config.yaml").read_text()
-    method = re.search(r"^\s+method: (\S+)", config, re.M).group(1)
-    lmbda = float(re.search(r"^\s+lmbda: (\S+)", config, re.M).group(1))
-    if lmbda == 0:  # offline: the teacher wrote the training file beforehand
-        train = re.search(r"^\s+train: (\S+)", config, re.M).group(1)
-        per_step, total = None, json.loads(Path(f"{train}.json").read_text())["teacher_seconds"]
+    from opdkit.report import read_run
+
+    log = read_run(folder)
+    objective = log.config.objective
+    if objective.lmbda == 0:  # offline: the teacher wrote the training file beforehand
+        per_step, total = None, json.loads(Path(f"{log.config.data.train}.json").read_text())["teacher_seconds"]
     else:  # online SeqKD's teacher decodes in the rollout stage; on-policy's scores in the teacher stage
-        key = "time_rollout" if method == "seqkd" else "time_teacher"
-        per_step = statistics.median(r[key] for r in steps[1:])
-        total = sum(r[key] for r in steps)
-    return {"seed": int(re.search(r"^seed: (\d+)", config, re.M).group(1)), "steps": len(steps),
-            "accuracy": final["eval"]["accuracy"], "reverse_kl": final["eval"]["reverse_kl"],
-            "teacher_s_per_step": per_step, "teacher_s": total}
+        key = "time_rollout" if objective.method == "seqkd" else "time_teacher"
+        per_step = statistics.median(r[key] for r in log.steps[1:])
+        total = sum(r[key] for r in log.steps)
+    return {"seed": log.config.seed, "steps": len(log.steps), "accuracy": log.final["eval"]["accuracy"],
+            "reverse_kl": log.final["eval"]["reverse_kl"], "teacher_s_per_step": per_step, "teacher_s": total}
 
 
 def table(arms: list[str]) -> None:

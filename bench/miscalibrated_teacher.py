@@ -26,7 +26,6 @@ import statistics
 from pathlib import Path
 
 import torch
-import yaml
 
 
 def scale_logits(src: Path, out: Path, alpha: float) -> None:
@@ -90,21 +89,21 @@ def _final(run: Path, prompt_tokens: int) -> tuple[dict, dict]:
     """(final eval, teacher cost per step) of a finished run. A local teacher logs no traffic: its cost is one
     forward pass over each rollout's prompt and completion, ``rows x (prompt_tokens + completion_length)``
     positions; a chat teacher's is its logged prefill (``teacher_prompt_tokens``) plus its generated tokens."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in records if "eval" in r and r.get("step", 0) > 0]
-    steps = [r for r in records if "grad_norm" in r]
-    n = len(steps)
+    from opdkit.report import read_run
+
+    log = read_run(run)
+    steps, n = log.steps, len(log.steps)
     cost = {"steps": n, "train_s": sum(sum(v for k, v in r.items() if k.startswith("time_")) for r in steps) / n}
     if any("teacher_requests" in r for r in steps):
         for key in ("requests", "prompt_tokens", "completion_tokens", "audited_tokens"):
             cost[key] = sum(r.get(f"teacher_{key}", 0.0) for r in steps) / n
         cost["positions"] = cost["prompt_tokens"] + cost["completion_tokens"]
     else:
-        rows = yaml.safe_load((run / "config.yaml").read_text())["rollout"]["batch_size"]
+        rows = log.config.rollout.batch_size
         cost.update(requests=0.0, prompt_tokens=0.0, completion_tokens=0.0,
                     scored_tokens=sum(r["completion_length"] * rows for r in steps) / n,
                     positions=sum((prompt_tokens + r["completion_length"]) * rows for r in steps) / n)
-    return (evals[-1]["eval"] if evals else {}), cost
+    return log.final.get("eval", {}), cost
 
 
 def table(arms: list[str], prompt_tokens: int) -> None:

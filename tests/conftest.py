@@ -1,5 +1,7 @@
+import importlib.util
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +14,14 @@ from opdkit.scenarios.arith import build_tokenizer  # noqa: E402
 from opdkit.tasks import arithmetic  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def load_bench(name: str):
+    """The script ``bench/<name>.py`` as a module (bench scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_model(tokenizer, seed: int, hidden: int = 32, layers: int = 1, init: float = 0.02) -> LlamaForCausalLM:

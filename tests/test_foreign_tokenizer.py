@@ -3,12 +3,11 @@ of results.md's "another tokenizer" regime: the two segment the same answers dif
 refused at load with a message that names the text-only route, and that route (a chat teacher, chunk-level OPD)
 trains against such a teacher served by ``opd serve-teacher``."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
+from conftest import load_bench, tiny_model
 
 from opdkit.config import load_config
 from opdkit.data import render_completion, render_prompt
@@ -19,19 +18,11 @@ from opdkit.serve import create_app, serve_in_thread
 from opdkit.tasks import arithmetic
 from opdkit.train import setup, train
 
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("foreign_tokenizer_teacher", ROOT / "bench" / "foreign_tokenizer_teacher.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+bench = load_bench("foreign_tokenizer_teacher")
 
 
 def test_same_text_other_tokens():
-    foreign, student = _bench().build_tokenizer(), student_tokenizer()
+    foreign, student = bench.build_tokenizer(), student_tokenizer()
     problems = arithmetic.make_splits({"x": 50}, seed=7)["x"]
     for p in problems:
         messages = [{"role": "user", "content": p.prompt}]
@@ -48,11 +39,11 @@ def test_same_text_other_tokens():
 
 def test_token_level_pairing_is_refused_with_the_text_route():
     with pytest.raises(OPDError, match="teacher.kind: chat with objective.method: chunk_opd"):
-        check_tokenizers_match(student_tokenizer(), _bench().build_tokenizer())
+        check_tokenizers_match(student_tokenizer(), bench.build_tokenizer())
 
 
 def test_chunk_opd_trains_against_a_served_teacher_of_another_tokenizer(tiny, tiny_config, tmp_path):
-    foreign = _bench().build_tokenizer()
+    foreign = bench.build_tokenizer()
     tiny_model(foreign, 2, init=0.3).save_pretrained(tmp_path / "teacher")
     foreign.save_pretrained(tmp_path / "teacher")
     model, tokenizer = load_model(str(tmp_path / "teacher")), load_tokenizer(str(tmp_path / "teacher"))
@@ -76,7 +67,7 @@ def test_the_prefix_probe_tells_a_teacher_that_misreads_cuts_from_one_that_does_
     from opdkit.data import load_examples
     from opdkit.teachers.chat import ChatTeacher
 
-    foreign = _bench().build_tokenizer()
+    foreign = bench.build_tokenizer()
     tiny_model(foreign, 2, init=0.3).save_pretrained(tmp_path / "foreign")
     foreign.save_pretrained(tmp_path / "foreign")
     examples = load_examples(str(tiny / "train.jsonl"))
@@ -109,7 +100,7 @@ def test_fork_snap_moves_forks_back_to_cuts_the_teacher_reads_right():
     teacher.findings = PrefixProbe(4, 66, 32 / 66, [], contexts)
     text = "2c1 4c1 2c1 7c0\n7242"
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    snapped = [teacher._snap(ids, t) for t in range(len(ids))]
+    snapped = [teacher._snap(ids, text, t) for t in range(len(ids))]
     assert snapped == [0, 1, 1, 1, 4, 5, 5, 5, 8, 9, 9, 9, 12, 13, 13, 15, 15, 15, 15, 15]
     assert context("2c", "1 ") == "letter|digit" and not teacher.findings.reads("2c", "1 ")
     assert teacher.findings.reads("2c1 ", "4") and teacher.findings.reads("", "2") and teacher.findings.reads("2+", "x")

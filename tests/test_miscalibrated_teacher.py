@@ -2,20 +2,11 @@
 alpha exactly (a hidden temperature 1/alpha), so the greedy text is unchanged and only the calibration moves. That is
 the premise of results.md's chunk-level vs token-level regime."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from conftest import load_bench
 from transformers import LlamaConfig, LlamaForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("miscalibrated_teacher", ROOT / "bench" / "miscalibrated_teacher.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+bench = load_bench("miscalibrated_teacher")
 
 
 def test_scaled_norm_multiplies_every_logit(tmp_path):
@@ -27,7 +18,7 @@ def test_scaled_norm_multiplies_every_logit(tmp_path):
         model.model.norm.weight.uniform_(0.5, 1.5)
     model.save_pretrained(tmp_path / "src")
     for alpha in (0.5, 3.0):
-        _bench().scale_logits(tmp_path / "src", tmp_path / f"a{alpha}", alpha)
+        bench.scale_logits(tmp_path / "src", tmp_path / f"a{alpha}", alpha)
         scaled = LlamaForCausalLM.from_pretrained(tmp_path / f"a{alpha}").eval()
         ids = torch.randint(0, 20, (3, 9))
         with torch.no_grad():

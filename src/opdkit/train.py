@@ -372,7 +372,8 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
     # the student's gradient and the method's own (a value head) are clipped apart: the head's loss cannot shrink
     # the student's step
     grad_norm = processes.clip_grad_norm(student_parameters(run), max_norm)
-    own = {"value_grad_norm": processes.clip_grad_norm(method.parameters(), max_norm)} if method.parameters() else {}
+    own_parameters = method.parameters()
+    own = {"value_grad_norm": processes.clip_grad_norm(own_parameters, max_norm)} if own_parameters else {}
     finite = (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
               and all(math.isfinite(v) for v in [*own.values(), sums.get("value_loss", 0.0)]))
     if finite:  # a non-finite step leaves the weights alone; the loop counts it

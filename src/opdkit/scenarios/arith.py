@@ -163,6 +163,15 @@ def write_splits(tmp: Path, splits: dict) -> None:
                 f.write(json.dumps(p.record()) + "\n")
 
 
+def unpack_pair(shipped: Path, tmp: Path, tokenizer) -> None:
+    """A pair shipped with the package (``shipped``: teacher/ and student/ weights, build.json) into ``tmp``, each
+    model folder with ``tokenizer``."""
+    for name in ("teacher", "student"):
+        shutil.copytree(shipped / name, tmp / name)
+        tokenizer.save_pretrained(tmp / name)
+    shutil.copy(shipped / "build.json", tmp / "build.json")
+
+
 def build(tmp: Path, console: Console | None = None, seed: int | None = None) -> None:
     """Write the tokenizer, splits, teacher and student into the (temporary) folder ``tmp``: the shipped pair
     (``seed=None``, the same bits on every processor), or a pair trained here from ``seed``."""
@@ -171,10 +180,7 @@ def build(tmp: Path, console: Console | None = None, seed: int | None = None) ->
     write_splits(tmp, splits)
     tokenizer = build_tokenizer()
     if seed is None:
-        for name in ("teacher", "student"):
-            shutil.copytree(SHIPPED / name, tmp / name)
-            tokenizer.save_pretrained(tmp / name)
-        shutil.copy(SHIPPED / "build.json", tmp / "build.json")
+        unpack_pair(SHIPPED, tmp, tokenizer)
         return
     console.print(f"[bold]Training the embedded arithmetic scenario's teacher and student[/] from seed {seed}")
     train_pair(tmp, tokenizer, as_examples(splits), console, seed)

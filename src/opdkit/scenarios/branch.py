@@ -22,7 +22,6 @@ greedy answer takes, and its accuracy on each branch, free and forced); the buil
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -80,10 +79,7 @@ def build(tmp: Path, console: Console | None = None, seed: int | None = None) ->
     arith.write_splits(tmp, splits)
     tokenizer = arith.build_tokenizer()
     if seed is None:
-        for name in ("teacher", "student"):
-            shutil.copytree(SHIPPED / name, tmp / name)
-            tokenizer.save_pretrained(tmp / name)
-        shutil.copy(SHIPPED / "build.json", tmp / "build.json")
+        arith.unpack_pair(SHIPPED, tmp, tokenizer)
         return
     console = console or Console(stderr=True)
     console.print(f"[bold]Training the branching-addition scenario's teacher and student[/] from seed {seed}")

@@ -137,17 +137,19 @@ class ChatTeacher:
             n = int(mask.sum())
             forks = pick_forks((-row[:n]).tolist(), self.spec.chunk_length, self.spec.max_forks,
                                self.spec.fork_quantile, self.spec.smoothing_window)
-            if self.spec.fork_snap:
-                snapped = [self._snap(ids[:n].tolist(), t) for t in forks]
+            if self.spec.fork_snap and forks:
+                row_ids = ids[:n].tolist()
+                text = self.tokenizer.decode(row_ids, skip_special_tokens=True)
+                snapped = [self._snap(row_ids, text, t) for t in forks]
                 moved += sum(a != b for a, b in zip(forks, snapped))
                 forks = sorted(set(snapped))
             out.append(forks)
         return out, moved
 
-    def _snap(self, ids: list[int], t: int) -> int:
-        """``teacher.fork_snap``: the nearest cut at or before token ``t`` whose context the teacher reads right. Two
-        forks can then land closer than ``chunk_length``: the later chunk's reward is the one on the tokens they share."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+    def _snap(self, ids: list[int], text: str, t: int) -> int:
+        """``teacher.fork_snap``: the nearest cut at or before token ``t`` of ``ids`` (whose text is ``text``) whose
+        context the teacher reads right. Two forks can then land closer than ``chunk_length``: the later chunk's reward
+        is the one on the tokens they share."""
         while t > 0:
             prefix = self.tokenizer.decode(ids[:t], skip_special_tokens=True)
             if text.startswith(prefix) and self.findings.reads(prefix, text[len(prefix):]):
@@ -162,26 +164,17 @@ class ChatTeacher:
                            "(or a teacher of kind server/local for log-prob objectives)")
         spec, tok = self.spec, self.tokenizer
         forks, moved = self.forks(rollouts)
-        requests, places = [], []
+        asks, places = [], []
         for b, (ts, example) in enumerate(zip(forks, rollouts.examples)):
             ids = rollouts.completion_ids[b, : int(rollouts.completion_mask[b].sum())].tolist()
             for t in ts:
-                messages, extra = self._messages(example, tok.decode(ids[:t], skip_special_tokens=True))
-                requests.append({"model": spec.model, "messages": messages, "n": spec.samples_per_fork,
-                                 "max_tokens": spec.chunk_length, "temperature": spec.temperature, **extra})
+                asks.append((example, tok.decode(ids[:t], skip_special_tokens=True)))
                 chunk = ids[t : t + spec.chunk_length]
                 places.append((b, t, len(chunk), tok.decode(chunk, skip_special_tokens=True), tok.eos_token_id in chunk))
-
-        def check(body: dict) -> None:
-            choices = body["choices"]
-            if len(choices) != spec.samples_per_fork or not all(isinstance(c["message"]["content"], str) for c in choices):
-                raise Malformed(f"expected {spec.samples_per_fork} choices with text, got {len(choices)}")
-
-        answers = self.client.map("/chat/completions", requests, check)
         preferences = []
-        for answer, (_, _, _, chunk, ended) in zip(answers, places):
-            sims = [chunk_similarity(chunk, ended, c["message"]["content"], c.get("finish_reason") == "stop",
-                                     spec.similarity) for c in answer["choices"]]
+        for continued, (_, _, _, chunk, ended) in zip(self.continuations(asks, spec.samples_per_fork, spec.temperature),
+                                                      places):
+            sims = [chunk_similarity(chunk, ended, text, stopped, spec.similarity) for text, stopped in continued]
             preferences.append(dirichlet_preference(sims, spec.prior))
         if spec.baseline == "batch":
             baseline = sum(preferences) / len(preferences) if preferences else 0.0
@@ -197,10 +190,27 @@ class ChatTeacher:
         mask = rollouts.completion_mask
         return TeacherSignal(torch.zeros_like(mask), token_advantages=advantages.to(mask.device) * mask, usage=usage)
 
-    def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
-               top_p: float = 1.0, greedy: bool = False) -> Rollouts:
-        """Teacher answers to the prompts (asked in the teacher's view), tokenized by the student after the student's
-        prompts (greedy: temperature 0)."""
+    def continuations(self, asks: list[tuple[Example, str]], n: int, temperature: float) -> list[list[tuple[str, bool]]]:
+        """The teacher's ``n`` continuations of each ``(example, prefix)``, at most ``chunk_length`` tokens each, as
+        ``(text, ended)`` per choice."""
+        requests = []
+        for example, prefix in asks:
+            messages, extra = self._messages(example, prefix)
+            requests.append({"model": self.spec.model, "messages": messages, "n": n,
+                             "max_tokens": self.spec.chunk_length, "temperature": temperature, **extra})
+
+        def check(body: dict) -> None:
+            choices = body["choices"]
+            if len(choices) != n or not all(isinstance(c["message"]["content"], str) for c in choices):
+                raise Malformed(f"expected {n} choices with text, got {len(choices)}")
+
+        return [[(c["message"]["content"], c.get("finish_reason") == "stop") for c in answer["choices"]]
+                for answer in self.client.map("/chat/completions", requests, check)]
+
+    def answers(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
+                top_p: float = 1.0, greedy: bool = False) -> list[tuple[str, bool]]:
+        """The teacher's answer to each prompt (asked in the teacher's view; greedy: temperature 0) as
+        ``(text, ended)``."""
         payloads = [{"model": self.spec.model, "messages": self._view(e), "max_tokens": max_completion_length,
                      "temperature": 0.0 if greedy else temperature, "top_p": 1.0 if greedy else top_p} for e in examples]
 
@@ -208,7 +218,12 @@ class ChatTeacher:
             if len(body["choices"]) != 1 or not isinstance(body["choices"][0]["message"]["content"], str):
                 raise Malformed("expected exactly one choice with text")
 
-        answers = self.client.map("/chat/completions", payloads, check)
-        texts = [a["choices"][0]["message"]["content"] for a in answers]
-        stopped = [a["choices"][0].get("finish_reason") == "stop" for a in answers]
-        return rollouts_from_texts(self.tokenizer, examples, texts, stopped, max_completion_length)
+        return [(a["choices"][0]["message"]["content"], a["choices"][0].get("finish_reason") == "stop")
+                for a in self.client.map("/chat/completions", payloads, check)]
+
+    def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
+               top_p: float = 1.0, greedy: bool = False) -> Rollouts:
+        """Teacher answers to the prompts (``answers``), tokenized by the student after the student's prompts."""
+        answers = self.answers(examples, max_completion_length, temperature, top_p, greedy)
+        return rollouts_from_texts(self.tokenizer, examples, [text for text, _ in answers],
+                                   [ended for _, ended in answers], max_completion_length)

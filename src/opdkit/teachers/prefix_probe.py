@@ -79,28 +79,19 @@ def context(prefix: str, rest: str) -> str:
 
 def probe_prefixes(teacher, examples: list[Example], max_completion_length: int) -> PrefixProbe:
     """Ask ``teacher`` (a ``ChatTeacher``) for its greedy answers to ``examples`` and to continue each from its cuts."""
-    spec, tok = teacher.spec, teacher.tokenizer
-    answers = teacher.client.map("/chat/completions", [
-        {"model": spec.model, "messages": teacher._view(e), "max_tokens": max_completion_length, "temperature": 0.0}
-        for e in examples])
-    requests, expected = [], []
-    for example, answer in zip(examples, answers):
-        text = answer["choices"][0]["message"]["content"]
+    tok = teacher.tokenizer
+    asks, expected = [], []
+    for example, (text, _) in zip(examples, teacher.answers(examples, max_completion_length, greedy=True)):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         ends = range(1, len(ids))
         for end in sorted({ends[round(i * (len(ends) - 1) / max(1, CUTS - 1))] for i in range(min(CUTS, len(ends)))}):
             prefix = tok.decode(ids[:end], skip_special_tokens=True)
             if not text.startswith(prefix):  # a cut inside a character the student's tokenizer splits: no fork there
                 continue
-            messages, extra = teacher._messages(example, prefix)
-            requests.append({"model": spec.model, "messages": messages, "max_tokens": spec.chunk_length,
-                             "temperature": 0.0, **extra})
+            asks.append((example, prefix))
             expected.append((prefix, text[len(prefix):]))
-    continued = teacher.client.map("/chat/completions", requests)
     consistent, wrong, contexts = 0, [], {}
-    for (prefix, rest), answer in zip(expected, continued):
-        choice = answer["choices"][0]
-        got, ended = choice["message"]["content"], choice.get("finish_reason") == "stop"
+    for (prefix, rest), [(got, ended)] in zip(expected, teacher.continuations(asks, n=1, temperature=0.0)):
         right = got == rest if ended else (got != "" and rest.startswith(got))
         consistent += right
         if not right:
