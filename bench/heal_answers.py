@@ -1,0 +1,84 @@
+"""Do the healed students answer, or loop? Greedy answers of the teacher, the cut students and trained ones.
+
+    .venv/bin/python bench/heal_answers.py runs/heal/gkd-s0 runs/heal/seqkd-s0 ... [--length 96] [--output F.json]
+
+On the 32 held-out prompts of ``configs/smollm2-heal.yaml``, each model answers greedily with up to ``--length`` new
+tokens (longer than the evaluation's 32, since a loop needs room to show), in the precision ``precision: auto``
+picks; ``--temperature T`` (with ``--top-p``) samples instead, from one seed. Per model: the share of answers that loop (``opdkit.evaluate.loops``: one run of four tokens three times or
+more), the share that end (emit the end token within the length) and the mean length. The models: the teacher,
+``builtin:smollm2/student-20`` (the plain cut), ``builtin:smollm2/student-20-bridge`` (the same cut with its linear
+bridge, untrained), then the ``final`` folder of each run folder given. ``--show N`` prints N prompts' answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from opdkit.config import load_config
+from opdkit.data import load_examples
+from opdkit.demo import shipped_config
+from opdkit.evaluate import loops
+from opdkit.models import autocast, load_model, machine_description, resolve_model_path
+from opdkit.rollout import sample
+from opdkit.train import setup
+
+
+def answers(model, tokenizer, examples, length: int, amp_dtype, eos_id: int, temperature: float, top_p: float) -> dict:
+    torch.manual_seed(0)  # every model samples from the same generator state
+    with torch.no_grad(), autocast(torch.device("cpu"), amp_dtype):
+        rollouts = sample(model, tokenizer, examples, max_completion_length=length, greedy=temperature == 0,
+                          temperature=temperature or 1.0, top_p=top_p)
+    rows = rollouts.completions()
+    ended = [eos_id in row for row in rows]
+    return {"looping": sum(map(loops, rows)) / len(rows), "ended": sum(ended) / len(rows),
+            "mean_length": sum(map(len, rows)) / len(rows), "texts": rollouts.texts(tokenizer)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="*", type=Path, help="run folders whose final/ student to measure")
+    parser.add_argument("--length", type=int, default=96)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--show", type=int, default=3)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    console = Console()
+    config = load_config(shipped_config("smollm2-heal.yaml"), [])
+    run = setup(config)
+    examples = load_examples(config.data.eval)
+    models = {"teacher": run.teacher.model,
+              **{f"builtin:smollm2/{name}": load_model(resolve_model_path(f"builtin:smollm2/{name}"))
+                 for name in ("student-20", "student-20-bridge")},
+              **{str(folder): load_model(str(folder / "final")) for folder in args.runs}}
+    console.print(f"machine: {machine_description(run.amp_dtype)}")
+    measured = {}
+    for name, model in models.items():
+        measured[name] = answers(model.eval(), run.tokenizer, examples, args.length, run.amp_dtype,
+                                 run.tokenizer.eos_token_id, args.temperature, args.top_p)
+    how = "greedy" if args.temperature == 0 else f"sampled (temperature {args.temperature}, top-p {args.top_p})"
+    table = Table(title=f"{how} answers to {len(examples)} held-out prompts, up to {args.length} new tokens")
+    table.add_column("model", overflow="fold")
+    for column in ("answers that loop", "answers that end", "mean length"):
+        table.add_column(column, justify="right")
+    for name, m in measured.items():
+        table.add_row(name, f"{m['looping']:.1%}", f"{m['ended']:.1%}", f"{m['mean_length']:.1f}")
+    console.print(table)
+    for i, example in enumerate(examples[: args.show]):
+        console.print(f"\n[bold]{example.messages[-1]['content']}[/]")
+        for name, m in measured.items():
+            console.print(f"  [dim]{name}:[/] {m['texts'][i]!r}", highlight=False)
+    if args.output:
+        args.output.write_text(json.dumps({"length": args.length, "temperature": args.temperature, "top_p": args.top_p,
+                                           "machine": machine_description(run.amp_dtype),
+                                           "models": measured}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The held-out table of ``smollm2-heal`` runs: per arm over seeds, and each arm against the first, paired by seed.
+
+    .venv/bin/python bench/heal_table.py "GKD=runs/heal/gkd-s*" "SeqKD=runs/heal/seqkd-s*" \\
+        [--cut "plain cut=runs/heal-long/gkd-s*"] [--plot docs/heal]
+
+Each ``LABEL=GLOB`` names an arm: the finished run folders (those with ``final/``) the glob matches. Per arm:
+the seeds, the steps, the held-out reverse KL after training and the share of the gap recovered from the run's
+own start (1 - after / before, per seed), token agreement, the share of greedy answers that loop at the
+evaluation's length (runs that logged it), the teacher's seconds per step (scoring for on-policy runs, decoding
+for SeqKD, whose teacher writes the completions) and the wall time. ``--cut`` names runs whose reverse KL before
+training is the gap compression left (the plain cut's, for students that start from a bridged one): the table
+then also gives the share of that gap recovered, per seed against the cut's run of the same seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import statistics
+from pathlib import Path
+
+from opdkit.report import read_run
+from opdkit.sweep import interval95, plot, spread
+
+
+def summary(folder: Path) -> dict:
+    log = read_run(folder)
+    key = "time_rollout" if log.config.objective.method == "seqkd" else "time_teacher"
+    after = log.final["eval"]
+    return {"seed": log.config.seed, "steps": len(log.steps), "before": log.before["reverse_kl"], "evals": log.evals,
+            "reverse_kl": after["reverse_kl"], "agreement": after["token_agreement"], "looping": after.get("looping"),
+            "teacher_s": statistics.median(r[key] for r in log.steps[1:]), "wall_min": log.final["wall_s"] / 60}
+
+
+def arm(spec: str) -> tuple[str, list[dict]]:
+    label, pattern = spec.split("=", 1)
+    folders = [Path(f) for f in glob.glob(pattern) if (Path(f) / "final").is_dir()]
+    if not folders:
+        raise SystemExit(f"{spec}: no finished run folder matches {pattern}")
+    return label, sorted(map(summary, folders), key=lambda r: r["seed"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("arms", nargs="+")
+    parser.add_argument("--cut", help="LABEL=GLOB: runs whose reverse KL before training is compression's gap")
+    parser.add_argument("--plot", type=Path, help="write PLOT-reverse_kl.png and PLOT-token_agreement.png: each arm's "
+                                                  "held-out curve, mean over seeds (band: min to max)")
+    args = parser.parse_args()
+    arms = dict(map(arm, args.arms))
+    cut = {r["seed"]: r["before"] for r in arm(args.cut)[1]} if args.cut else {}
+    header = ["arm", "seeds", "steps", "reverse KL after", "gap recovered from its start"]
+    header += [f"gap recovered from the {args.cut.split('=')[0]}"] if cut else []
+    header += ["token agreement", "greedy answers that loop", "teacher s per step", "wall min"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for label, runs in arms.items():
+        cells = [label, ",".join(str(r["seed"]) for r in runs), str(runs[0]["steps"]),
+                 spread([r["reverse_kl"] for r in runs], ".3f", interval=True),
+                 spread([100 * (1 - r["reverse_kl"] / r["before"]) for r in runs], ".0f", interval=True) + "%"]
+        if cut:
+            cells.append(spread([100 * (1 - r["reverse_kl"] / cut[r["seed"]]) for r in runs if r["seed"] in cut],
+                                ".0f", interval=True) + "%")
+        looping = [100 * r["looping"] for r in runs if r["looping"] is not None]
+        cells += [spread([100 * r["agreement"] for r in runs], ".1f", interval=True) + "%",
+                  spread(looping, ".0f") + "%" if looping else "-",
+                  spread([r["teacher_s"] for r in runs], ".2f"), spread([r["wall_min"] for r in runs], ".1f")]
+        print("| " + " | ".join(cells) + " |")
+    for metric in ("reverse_kl", "token_agreement") if args.plot else ():
+        path = args.plot.with_name(f"{args.plot.name}-{metric}.png")
+        plot(arms, metric, path, title="smollm2-heal, held-out (mean over seeds; band: min to max)")
+        print(f"wrote {path}")
+    (first, base), *rest = arms.items()
+    for label, runs in rest:
+        pairs = [(r, b) for r in runs for b in base if b["seed"] == r["seed"]]
+        if len(pairs) > 1:
+            kl = [r["reverse_kl"] - b["reverse_kl"] for r, b in pairs]
+            agreement = [100 * (r["agreement"] - b["agreement"]) for r, b in pairs]
+            (k_lo, k_hi), (a_lo, a_hi) = interval95(kl), interval95(agreement)
+            print(f"\n{label} minus {first}, paired by seed ({len(pairs)}): reverse KL {statistics.fmean(kl):+.3f} "
+                  f"[{k_lo:+.3f}, {k_hi:+.3f}], token agreement {statistics.fmean(agreement):+.1f} points "
+                  f"[{a_lo:+.1f}, {a_hi:+.1f}]")
+
+
+if __name__ == "__main__":
+    main()
