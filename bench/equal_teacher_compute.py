@@ -25,7 +25,6 @@ against the first arm.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import statistics
 import time
@@ -58,32 +57,26 @@ def samples(seed: int, steps: int, batch: int, out: Path, temperature: float) ->
     print(json.dumps(record))
 
 
-def run_summary(folder: Path) -> dict:
-    from opdkit.report import read_run
-
-    log = read_run(folder)
-    objective = log.config.objective
-    if objective.lmbda == 0:  # offline: the teacher wrote the training file beforehand
+def run_summary(log) -> dict:
+    """A finished run (``report.RunLog``): its final held-out figures and its teacher's seconds."""
+    if log.config.objective.lmbda == 0:  # offline: the teacher wrote the training file beforehand
         per_step, total = None, json.loads(Path(f"{log.config.data.train}.json").read_text())["teacher_seconds"]
-    else:  # online SeqKD's teacher decodes in the rollout stage; on-policy's scores in the teacher stage
-        key = "time_rollout" if objective.method == "seqkd" else "time_teacher"
-        per_step = statistics.median(r[key] for r in log.steps[1:])
-        total = sum(r[key] for r in log.steps)
+    else:
+        per_step, total = statistics.median(log.teacher_seconds[1:]), sum(log.teacher_seconds)
     return {"seed": log.config.seed, "steps": len(log.steps), "accuracy": log.final["eval"]["accuracy"],
             "reverse_kl": log.final["eval"]["reverse_kl"], "teacher_s_per_step": per_step, "teacher_s": total}
 
 
 def table(arms: list[str]) -> None:
-    from opdkit.sweep import interval95, spread
+    from opdkit.report import read_arm
+    from opdkit.sweep import paired, spread
 
     print("| arm | seeds | steps | held-out accuracy | reverse KL | teacher s per step | teacher s in all |")
     print("|---|---|---|---|---|---|---|")
     summaries = {}
     for arm in arms:
-        label, pattern = arm.split("=", 1)
-        finished = [Path(f) for f in glob.glob(pattern) if (Path(f) / "final").is_dir()]  # not logs, not running
-        runs = sorted(map(run_summary, finished), key=lambda r: r["seed"])
-        summaries[label] = runs
+        label, logs = read_arm(arm)
+        runs = summaries[label] = list(map(run_summary, logs))
         per_step = [r["teacher_s_per_step"] for r in runs if r["teacher_s_per_step"] is not None]
         print(f"| {label} | {','.join(str(r['seed']) for r in runs)} | {runs[0]['steps']} | "
               f"{spread([100 * r['accuracy'] for r in runs], '.1f', interval=True)} | "
@@ -91,13 +84,10 @@ def table(arms: list[str]) -> None:
               f"{spread(per_step, '.4f') if per_step else '-'} | {spread([r['teacher_s'] for r in runs], '.1f')} |")
     (first, base), *rest = summaries.items()
     for label, runs in rest:
-        pairs = [(r, b) for r in runs for b in base if b["seed"] == r["seed"]]
-        if len(pairs) > 1:
-            accuracy = [(r["accuracy"] - b["accuracy"]) * 100 for r, b in pairs]
-            kl = [r["reverse_kl"] - b["reverse_kl"] for r, b in pairs]
-            (a_lo, a_hi), (k_lo, k_hi) = interval95(accuracy), interval95(kl)
-            print(f"{label} minus {first}, paired by seed ({len(pairs)}): accuracy {statistics.fmean(accuracy):+.1f} "
-                  f"points [{a_lo:+.1f}, {a_hi:+.1f}], reverse KL {statistics.fmean(kl):+.3f} [{k_lo:+.3f}, {k_hi:+.3f}]")
+        accuracy, kl = paired(runs, base, "accuracy", 100), paired(runs, base, "reverse_kl")
+        if accuracy:
+            print(f"{label} minus {first}, paired by seed ({accuracy[0]}): accuracy {accuracy[1]:+.1f} points "
+                  f"[{accuracy[2]:+.1f}, {accuracy[3]:+.1f}], reverse KL {kl[1]:+.3f} [{kl[2]:+.3f}, {kl[3]:+.3f}]")
 
 
 def main() -> None:

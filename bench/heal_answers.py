@@ -4,7 +4,7 @@
 
 On the 32 held-out prompts of ``configs/smollm2-heal.yaml``, each model answers greedily with up to ``--length`` new
 tokens (longer than the evaluation's 32, since a loop needs room to show), in the precision ``precision: auto``
-picks; ``--temperature T`` (with ``--top-p``) samples instead, from one seed. Per model: the share of answers that loop (``opdkit.evaluate.loops``: one run of four tokens three times or
+picks; ``--temperature T`` (with ``--top-p``) samples instead, from one seed. Per model: the share of answers that loop (``opdkit.evaluate.looping``: one run of four tokens three times or
 more), the share that end (emit the end token within the length) and the mean length. The models: the teacher,
 ``builtin:smollm2/student-20`` (the plain cut), ``builtin:smollm2/student-20-bridge`` (the same cut with its linear
 bridge, untrained), then the ``final`` folder of each run folder given. ``--show N`` prints N prompts' answers.
@@ -23,21 +23,19 @@ from rich.table import Table
 from opdkit.config import load_config
 from opdkit.data import load_examples
 from opdkit.demo import shipped_config
-from opdkit.evaluate import loops
-from opdkit.models import autocast, load_model, machine_description, resolve_model_path
+from opdkit.evaluate import looping
+from opdkit.models import autocast, load_model, machine_description
 from opdkit.rollout import sample
 from opdkit.train import setup
 
 
-def answers(model, tokenizer, examples, length: int, amp_dtype, eos_id: int, temperature: float, top_p: float) -> dict:
+def answers(model, tokenizer, examples, length: int, amp_dtype, temperature: float, top_p: float) -> dict:
     torch.manual_seed(0)  # every model samples from the same generator state
     with torch.no_grad(), autocast(torch.device("cpu"), amp_dtype):
         rollouts = sample(model, tokenizer, examples, max_completion_length=length, greedy=temperature == 0,
                           temperature=temperature or 1.0, top_p=top_p)
-    rows = rollouts.completions()
-    ended = [eos_id in row for row in rows]
-    return {"looping": sum(map(loops, rows)) / len(rows), "ended": sum(ended) / len(rows),
-            "mean_length": sum(map(len, rows)) / len(rows), "texts": rollouts.texts(tokenizer)}
+    return {"looping": looping([rollouts]), "ended": 1 - rollouts.truncated.float().mean().item(),
+            "mean_length": rollouts.lengths().float().mean().item(), "texts": rollouts.texts(tokenizer)}
 
 
 def main() -> None:
@@ -54,14 +52,13 @@ def main() -> None:
     run = setup(config)
     examples = load_examples(config.data.eval)
     models = {"teacher": run.teacher.model,
-              **{f"builtin:smollm2/{name}": load_model(resolve_model_path(f"builtin:smollm2/{name}"))
-                 for name in ("student-20", "student-20-bridge")},
+              **{path: load_model(path) for path in ("builtin:smollm2/student-20", "builtin:smollm2/student-20-bridge")},
               **{str(folder): load_model(str(folder / "final")) for folder in args.runs}}
     console.print(f"machine: {machine_description(run.amp_dtype)}")
     measured = {}
     for name, model in models.items():
         measured[name] = answers(model.eval(), run.tokenizer, examples, args.length, run.amp_dtype,
-                                 run.tokenizer.eos_token_id, args.temperature, args.top_p)
+                                 args.temperature, args.top_p)
     how = "greedy" if args.temperature == 0 else f"sampled (temperature {args.temperature}, top-p {args.top_p})"
     table = Table(title=f"{how} answers to {len(examples)} held-out prompts, up to {args.length} new tokens")
     table.add_column("model", overflow="fold")

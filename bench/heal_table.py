@@ -3,7 +3,7 @@
     .venv/bin/python bench/heal_table.py "GKD=runs/heal/gkd-s*" "SeqKD=runs/heal/seqkd-s*" \\
         [--cut "plain cut=runs/heal-long/gkd-s*"] [--plot docs/heal]
 
-Each ``LABEL=GLOB`` names an arm: the finished run folders (those with ``final/``) the glob matches. Per arm:
+Each ``LABEL=GLOB`` names an arm: the finished runs among the folders the glob matches (``report.read_arm``). Per arm:
 the seeds, the steps, the held-out reverse KL after training and the share of the gap recovered from the run's
 own start (1 - after / before, per seed), token agreement, the share of greedy answers that loop at the
 evaluation's length (runs that logged it), the teacher's seconds per step (scoring for on-policy runs, decoding
@@ -15,29 +15,26 @@ then also gives the share of that gap recovered, per seed against the cut's run 
 from __future__ import annotations
 
 import argparse
-import glob
 import statistics
 from pathlib import Path
 
-from opdkit.report import read_run
-from opdkit.sweep import interval95, plot, spread
+from opdkit.report import read_arm
+from opdkit.sweep import paired, plot, spread
 
 
-def summary(folder: Path) -> dict:
-    log = read_run(folder)
-    key = "time_rollout" if log.config.objective.method == "seqkd" else "time_teacher"
+def summary(log) -> dict:
+    """A finished run (``report.RunLog``): its held-out figures and its teacher's seconds."""
     after = log.final["eval"]
     return {"seed": log.config.seed, "steps": len(log.steps), "before": log.before["reverse_kl"], "evals": log.evals,
             "reverse_kl": after["reverse_kl"], "agreement": after["token_agreement"], "looping": after.get("looping"),
-            "teacher_s": statistics.median(r[key] for r in log.steps[1:]), "wall_min": log.final["wall_s"] / 60}
+            "teacher_s": statistics.median(log.teacher_seconds[1:]), "wall_min": log.final["wall_s"] / 60}
 
 
 def arm(spec: str) -> tuple[str, list[dict]]:
-    label, pattern = spec.split("=", 1)
-    folders = [Path(f) for f in glob.glob(pattern) if (Path(f) / "final").is_dir()]
-    if not folders:
-        raise SystemExit(f"{spec}: no finished run folder matches {pattern}")
-    return label, sorted(map(summary, folders), key=lambda r: r["seed"])
+    label, logs = read_arm(spec)
+    if not logs:
+        raise SystemExit(f"{spec}: no finished run folder matches")
+    return label, list(map(summary, logs))
 
 
 def main() -> None:
@@ -71,14 +68,11 @@ def main() -> None:
         print(f"wrote {path}")
     (first, base), *rest = arms.items()
     for label, runs in rest:
-        pairs = [(r, b) for r in runs for b in base if b["seed"] == r["seed"]]
-        if len(pairs) > 1:
-            kl = [r["reverse_kl"] - b["reverse_kl"] for r, b in pairs]
-            agreement = [100 * (r["agreement"] - b["agreement"]) for r, b in pairs]
-            (k_lo, k_hi), (a_lo, a_hi) = interval95(kl), interval95(agreement)
-            print(f"\n{label} minus {first}, paired by seed ({len(pairs)}): reverse KL {statistics.fmean(kl):+.3f} "
-                  f"[{k_lo:+.3f}, {k_hi:+.3f}], token agreement {statistics.fmean(agreement):+.1f} points "
-                  f"[{a_lo:+.1f}, {a_hi:+.1f}]")
+        kl, agreement = paired(runs, base, "reverse_kl"), paired(runs, base, "agreement", 100)
+        if kl:
+            print(f"\n{label} minus {first}, paired by seed ({kl[0]}): reverse KL {kl[1]:+.3f} "
+                  f"[{kl[2]:+.3f}, {kl[3]:+.3f}], token agreement {agreement[1]:+.1f} points "
+                  f"[{agreement[2]:+.1f}, {agreement[3]:+.1f}]")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ held-out accuracy and exact reverse KL (mean ± sd [95% interval of the mean]) a
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import shutil
 import statistics
@@ -85,13 +84,11 @@ def make(alpha: float, out: Path, source: str, prompts: int) -> None:
         "temperature1_sample_accuracy": {"original": accuracy(hot0), "scaled": accuracy(hot1)}}, indent=1))
 
 
-def _final(run: Path, prompt_tokens: int) -> tuple[dict, dict]:
-    """(final eval, teacher cost per step) of a finished run. A local teacher logs no traffic: its cost is one
-    forward pass over each rollout's prompt and completion, ``rows x (prompt_tokens + completion_length)``
-    positions; a chat teacher's is its logged prefill (``teacher_prompt_tokens``) plus its generated tokens."""
-    from opdkit.report import read_run
-
-    log = read_run(run)
+def _final(log, prompt_tokens: int) -> tuple[dict, dict]:
+    """(final eval, teacher cost per step) of a finished run (``report.RunLog``). A local teacher logs no traffic:
+    its cost is one forward pass over each rollout's prompt and completion, ``rows x (prompt_tokens +
+    completion_length)`` positions; a chat teacher's is its logged prefill (``teacher_prompt_tokens``) plus its
+    generated tokens."""
     steps, n = log.steps, len(log.steps)
     cost = {"steps": n, "train_s": sum(sum(v for k, v in r.items() if k.startswith("time_")) for r in steps) / n}
     if any("teacher_requests" in r for r in steps):
@@ -107,18 +104,18 @@ def _final(run: Path, prompt_tokens: int) -> tuple[dict, dict]:
 
 
 def table(arms: list[str], prompt_tokens: int) -> None:
+    from opdkit.report import read_arm
     from opdkit.sweep import spread
 
     print("| arm | seeds | held-out accuracy | exact reverse KL to the calibrated teacher | reverse KL to the run's "
           "own teacher | teacher cost per step | teacher positions per step | train s per step |")
     print("|---|---|---|---|---|---|---|---|")
     for arm in arms:
-        name, pattern = arm.rsplit("=", 1)  # the glob holds no "=", the name may
-        runs = sorted(Path(p) for p in glob.glob(pattern) if (Path(p) / "metrics.jsonl").exists()
-                      and json.loads((Path(p) / "metrics.jsonl").read_text().splitlines()[-1]).get("final"))
-        finals = [_final(r, prompt_tokens) for r in runs]
+        name, logs = read_arm(arm)
+        runs = [log.run_dir for log in logs]
+        finals = [_final(log, prompt_tokens) for log in logs]
         if not finals:
-            print(f"| {name} | no finished run matches {pattern} | | | | | | |")
+            print(f"| {name} | no finished run matches {arm.rsplit('=', 1)[1]} | | | | | | |")
             continue
         cal = [json.loads((r / "eval-calibrated.json").read_text()) for r in runs
                if (r / "eval-calibrated.json").exists() and (r / "eval-calibrated.json").read_text().strip()]
@@ -134,7 +131,7 @@ def table(arms: list[str], prompt_tokens: int) -> None:
                        f"{cost['completion_tokens']:,.0f} generated tokens")
         else:
             traffic = f"1 forward over the rollouts, {cost['scored_tokens']:,.0f} completion tokens scored"
-        print(f"| {name} | {','.join(r.name.rsplit('-s', 1)[1] for r in runs)} | {spread(own_acc, '.1f', True)} | "
+        print(f"| {name} | {','.join(str(log.config.seed) for log in logs)} | {spread(own_acc, '.1f', True)} | "
               f"{spread(kl, '.3f', True)} | {spread(own_kl, '.3f', True) if own_kl else '-'} | {traffic} | "
               f"{cost['positions']:,.0f} | {cost['train_s']:.2f} |")
 

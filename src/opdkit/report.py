@@ -106,6 +106,13 @@ class RunLog:
     def has(self, key: str) -> bool:
         return any(key in r for r in self.steps)
 
+    @property
+    def teacher_seconds(self) -> list[float]:
+        """Per step, the seconds the teacher worked: the rollout stage for SeqKD, whose teacher writes the
+        completions, else the teacher stage (scoring the student's)."""
+        key = "time_rollout" if self.config.objective.method == "seqkd" else "time_teacher"
+        return [r[key] for r in self.steps]
+
 
 def _number(value) -> float:
     return math.nan if value is None else float(value)
@@ -133,6 +140,18 @@ def read_run(run_dir: str | Path) -> RunLog:
                   start.get("teacher") or {}, [r for r in records if "loss" in r], final,
                   _read_jsonl(tokens_path) if tokens_path.is_file() else None,
                   _read_jsonl(samples_path) if samples_path.is_file() else [], start)
+
+
+def read_arm(spec: str) -> tuple[str, list[RunLog]]:
+    """``"LABEL=GLOB"`` (an arm of a comparison, as the bench tables take it) -> the label and the finished runs
+    among the folders the glob matches, by seed. The label may hold "=", the glob not."""
+    import glob
+
+    label, pattern = spec.rsplit("=", 1)
+    folders = [Path(f) for f in sorted(glob.glob(pattern))
+               if (Path(f) / "config.yaml").is_file() and (Path(f) / "metrics.jsonl").is_file()]
+    runs = [log for log in map(read_run, folders) if log.final is not None]
+    return label, sorted(runs, key=lambda log: log.config.seed)
 
 
 # ---- plots --------------------------------------------------------------------------------------------------

@@ -119,6 +119,16 @@ def interval95(values: list[float]) -> tuple[float, float]:
     return mean - half, mean + half
 
 
+def paired(rows: list[dict], base: list[dict], key: str, scale: float = 1.0) -> tuple[int, float, float, float] | None:
+    """``scale * (row[key] - base_row[key])`` over the seeds both hold (rows with a ``seed``): ``(pairs, mean, low,
+    high)`` with the 95% interval of the mean; None under two pairs."""
+    base_by_seed = {b["seed"]: b[key] for b in base}
+    differences = [scale * (r[key] - base_by_seed[r["seed"]]) for r in rows if r["seed"] in base_by_seed]
+    if len(differences) < 2:
+        return None
+    return (len(differences), statistics.fmean(differences), *interval95(differences))
+
+
 def spread(values: list[float], fmt: str, interval: bool = False) -> str:
     """``mean ± sd`` of ``values``, with their 95% interval of the mean in brackets when asked."""
     if not values:

@@ -37,8 +37,7 @@ TEACHER_LAYERS = 30
 STUDENTS = {"student": list(range(0, TEACHER_LAYERS, 3)),
             "student-20": [i for i in range(TEACHER_LAYERS) if not 12 <= i < 22]}
 STUDENTS["student-20-bridge"] = STUDENTS["student-20"]
-# student folder -> (the last layer kept before its cut, the first one after it): the layers its bridge joins
-BRIDGES = {"student-20-bridge": (11, 22)}
+BRIDGED = {"student-20-bridge"}  # students with a linear map in place of their one removed block (``linear_bridge``)
 CALIBRATION_PROMPTS, CALIBRATION_LENGTH = 96, 64  # the bridge's fit: the teacher's greedy answers to training prompts
 ARTIFACTS = {"teacher": "teacher", **{name: name for name in STUDENTS}, "train": "train.jsonl",
              "heldout": "heldout.jsonl"}
@@ -110,6 +109,15 @@ def prune_layers(teacher, keep: list[int]):
     return student
 
 
+def cut_edges(keep: list[int]) -> tuple[int, int]:
+    """The teacher layers either side of the one block ``keep`` removes: the last kept before it, the first after."""
+    gaps = [(a, b) for a, b in zip(keep, keep[1:]) if b != a + 1]
+    if len(gaps) != 1:
+        raise OPDError(f"a linear bridge replaces one contiguous removed block; the layers kept, {keep}, leave "
+                       f"{len(gaps)} gaps")
+    return gaps[0]
+
+
 @torch.no_grad()
 def linear_bridge(teacher, tokenizer, examples, before: int, after: int) -> torch.Tensor:
     """ReplaceMe's map for removing the layers between ``before`` and ``after``: the ``[d, d]`` matrix ``T`` that
@@ -163,8 +171,8 @@ def build(tmp: Path, console: Console | None = None) -> None:
     students = {}
     for name, keep in STUDENTS.items():
         students[name] = prune_layers(teacher, keep)
-        if name in BRIDGES:
-            before, after = BRIDGES[name]
+        if name in BRIDGED:
+            before, after = cut_edges(keep)
             console.print(f"  {name}: fitting the linear bridge from layer {before} to layer {after} on the teacher's "
                           f"answers to {CALIBRATION_PROMPTS} training prompts")
             calibration = load_examples(str(tmp / "train.jsonl"))[:CALIBRATION_PROMPTS]
