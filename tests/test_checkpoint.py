@@ -72,6 +72,32 @@ def test_a_crash_inside_a_save_leaves_the_previous_checkpoint_loadable(tiny_conf
     assert not (run_dir / ".tmp-checkpoint-3").exists()
 
 
+def test_a_full_disk_removes_the_partial_save_and_says_how_to_resume(tiny_config, tmp_path, monkeypatch):
+    config = short_run(tiny_config, optim={"steps": 3}, checkpoint={"every": 1, "keep": 2})
+    real_fsync_tree = checkpoint._fsync_tree
+    full = {".tmp-checkpoint-3": OSError(28, "No space left on device"),
+            # safetensors' own exception type, with the operating system's words inside
+            ".tmp-final": RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")}
+
+    def fill_up(folder):
+        if folder.name in full:
+            raise full.pop(folder.name)
+        real_fsync_tree(folder)
+
+    monkeypatch.setattr(checkpoint, "_fsync_tree", fill_up)
+    run_dir = tmp_path / "run"
+    with pytest.raises(OPDError, match=r"disk holding .*full.*checkpoint-3.*checkpoint-2.*opd train --resume"):
+        train(setup(load_config(base=config)))
+    assert not list(run_dir.glob(".tmp-*"))  # the partial folder gave its space back
+    assert checkpoint.latest(run_dir).name == "checkpoint-2"
+    with pytest.raises(OPDError, match=r"final could not be written.*checkpoint-3"):
+        train(setup(load_config(base=config)), resume=True)
+    assert not (run_dir / ".tmp-final").exists()
+    result = train(setup(load_config(base=config)), resume=True)  # space freed: the final folder follows
+    assert (run_dir / "final" / "config.json").is_file() and result["checkpoint"].endswith("checkpoint-3")
+    assert [r["step"] for r in records(run_dir) if "loss" in r] == [1, 2, 3] and records(run_dir)[-1]["final"]
+
+
 def test_a_crash_while_deleting_an_old_checkpoint_never_leaves_a_partial_one(tiny_config, tmp_path, monkeypatch):
     config = short_run(tiny_config, optim={"steps": 3}, checkpoint={"every": 1, "keep": 1, "best_metric": None})
 

@@ -13,16 +13,19 @@ student merged, its adapter in ``final/adapter``).
 
 Writing goes to ``.tmp-checkpoint-<step>``; every file and the folder are fsynced, the folder is renamed into
 place and the run folder fsynced. Only then are old checkpoints retired (renamed to ``.trash-*``, then
-deleted). A process killed at any moment therefore leaves every earlier complete checkpoint loadable.
+deleted). A process killed at any moment therefore leaves every earlier complete checkpoint loadable. A write that
+fails for want of disk space removes its partial folder and stops the run with what to free and how to resume.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,14 +110,15 @@ def _check_teachers(run_dir: Path, saved: dict | None, config: Config) -> None:
 
 def check_folder(run_dir: Path, resume: bool, steps: int, config: Config | None = None) -> None:
     """The run folder suits the command, checked before any model loads: a new run's holds no checkpoint; a
-    resumed run's holds one, a finished run continues only when ``steps`` extends it, and (given ``config``) with
-    the teachers its checkpoint records."""
+    resumed run's holds one, a finished run continues only when ``steps`` extends it or its ``final/`` folder is
+    missing (its last write failed: the resume writes it), and (given ``config``) with the teachers its checkpoint
+    records."""
     if not resume:
         return check_fresh(run_dir)
     state = json.loads((latest(run_dir) / "trainer_state.json").read_text())
     if config is not None:
         _check_teachers(run_dir, state.get("teachers"), config)
-    if state.get("finished") and steps <= state["step"]:
+    if state.get("finished") and steps <= state["step"] and (run_dir / "final" / "config.json").is_file():
         raise OPDError(f"the run in {run_dir} already finished its {state['step']} steps: to train further, extend "
                        f"it with opd train --resume {run_dir} --set optim.steps=M (M > {state['step']}); the "
                        "optimizer and schedule state carry on")
@@ -164,10 +168,11 @@ def _write(run, final: Path, model_state: dict | None, optimizer_state: dict, sc
     else:
         tmp = run_dir / f".tmp-{final.name}"
         tmp.mkdir(parents=True)
-        run.student.save_pretrained(tmp, state_dict=model_state)
-        run.tokenizer.save_pretrained(tmp)
-        _write_state(tmp, run, optimizer_state, scheduler, rng, rngs, loop, metrics)
-        _fsync_tree(tmp)
+        with _room_for(tmp, final.name):
+            run.student.save_pretrained(tmp, state_dict=model_state)
+            run.tokenizer.save_pretrained(tmp)
+            _write_state(tmp, run, optimizer_state, scheduler, rng, rngs, loop, metrics)
+            _fsync_tree(tmp)
         os.rename(tmp, final)
         _fsync(run_dir)
     if loop.best_step == loop.step:
@@ -256,17 +261,40 @@ def _write_final(run, final: Path, model_state: dict | None) -> None:
     tmp, trash = run.run_dir / ".tmp-final", run.run_dir / ".trash-final"
     for leftover in (tmp, trash):
         shutil.rmtree(leftover, ignore_errors=True)
-    if run.config.student.lora is not None:
-        lora.save_merged(run.student, tmp)
-    else:
-        run.student.save_pretrained(tmp, state_dict=model_state)
-    run.tokenizer.save_pretrained(tmp)
-    _fsync_tree(tmp)
+    with _room_for(tmp, final.name):
+        if run.config.student.lora is not None:
+            lora.save_merged(run.student, tmp)
+        else:
+            run.student.save_pretrained(tmp, state_dict=model_state)
+        run.tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
     if final.exists():
         os.rename(final, trash)
     os.rename(tmp, final)
     _fsync(run.run_dir)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def _room_for(tmp: Path, name: str):
+    """Writing ``tmp`` (to become ``name``): where the disk fills up, remove the partial folder (the space it took is
+    given back; every complete checkpoint stays) and stop with what to do. Other failures pass through unchanged."""
+    try:
+        yield
+    except Exception as exc:  # safetensors and torch.save report a full disk in their own exception types
+        full = getattr(exc, "errno", None) == errno.ENOSPC or any(
+            text in str(exc) for text in ("No space left", f"os error {errno.ENOSPC}"))
+        if not full:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        run_dir = tmp.parent
+        done = checkpoints(run_dir)
+        resume = (f"the last complete checkpoint is {done[-1].name}: free space, then opd train --resume {run_dir} "
+                  "continues from it exactly" if done else "no checkpoint is complete yet: free space and start again")
+        raise OPDError(f"the disk holding {run_dir} is full ({shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free): "
+                       f"{name} could not be written and its partial folder was removed; {resume}. Each checkpoint "
+                       "holds the student and its optimizer state: checkpoint.keep sets how many stay, and "
+                       "checkpoint.every: 0 saves only on a new best and at the end") from exc
 
 
 def write_log(path: Path, records: list[dict]) -> None:
