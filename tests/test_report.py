@@ -18,7 +18,7 @@ from opdkit.cli import main
 from opdkit.config import dump_config, load_config
 from opdkit.errors import OPDError
 from opdkit.methods import METHODS
-from opdkit.report import SECTIONS, Unknown, build_report, checklist, checklist_html, read_run, write_report
+from opdkit.report import SECTIONS, Unknown, build_report, checklist, checklist_html, read_arm, read_run, write_report
 from opdkit.train import setup, train
 
 HOSTILE = "<script>alert('token')</script>"
@@ -158,6 +158,21 @@ def test_a_folder_that_is_not_a_run_is_refused_with_the_fix(tmp_path, capsys):
 
 
 # ---- in a real browser ----------------------------------------------------------------------------------
+
+def test_an_arm_gathers_its_seeds_from_several_globs_and_refuses_two_runs_of_one_seed(tmp_path):
+    for seed, folder in [(0, "a/s0"), (1, "a/s1"), (2, "b/seed2"), (3, "b/seed3")]:
+        write_run(tmp_path / folder, seed=seed)
+    write_run(tmp_path / "b/unfinished4", seed=4, finished=False)  # not finished: left out
+    label, logs = read_arm(f"GKD, lr=1e-4={tmp_path}/a/s*,{tmp_path}/b/seed*,{tmp_path}/b/unfinished*")
+    assert label == "GKD, lr=1e-4"
+    assert [log.config.seed for log in logs] == [0, 1, 2, 3]
+    assert [log.run_dir.name for log in logs] == ["s0", "s1", "seed2", "seed3"]
+    label, logs = read_arm(f"x={tmp_path}/a/s*,{tmp_path}/a/s0")  # one folder matched twice counts once
+    assert [log.config.seed for log in logs] == [0, 1]
+    write_run(tmp_path / "b/again0", seed=0)
+    with pytest.raises(OPDError, match="several finished runs of seed 0.*narrow the globs"):
+        read_arm(f"x={tmp_path}/a/s*,{tmp_path}/b/*")
+
 
 @pytest.fixture(scope="module")
 def chromium() -> str:

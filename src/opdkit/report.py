@@ -143,15 +143,22 @@ def read_run(run_dir: str | Path) -> RunLog:
 
 
 def read_arm(spec: str) -> tuple[str, list[RunLog]]:
-    """``"LABEL=GLOB"`` (an arm of a comparison, as the bench tables take it) -> the label and the finished runs
-    among the folders the glob matches, by seed. The label may hold "=", the glob not."""
+    """``"LABEL=GLOB[,GLOB...]"`` (an arm of a comparison, as the bench tables take it) -> the label and the
+    finished runs among the folders the globs match, by seed: several globs gather one arm's seeds from wherever
+    they ran. The label may hold "=", the globs neither "=" nor ",". Two runs of one seed are an error (a paired
+    comparison would not know which to take)."""
     import glob
 
-    label, pattern = spec.rsplit("=", 1)
-    folders = [Path(f) for f in sorted(glob.glob(pattern))
+    label, patterns = spec.rsplit("=", 1)
+    folders = [Path(f) for pattern in patterns.split(",") for f in sorted(glob.glob(pattern))
                if (Path(f) / "config.yaml").is_file() and (Path(f) / "metrics.jsonl").is_file()]
-    runs = [log for log in map(read_run, folders) if log.final is not None]
-    return label, sorted(runs, key=lambda log: log.config.seed)
+    runs = sorted((log for log in map(read_run, dict.fromkeys(folders)) if log.final is not None),
+                  key=lambda log: log.config.seed)
+    seeds = [log.config.seed for log in runs]
+    if repeated := sorted({seed for seed in seeds if seeds.count(seed) > 1}):
+        raise OPDError(f"arm {label!r}: several finished runs of seed {repeated[0]} among {patterns!r}: "
+                       "narrow the globs to one run per seed")
+    return label, runs
 
 
 # ---- plots --------------------------------------------------------------------------------------------------
