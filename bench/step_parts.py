@@ -2,12 +2,13 @@
 
     .venv/bin/python bench/step_parts.py [--threads 2] [--batch 4] [--tokens 32] [--precision auto]
 
-- decoding, in the precision a run would use (``auto``: bf16 autocast where the processor has AMX): ms per new
-  token of ``opdkit.decode.decode`` (one token and its log-prob per step, ``W @ x.T`` for few rows, the student's
-  layers through ``opdkit.llama_step``), of the same loop over ``transformers``' forward (what ``decode`` does for
-  a model ``llama_step`` does not support), and of ``transformers``' ``generate(output_scores=True)`` followed by
-  the ``[B, C, V]`` float32 log-softmax that the rollout used to read one log-prob per position from; alternated,
-  medians of 3;
+- decoding, in the precision a run would use (``auto``: bf16 autocast where the processor has bf16 units): ms per
+  new token of ``opdkit.decode.decode`` (one token and its log-prob per step, few-row products in the form
+  ``decode.row_major`` picks, the student's layers through ``opdkit.llama_step``); of the same with every few-row
+  product as ``W @ x.T`` whatever the dtype (the rule before ``row_major`` took the processor's bf16 units into
+  account); of the same loop over ``transformers``' forward (what ``decode`` does for a model ``llama_step`` does
+  not support); and of ``transformers``' ``generate(output_scores=True)`` followed by the ``[B, C, V]`` float32
+  log-softmax that the rollout used to read one log-prob per position from; alternated, medians of 3;
 - the optimizer: seconds and extra peak memory of one AdamW step over the student's parameters, ``fused`` against
   ``foreach`` and the per-parameter loop, each in a fresh process (peak RSS is per process).
 """
@@ -49,6 +50,15 @@ def decoding(args) -> dict:
     def ours():
         decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
 
+    rule = opdkit.decode.row_major
+
+    def ours_always_row_major():  # the rule before bench/step_profile.py: W @ x.T for any few-row CPU step
+        opdkit.decode.row_major = lambda rows, device, dtype: device.type == "cpu" and rows <= opdkit.decode.ROW_MAJOR_ROWS
+        try:
+            decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
+        finally:
+            opdkit.decode.row_major = rule
+
     def ours_over_transformers():
         opdkit.decode.unsupported = lambda model: "measured without llama_step"
         try:
@@ -61,7 +71,8 @@ def decoding(args) -> dict:
         scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)
         scores.gather(-1, out.sequences[:, ids.shape[1]:].unsqueeze(-1))
 
-    variants = {"ours": ours, "ours over transformers' forward": ours_over_transformers, "generate": generate}
+    variants = {"ours": ours, "ours, W @ x.T at any dtype": ours_always_row_major,
+                "ours over transformers' forward": ours_over_transformers, "generate": generate}
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad(), autocast(torch.device("cpu"), resolve_precision(args.precision, torch.device("cpu"))):
         for fn in variants.values():  # warm-up

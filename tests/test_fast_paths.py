@@ -11,6 +11,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import TopPLogitsWarper
 
+import opdkit.decode
 from opdkit.config import ObjectiveConfig, load_config
 from opdkit.data import PromptSampler, left_pad, load_examples, render_prompt
 from opdkit.decode import ROW_MAJOR_ROWS, _fast_projections, choose, decode
@@ -76,6 +77,17 @@ def test_row_major_projections_give_the_same_logits(tiny):
         assert torch.allclose(plain, fast, atol=1e-5)
 
 
+def test_few_row_products_take_the_form_that_reads_weights_faster_on_the_processor(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for units in (None, "AMX", "AVX512-BF16"):
+        monkeypatch.setattr(opdkit.decode, "bf16_units", lambda: units)
+        assert opdkit.decode.row_major(4, cpu, torch.float32)  # float32: W @ x.T on every processor
+        assert not opdkit.decode.row_major(ROW_MAJOR_ROWS + 1, cpu, torch.float32)  # many rows: x @ W.T
+        assert not opdkit.decode.row_major(4, cuda, torch.bfloat16)
+        # bf16: W @ x.T with AMX tiles (and emulated), x @ W.T with AVX512-BF16 dot products alone
+        assert opdkit.decode.row_major(ROW_MAJOR_ROWS, cpu, torch.bfloat16) == (units != "AVX512-BF16")
+
+
 def _family(kind: str, **extra):
     """A tiny random model of a Llama family with grouped-query attention (4 query heads, 2 key heads)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -111,7 +123,9 @@ def test_llama_step_samples_log_probs_equal_to_the_models_own_forward(family):
     assert torch.allclose(logprobs, expected, atol=1e-5)
 
 
-def test_llama_step_under_bf16_autocast_stays_close_to_the_models_forward():
+@pytest.mark.parametrize("transposed", [True, False], ids=["W @ x.T", "x @ W.T"])
+def test_llama_step_under_bf16_autocast_stays_close_to_the_models_forward(transposed, monkeypatch):
+    monkeypatch.setattr(opdkit.decode, "row_major", lambda rows, device, dtype: transposed)  # both forms, any CPU
     model = _family("llama")
     ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11]], pad_id=0)
     torch.manual_seed(3)

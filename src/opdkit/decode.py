@@ -6,7 +6,8 @@ each step keeps ``[B]`` token ids and ``[B]`` log-probs, and a step is one forwa
 
 On a CPU, a projection of a few rows through a matrix (every linear layer at decode time) was up to three
 times faster here as ``W @ x.T`` than as ``x @ W.T`` (the LM head, ``[4, 576] x [576, 49152]``: 6 ms against
-19 ms on an AMD EPYC, 2 threads), so decoding of at most ``ROW_MAJOR_ROWS`` rows uses that form.
+19 ms on an AMD EPYC, 2 threads), so decoding of at most ``ROW_MAJOR_ROWS`` rows uses that form (``row_major``),
+except in bf16 on a processor whose bf16 units are AVX512-BF16 dot products, where ``x @ W.T`` is the faster one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .llama_step import LlamaStep, project, unsupported
+from .models import bf16_units
 
 
 def compute_dtype(model: PreTrainedModel) -> torch.dtype:
@@ -73,6 +75,17 @@ def _row_major(linear: torch.nn.Linear):
 
 
 ROW_MAJOR_ROWS = 16  # at most this many rows per step: W @ x.T (measured faster for 1, 4 and 16 rows here)
+
+
+def row_major(rows: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a decode step of ``rows`` rows computing in ``dtype`` takes its products as ``W @ x.T``: on a CPU,
+    for at most ``ROW_MAJOR_ROWS`` rows (float32 on an AMD EPYC Zen 3, bf16 on an Intel Xeon with AMX), but not in
+    bf16 where the bf16 units are AVX512-BF16 alone: on an AMD EPYC Zen 4 a whole decode of the SmolLM2 student was
+    1.03-1.19x faster as ``x @ W.T``, at 1, 4, 8 and 16 rows (``bench/step_parts.py``, ``docs/performance.md``).
+    A fixed rule of the machine, not a timing, so that a seed gives the same bits in every run there."""
+    if device.type != "cpu" or rows > ROW_MAJOR_ROWS:
+        return False
+    return not (dtype == torch.bfloat16 and bf16_units() == "AVX512-BF16")
 
 
 @contextlib.contextmanager
@@ -130,11 +143,10 @@ def decode(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.
     tokens, logprobs = [], []
     was_training = model.training
     model.eval()  # no dropout while sampling
-    row_major = batch <= ROW_MAJOR_ROWS and prompt_ids.device.type == "cpu"
-    stepper = None
-    if unsupported(model) is None:
-        stepper = LlamaStep(model, positions, compute_dtype(model), row_major)
-    with _fast_projections(model, row_major and stepper is None):
+    dtype = compute_dtype(model)
+    transposed = row_major(batch, prompt_ids.device, dtype)
+    stepper = LlamaStep(model, positions, dtype, transposed) if unsupported(model) is None else None
+    with _fast_projections(model, transposed and stepper is None):
         if stepper is not None:
             logits = stepper.prefill(prompt_ids, key_mask)
         else:
