@@ -15,8 +15,6 @@ import argparse
 import random
 import statistics
 
-import torch
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,12 +24,11 @@ def main() -> None:
 
     from opdkit.config import load_config
     from opdkit.models import machine_description
-    from opdkit.train import lr_lambda, setup, train_step, trainable_parameters
+    from opdkit.train import optimizer_and_schedule, setup, train_step
 
     config = load_config(args.config)
     run = setup(config)
-    optimizer = torch.optim.AdamW(trainable_parameters(run), lr=config.optim.learning_rate, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    optimizer, scheduler = optimizer_and_schedule(run)
     rng = random.Random(0)
     times: dict[int, list[dict]] = {20: [], 0: []}
     train_step(run, optimizer, scheduler, rng)  # warm-up

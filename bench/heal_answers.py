@@ -34,9 +34,9 @@ from opdkit.train import setup
 
 def answers(model, tokenizer, examples, length: int, amp_dtype, temperature: float, top_p: float,
             samples: int) -> dict:
-    """Pooled over ``samples`` answers per prompt (one for greedy); the texts are the first sample's."""
+    """Pooled over ``samples`` answers per prompt; the texts are the first sample's."""
     drawn = []
-    for seed in range(samples if temperature else 1):
+    for seed in range(samples):
         torch.manual_seed(seed)  # every model samples from the same generator states
         with torch.no_grad(), autocast(torch.device("cpu"), amp_dtype):
             drawn.append(sample(model, tokenizer, examples, max_completion_length=length, greedy=temperature == 0,
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--show", type=int, default=3)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    args.samples = args.samples if args.temperature else 1  # greedy answers are the same every time
     console = Console()
     config = load_config(shipped_config("smollm2-heal.yaml"), [])
     run = setup(config)
@@ -86,7 +87,7 @@ def main() -> None:
             console.print(f"  [dim]{name}:[/] {m['texts'][i]!r}", highlight=False)
     if args.output:
         args.output.write_text(json.dumps({"length": args.length, "temperature": args.temperature, "top_p": args.top_p,
-                                           "samples": args.samples if args.temperature else 1,
+                                           "samples": args.samples,
                                            "machine": machine_description(run.amp_dtype),
                                            "models": measured}, indent=1) + "\n")
 

@@ -31,7 +31,7 @@ from rich.table import Table
 from opdkit.config import load_config
 from opdkit.data import load_examples
 from opdkit.demo import shipped_config
-from opdkit.evaluate import LOOP_TIMES, LOOP_TOKENS, loops
+from opdkit.evaluate import LOOP_TIMES, LOOP_TOKENS, looping, loops
 from opdkit.models import autocast, load_model, machine_description
 from opdkit.rollout import sample
 from opdkit.train import setup
@@ -73,7 +73,7 @@ def measure(model, teacher, tokenizer, examples, length: int, amp_dtype) -> dict
                 sums[kind]["tokens"] += 1
                 sums[kind]["probability"] += float(chosen[row, t])
                 sums[kind]["teacher_greedy"] += int(agrees[row, t])
-    return {"looping": sum(map(loops, rollouts.completions())) / len(examples),
+    return {"looping": looping([rollouts]),
             **{c: {"tokens": s["tokens"], "probability": s["probability"] / max(1, s["tokens"]),
                    "teacher_greedy": s["teacher_greedy"] / max(1, s["tokens"])} for c, s in sums.items()}}
 

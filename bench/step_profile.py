@@ -9,8 +9,9 @@ this processor streams a decode step's weights through a product of a few rows.
   and the products grouped by input shape (calls and milliseconds).
 - **products**: ``[rows, d] x [d, out]`` for the shapes of one decode step of the SmolLM2 student (its
   projections and the LM head), 4, 8 and 16 rows (a rollout batch), in bf16 as ``W @ x.T`` (what ``decode``
-  computed for at most 16 rows before this bench) and as ``x @ W.T``, and in float32 as ``W @ x.T``. Each form cycles through enough distinct weights (about 150 MB) that
-  they come from memory, not from the cache, as in a real decode; reported as ms per product and GB/s of weights.
+  computed for at most 16 rows before this bench) and as ``x @ W.T``, and in float32 as ``W @ x.T``. Each form
+  cycles through enough distinct weights (about 150 MB) that they come from memory, not from the cache, as in a
+  real decode; reported as ms per product and GB/s of weights.
 """
 
 from __future__ import annotations
@@ -32,25 +33,13 @@ def step(threads: int) -> dict:
 
     from opdkit import train
     from opdkit.config import Config
-    from opdkit.data import load_examples
     from opdkit.models import machine_description
-    from opdkit.scenarios import resolve_builtin
+    from vs_trl import ours_config  # bench/ is the script's folder
 
-    prompts = Path("runs/step_profile/prompts.jsonl")
-    prompts.parent.mkdir(parents=True, exist_ok=True)
-    examples = load_examples(str(resolve_builtin("builtin:smollm2/train")))[:64]
-    prompts.write_text("".join(json.dumps({"messages": e.messages}) + "\n" for e in examples))
-    config = Config.model_validate({
-        "seed": 0, "output_dir": "runs/step_profile/run", "threads": threads,
-        "student": {"path": "builtin:smollm2/student"}, "teacher": {"path": "builtin:smollm2/teacher"},
-        "data": {"train": str(prompts)},
-        "rollout": {"temperature": 1.0, "max_completion_length": 32, "batch_size": 4},
-        "objective": {"method": "gkd", "beta": 1.0, "lmbda": 1.0},
-        "optim": {"steps": 10, "learning_rate": 1e-5, "warmup_steps": 0, "min_lr_ratio": 1.0, "max_grad_norm": 1.0},
-        "checkpoint": {"every": 0}})
-    run = train.setup(config)
-    optimizer = torch.optim.AdamW(train.optimizer_groups(run), lr=1e-5, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.lr_lambda(config))
+    workdir = Path("runs/step_profile")
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = train.setup(Config.model_validate(ours_config("smollm2", workdir, threads=threads)))
+    optimizer, scheduler = train.optimizer_and_schedule(run)
     rng = random.Random(0)
     for _ in range(3):
         train.train_step(run, optimizer, scheduler, rng)

@@ -71,26 +71,34 @@ def peak_rss_gb() -> float:
 
 # ---- the children: one variant, or the held-out evaluation, per fresh process ----------------------------
 
-def run_ours(args, workdir: Path) -> dict:
-    import yaml
-
-    from opdkit.cli import main as opd
+def ours_config(pair: str, workdir: Path, seed: int = 0, threads: int = 2, steps: int = 10,
+                max_completion_length: int = 32) -> dict:
+    """The ``opd train`` config of the bench's work (its 64 training prompts written into ``workdir``); also what
+    ``bench/step_profile.py`` profiles."""
     from opdkit.data import load_examples
 
     prompts = workdir / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": e.messages}) + "\n"
-                               for e in load_examples(builtin(args.pair, "train"))[:TRAIN_PROMPTS]))
-    config = {
-        "seed": args.seed, "output_dir": str(workdir / "run"), "threads": args.threads,
-        "student": {"path": f"builtin:{args.pair}/student"}, "teacher": {"path": f"builtin:{args.pair}/teacher"},
+                               for e in load_examples(builtin(pair, "train"))[:TRAIN_PROMPTS]))
+    return {
+        "seed": seed, "output_dir": str(workdir / "run"), "threads": threads,
+        "student": {"path": f"builtin:{pair}/student"}, "teacher": {"path": f"builtin:{pair}/teacher"},
         "data": {"train": str(prompts)},  # no eval: no before/after evaluation inside the run
-        "rollout": {"temperature": 1.0, "max_completion_length": args.max_completion_length, "batch_size": BATCH_SIZE},
+        "rollout": {"temperature": 1.0, "max_completion_length": max_completion_length, "batch_size": BATCH_SIZE},
         "objective": {"method": "gkd", "beta": 1.0, "lmbda": 1.0},
-        "optim": {"steps": args.steps, "learning_rate": LEARNING_RATE, "warmup_steps": 0, "min_lr_ratio": 1.0,
+        "optim": {"steps": steps, "learning_rate": LEARNING_RATE, "warmup_steps": 0, "min_lr_ratio": 1.0,
                   "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "gradient_accumulation_steps": 1,
                   "max_grad_norm": 1.0},
         "checkpoint": {"every": 0},
     }
+
+
+def run_ours(args, workdir: Path) -> dict:
+    import yaml
+
+    from opdkit.cli import main as opd
+
+    config = ours_config(args.pair, workdir, args.seed, args.threads, args.steps, args.max_completion_length)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     if opd(["train", str(workdir / "config.yaml")]) != 0:
         raise SystemExit("opd train failed")

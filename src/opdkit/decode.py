@@ -74,7 +74,7 @@ def _row_major(linear: torch.nn.Linear):
     return forward
 
 
-ROW_MAJOR_ROWS = 16  # at most this many rows per step: W @ x.T (measured faster for 1, 4 and 16 rows here)
+ROW_MAJOR_ROWS = 16  # at most this many rows per step: W @ x.T (``row_major``; measured for 1, 4 and 16 rows)
 
 
 def row_major(rows: int, device: torch.device, dtype: torch.dtype) -> bool:
@@ -90,7 +90,7 @@ def row_major(rows: int, device: torch.device, dtype: torch.dtype) -> bool:
 
 @contextlib.contextmanager
 def _fast_projections(model: PreTrainedModel, row_major: bool):
-    """With ``row_major`` (a CPU step of at most ``ROW_MAJOR_ROWS`` rows), decode with ``W @ x.T`` in every
+    """With ``row_major`` (the form ``row_major(rows, device, dtype)`` picks), decode with ``W @ x.T`` in every
     ``nn.Linear``; restored after. A fixed rule, not a timing, so that the same seed gives the same bits in every run
     (a resumed run included). Decoders that share a model (server threads) take turns; a plain forward of the same
     model from another thread meanwhile computes its products in this form too (equal up to float rounding)."""

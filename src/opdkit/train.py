@@ -200,6 +200,15 @@ def lr_lambda(config: Config):
     return factor
 
 
+def optimizer_and_schedule(run: Run):
+    """The run's AdamW over ``optimizer_groups`` and its learning-rate schedule (``lr_lambda``). Fused: one kernel
+    over all parameters, measured here twice as fast as foreach, without its temporaries."""
+    optim = run.config.optim
+    optimizer = torch.optim.AdamW(optimizer_groups(run), lr=optim.learning_rate, fused=True, betas=optim.adam_betas,
+                                  weight_decay=optim.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run.config))
+
+
 def collect(run: Run, rng: random.Random, step: int) -> Rollouts:
     """One micro-batch of states from the source the method asks for. The student draws ``rollout.num_samples``
     completions per prompt (adjacent rows, ``Rollouts.group``); teacher and dataset states are one per prompt (a
@@ -477,10 +486,7 @@ def train_loop(run: Run, console: Console | None = None, resume: bool = False) -
     write = _write_jsonl if processes.main else lambda path, record: None  # one process writes the run's files
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
-    # fused: one kernel over all parameters; measured here twice as fast as foreach, without its temporaries
-    optimizer = torch.optim.AdamW(optimizer_groups(run), lr=config.optim.learning_rate,
-                                  fused=True, betas=config.optim.adam_betas, weight_decay=config.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    optimizer, scheduler = optimizer_and_schedule(run)
 
     if resume:
         loop = checkpoint.restore(run, optimizer, scheduler, rng, checkpoint.latest(run.run_dir))
