@@ -8,9 +8,10 @@ picks; ``--temperature T`` (with ``--top-p``) samples instead, ``--samples K`` a
 0 to K-1, the same for every model). SmolLM2-135M-Instruct's model card decodes at ``--temperature 0.2 --top-p
 0.9``. Per model: the share of answers that loop (``opdkit.evaluate.looping``: one run of four tokens three times
 or more), pooled over the samples and per sample, the share that end (emit the end token within the length) and the
-mean length. The models: the teacher,
-``builtin:smollm2/student-20`` (the plain cut), ``builtin:smollm2/student-20-bridge`` (the same cut with its linear
-bridge, untrained), then the ``final`` folder of each run folder given. ``--show N`` prints N prompts' answers.
+mean length. The models: the teacher, ``builtin:smollm2/student-20`` (the plain cut),
+``builtin:smollm2/student-20-bridge`` (the same cut with its linear bridge, untrained),
+``builtin:smollm2/student-24-bridge`` (the milder bridged cut, untrained), then the ``final`` folder of each run
+folder given. ``--show N`` prints N prompts' answers.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main() -> None:
     run = setup(config)
     examples = load_examples(config.data.eval)
     models = {"teacher": run.teacher.model,
-              **{path: load_model(path) for path in ("builtin:smollm2/student-20", "builtin:smollm2/student-20-bridge")},
+              **{path: load_model(path) for path in ("builtin:smollm2/student-20", "builtin:smollm2/student-20-bridge",
+                                                              "builtin:smollm2/student-24-bridge")},
               **{str(folder): load_model(str(folder / "final")) for folder in args.runs}}
     console.print(f"machine: {machine_description(run.amp_dtype)}")
     measured = {}

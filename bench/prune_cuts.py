@@ -1,14 +1,17 @@
-"""Which ten of SmolLM2-135M-Instruct's 30 layers to remove: the cuts measured for ``builtin:smollm2/student-20``.
+"""Which of SmolLM2-135M-Instruct's 30 layers to remove: the cuts measured for ``builtin:smollm2/student-20``
+(ten layers) and ``student-24-bridge`` (six, ``--removed 6 --bridged``).
 
-    .venv/bin/python bench/prune_cuts.py
+    .venv/bin/python bench/prune_cuts.py [--removed 10] [--bridged]
 
-Each cut is the teacher without those ten decoder layers (embeddings, final norm and head kept:
+Each cut is the teacher without ``--removed`` decoder layers (embeddings, final norm and head kept:
 ``opdkit.scenarios.smollm2.prune_layers``), measured untrained by the evaluation every run uses, on the held-out
 prompts of ``configs/smollm2-heal.yaml``: exact reverse KL to the teacher on the student's samples, token agreement
-with the teacher's greedy answers, mean greedy length. The cuts: every third layer (the last one kept), the ten
-layers of lowest block influence (ShortGPT, Men et al. 2024: one minus the mean cosine similarity between a layer's
-input and output hidden states, here over 24 training prompts followed by the teacher's greedy answers), and the
-contiguous blocks of ten starting at layers 8 to 18.
+with the teacher's greedy answers, mean greedy length. The cuts: every third layer (the last one kept; ten layers
+only), the layers of lowest block influence (ShortGPT, Men et al. 2024: one minus the mean cosine similarity between
+a layer's input and output hidden states, here over 24 training prompts followed by the teacher's greedy answers),
+and the contiguous blocks starting at every second layer from 8. ``--bridged`` also measures each contiguous block
+with the linear bridge that ``opd build smollm2`` folds into its bridged students (``linear_bridge``, fitted on the
+teacher's answers to the same calibration prompts).
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ from opdkit.config import load_config
 from opdkit.data import load_examples
 from opdkit.demo import shipped_config
 from opdkit.rollout import sample
-from opdkit.scenarios.smollm2 import STUDENTS, TEACHER_LAYERS, prune_layers
+from opdkit.scenarios.smollm2 import (BRIDGED, CALIBRATION_PROMPTS, STUDENTS, TEACHER_LAYERS, cut_edges, fold_bridge,
+                                      linear_bridge, prune_layers)
 from opdkit.train import setup
-
-REMOVED = 10
 
 
 @torch.no_grad()
@@ -41,29 +43,51 @@ def block_influence(model, tokenizer, examples, length: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--removed", type=int, default=10, help="how many decoder layers each cut removes")
+    parser.add_argument("--bridged", action="store_true", help="also measure each contiguous block with its bridge")
     args = parser.parse_args()
+    removed_count = args.removed
     console = Console()
     config = load_config(shipped_config("smollm2-heal.yaml"), [f"threads={args.threads}"])
     run = setup(config)
     teacher = run.teacher.model
-    influence = block_influence(teacher, run.tokenizer, load_examples(config.data.train)[:24], length=40)
+    train = load_examples(config.data.train)
+    influence = block_influence(teacher, run.tokenizer, train[:24], length=40)
     console.print("block influence per layer: " + ", ".join(f"{i}: {b:.3f}" for i, b in enumerate(influence)))
-    cuts = {"every third layer": [i for i in range(2, TEACHER_LAYERS - 1, 3)] + [TEACHER_LAYERS - 2],
-            "lowest block influence": sorted(sorted(range(TEACHER_LAYERS), key=influence.__getitem__)[:REMOVED]),
-            **{f"block {s}-{s + REMOVED - 1}": list(range(s, s + REMOVED)) for s in range(8, 19, 2)}}
-    table = Table(title=f"SmolLM2-135M-Instruct without {REMOVED} of its {TEACHER_LAYERS} layers, untrained "
+    blocks = {f"block {s}-{s + removed_count - 1}": list(range(s, s + removed_count))
+              for s in range(8, TEACHER_LAYERS - removed_count - 1, 2)}
+    cuts = {**({"every third layer": [i for i in range(2, TEACHER_LAYERS - 1, 3)] + [TEACHER_LAYERS - 2]}
+               if removed_count == 10 else {}),
+            "lowest block influence": sorted(sorted(range(TEACHER_LAYERS), key=influence.__getitem__)[:removed_count]),
+            **blocks}
+    table = Table(title=f"SmolLM2-135M-Instruct without {removed_count} of its {TEACHER_LAYERS} layers, untrained "
                         f"({len(run.evaluator.examples)} held-out prompts)")
     for column in ("cut", "layers removed", "reverse KL", "token agreement", "greedy length"):
         table.add_column(column, justify="right")
+    if args.bridged:
+        for column in ("bridged: reverse KL", "token agreement", "greedy length"):
+            table.add_column(column, justify="right")
     for name, removed in cuts.items():
-        assert len(removed) == REMOVED, (name, removed)
-        student = prune_layers(teacher, [i for i in range(TEACHER_LAYERS) if i not in removed])
-        measured = run.evaluator(student)
-        table.add_row(name, " ".join(map(str, removed)), f"{measured['reverse_kl']:.2f}",
-                      f"{measured['token_agreement']:.1%}", f"{measured['mean_length']:.1f}")
+        keep = [i for i in range(TEACHER_LAYERS) if i not in removed]
+        student = prune_layers(teacher, keep)
+        row = [name, " ".join(map(str, removed)), *figures(run.evaluator(student))]
+        if args.bridged and name in blocks:
+            before, after = cut_edges(keep)
+            fold_bridge(student, keep.index(before), linear_bridge(teacher, run.tokenizer, train[:CALIBRATION_PROMPTS],
+                                                                   before, after))
+            row += figures(run.evaluator(student))
+        table.add_row(*row)
+        console.print(f"measured {name}")
     console.print(table)
-    shipped = [i for i in range(TEACHER_LAYERS) if i not in STUDENTS["student-20"]]
-    console.print(f"builtin:smollm2/student-20 removes {' '.join(map(str, shipped))}")
+    for student, keep in STUDENTS.items():
+        if len(keep) == TEACHER_LAYERS - removed_count:
+            console.print(f"builtin:smollm2/{student} removes "
+                          f"{' '.join(str(i) for i in range(TEACHER_LAYERS) if i not in keep)}"
+                          f"{' (bridged)' if student in BRIDGED else ''}")
+
+
+def figures(measured: dict) -> list[str]:
+    return [f"{measured['reverse_kl']:.2f}", f"{measured['token_agreement']:.1%}", f"{measured['mean_length']:.1f}"]
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_shipped_configs_validate():
 
     shipped = sorted(p for p in (resources.files("opdkit") / "configs").iterdir() if p.name.endswith(".yaml"))
     assert {"arith-opd.yaml", "arith-chunk-opd.yaml", "branch-gae.yaml", "smollm2-compress.yaml",
-            "smollm2-heal.yaml"} <= {p.name for p in shipped}
+            "smollm2-heal.yaml", "smollm2-heal-24.yaml"} <= {p.name for p in shipped}
     for path in shipped:
         load_config(str(path))
 

@@ -49,6 +49,17 @@ def test_converted_teacher_loads_like_any_hf_model_and_matches_the_gguf(scenario
         kls = [torch.nn.functional.kl_div(target, m(text).logits.log_softmax(-1), log_target=True,
                                           reduction="batchmean").item() for m in (student_20, bridged)]
     assert kls[1] < 0.8 * kls[0], kls
+    # the milder cut drops the block 12-17 with a bridge: its layer 12 is the teacher's 18, its layer 11's
+    # down-projection the only weight that is not the teacher's, and it is closer to the teacher than the 20-layer cut
+    student_24 = load_model(str(scenario / "student-24-bridge"))
+    assert student_24.config.num_hidden_layers == 24
+    assert torch.equal(student_24.model.layers[12].self_attn.q_proj.weight, teacher.model.layers[18].self_attn.q_proj.weight)
+    assert not torch.equal(student_24.model.layers[11].mlp.down_proj.weight, teacher.model.layers[11].mlp.down_proj.weight)
+    assert torch.equal(student_24.model.layers[11].mlp.up_proj.weight, teacher.model.layers[11].mlp.up_proj.weight)
+    with torch.no_grad():
+        kl_24 = torch.nn.functional.kl_div(target, student_24(text).logits.log_softmax(-1), log_target=True,
+                                           reduction="batchmean").item()
+    assert kl_24 < kls[1], (kl_24, kls)
 
 
 def test_a_few_steps_of_smollm2_compress_lower_the_reverse_kl(scenario, tmp_path):

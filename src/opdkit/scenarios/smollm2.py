@@ -9,7 +9,9 @@
   reverse KL to the teacher is lowest (``docs/results.md``). ``student-20-bridge`` is the same cut with a linear map
   in place of the removed block (ReplaceMe, Shopkhoev et al. 2025: ``linear_bridge``), fitted by least squares on
   the teacher's hidden states over its own answers to training prompts, without any training: the student
-  ``configs/smollm2-heal.yaml`` distils;
+  ``configs/smollm2-heal.yaml`` distils. ``student-24-bridge`` keeps 24 of 30, dropping the block 12-17 with a
+  bridge in its place: of the six-layer blocks measured bridged (``bench/prune_cuts.py --removed 6``), the one whose
+  held-out reverse KL is lowest, the student of ``configs/smollm2-heal-24.yaml``;
 - prompts: a fixed, seeded set of short instructions (``train`` and ``heldout``) written here, so nothing
   is downloaded.
 
@@ -35,9 +37,11 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEACHER_LAYERS = 30
 # student folder -> the teacher's decoder layers it keeps
 STUDENTS = {"student": list(range(0, TEACHER_LAYERS, 3)),
-            "student-20": [i for i in range(TEACHER_LAYERS) if not 12 <= i < 22]}
+            "student-20": [i for i in range(TEACHER_LAYERS) if not 12 <= i < 22],
+            "student-24-bridge": [i for i in range(TEACHER_LAYERS) if not 12 <= i < 18]}
 STUDENTS["student-20-bridge"] = STUDENTS["student-20"]
-BRIDGED = {"student-20-bridge"}  # students with a linear map in place of their one removed block (``linear_bridge``)
+# students with a linear map in place of their one removed block (``linear_bridge``)
+BRIDGED = {"student-20-bridge", "student-24-bridge"}
 CALIBRATION_PROMPTS, CALIBRATION_LENGTH = 96, 64  # the bridge's fit: the teacher's greedy answers to training prompts
 ARTIFACTS = {"teacher": "teacher", **{name: name for name in STUDENTS}, "train": "train.jsonl",
              "heldout": "heldout.jsonl"}
