@@ -10,8 +10,9 @@ with the teacher's greedy answers, mean greedy length. The cuts: every third lay
 only), the layers of lowest block influence (ShortGPT, Men et al. 2024: one minus the mean cosine similarity between
 a layer's input and output hidden states, here over 24 training prompts followed by the teacher's greedy answers),
 and the contiguous blocks starting at every second layer from 8. ``--bridged`` also measures each contiguous block
-with the linear bridge that ``opd build smollm2`` folds into its bridged students (``linear_bridge``, fitted on the
-teacher's answers to the same calibration prompts).
+with the linear bridge that ``opd build smollm2`` folds into its bridged students (``bridged_student``, fitted on the
+teacher's answers to the same calibration prompts). The cuts are taken from the teacher as the run loads it
+(``teacher.dtype: auto``: bf16 where the processor has bf16 units), the build's from the float32 teacher.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from opdkit.config import load_config
 from opdkit.data import load_examples
 from opdkit.demo import shipped_config
 from opdkit.rollout import sample
-from opdkit.scenarios.smollm2 import (BRIDGED, CALIBRATION_PROMPTS, STUDENTS, TEACHER_LAYERS, cut_edges, fold_bridge,
-                                      linear_bridge, prune_layers)
+from opdkit.scenarios.smollm2 import (BRIDGED, CALIBRATION_PROMPTS, STUDENTS, TEACHER_LAYERS, bridged_student,
+                                      calibration_answers, prune_layers)
 from opdkit.train import setup
 
 
@@ -46,7 +47,6 @@ def main() -> None:
     parser.add_argument("--removed", type=int, default=10, help="how many decoder layers each cut removes")
     parser.add_argument("--bridged", action="store_true", help="also measure each contiguous block with its bridge")
     args = parser.parse_args()
-    removed_count = args.removed
     console = Console()
     config = load_config(shipped_config("smollm2-heal.yaml"), [f"threads={args.threads}"])
     run = setup(config)
@@ -54,33 +54,30 @@ def main() -> None:
     train = load_examples(config.data.train)
     influence = block_influence(teacher, run.tokenizer, train[:24], length=40)
     console.print("block influence per layer: " + ", ".join(f"{i}: {b:.3f}" for i, b in enumerate(influence)))
-    blocks = {f"block {s}-{s + removed_count - 1}": list(range(s, s + removed_count))
-              for s in range(8, TEACHER_LAYERS - removed_count - 1, 2)}
+    blocks = {f"block {s}-{s + args.removed - 1}": list(range(s, s + args.removed))
+              for s in range(8, TEACHER_LAYERS - args.removed - 1, 2)}
     cuts = {**({"every third layer": [i for i in range(2, TEACHER_LAYERS - 1, 3)] + [TEACHER_LAYERS - 2]}
-               if removed_count == 10 else {}),
-            "lowest block influence": sorted(sorted(range(TEACHER_LAYERS), key=influence.__getitem__)[:removed_count]),
+               if args.removed == 10 else {}),
+            "lowest block influence": sorted(sorted(range(TEACHER_LAYERS), key=influence.__getitem__)[:args.removed]),
             **blocks}
-    table = Table(title=f"SmolLM2-135M-Instruct without {removed_count} of its {TEACHER_LAYERS} layers, untrained "
+    table = Table(title=f"SmolLM2-135M-Instruct without {args.removed} of its {TEACHER_LAYERS} layers, untrained "
                         f"({len(run.evaluator.examples)} held-out prompts)")
     for column in ("cut", "layers removed", "reverse KL", "token agreement", "greedy length"):
         table.add_column(column, justify="right")
     if args.bridged:
         for column in ("bridged: reverse KL", "token agreement", "greedy length"):
             table.add_column(column, justify="right")
+        answers = calibration_answers(teacher, run.tokenizer, train[:CALIBRATION_PROMPTS])  # one decode for every fit
     for name, removed in cuts.items():
         keep = [i for i in range(TEACHER_LAYERS) if i not in removed]
-        student = prune_layers(teacher, keep)
-        row = [name, " ".join(map(str, removed)), *figures(run.evaluator(student))]
+        row = [name, " ".join(map(str, removed)), *figures(run.evaluator(prune_layers(teacher, keep)))]
         if args.bridged and name in blocks:
-            before, after = cut_edges(keep)
-            fold_bridge(student, keep.index(before), linear_bridge(teacher, run.tokenizer, train[:CALIBRATION_PROMPTS],
-                                                                   before, after))
-            row += figures(run.evaluator(student))
+            row += figures(run.evaluator(bridged_student(teacher, keep, answers)))
         table.add_row(*row)
         console.print(f"measured {name}")
     console.print(table)
     for student, keep in STUDENTS.items():
-        if len(keep) == TEACHER_LAYERS - removed_count:
+        if len(keep) == TEACHER_LAYERS - args.removed:
             console.print(f"builtin:smollm2/{student} removes "
                           f"{' '.join(str(i) for i in range(TEACHER_LAYERS) if i not in keep)}"
                           f"{' (bridged)' if student in BRIDGED else ''}")

@@ -4,8 +4,7 @@ import torch
 
 from opdkit.data import load_examples
 from opdkit.models import load_tokenizer
-from opdkit.rollout import sample
-from opdkit.scenarios.smollm2 import fold_bridge, linear_bridge, prune_layers
+from opdkit.scenarios.smollm2 import calibration_answers, fold_bridge, linear_bridge, prune_layers
 
 from conftest import tiny_model
 
@@ -34,12 +33,11 @@ def test_the_bridge_is_the_least_squares_fit_and_brings_the_cut_closer_to_the_te
     tokenizer = load_tokenizer(str(tiny / "teacher"))
     teacher = tiny_model(tokenizer, seed=5, layers=4, init=0.2)
     examples = load_examples(str(tiny / "train.jsonl"))[:16]
-    bridge = linear_bridge(teacher, tokenizer, examples, before=0, after=3)  # layers 1 and 2 removed
+    rollouts = calibration_answers(teacher, tokenizer, examples)  # the fit's own tokens
+    bridge = linear_bridge(teacher, rollouts, before=0, after=3)  # layers 1 and 2 removed
     keep = [0, 3]
     plain, bridged = prune_layers(teacher, keep), prune_layers(teacher, keep)
     fold_bridge(bridged, 0, bridge)
-
-    rollouts = sample(teacher, tokenizer, examples, max_completion_length=64, greedy=True)  # the fit's own tokens
     real = rollouts.attention_mask.bool()
 
     def hidden(model, index):

@@ -123,30 +123,45 @@ def cut_edges(keep: list[int]) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def linear_bridge(teacher, tokenizer, examples, before: int, after: int) -> torch.Tensor:
+def calibration_answers(teacher, tokenizer, examples):
+    """The teacher's greedy answers (``CALIBRATION_LENGTH`` tokens at most) to ``examples``: the tokens every bridge
+    is fitted on (``linear_bridge``); decoded once and shared by every block fitted on them."""
+    from ..rollout import sample
+
+    return sample(teacher, tokenizer, examples, max_completion_length=CALIBRATION_LENGTH, greedy=True)
+
+
+@torch.no_grad()
+def linear_bridge(teacher, answers, before: int, after: int) -> torch.Tensor:
     """ReplaceMe's map for removing the layers between ``before`` and ``after``: the ``[d, d]`` matrix ``T`` that
     best turns layer ``before``'s MLP output ``M`` into what the removed layers add to the residual stream.
 
     Layer ``before`` outputs ``Y + M``, its post-attention residual plus its MLP's output; the layers up to
-    ``after`` turn that into ``L``. Least squares over every real token of the teacher's greedy answers to
-    ``examples`` (float64): ``T = argmin ||M T - (L - Y)||``. Folded into the MLP's down-projection
+    ``after`` turn that into ``L``. Least squares over every real token of ``answers`` (the rollouts of
+    ``calibration_answers``; float64): ``T = argmin ||M T - (L - Y)||``. Folded into the MLP's down-projection
     (``fold_bridge``), the cut student computes ``Y + M T`` where the teacher computes ``L``.
     """
-    from ..rollout import sample
-
-    rollouts = sample(teacher, tokenizer, examples, max_completion_length=CALIBRATION_LENGTH, greedy=True)
     captured = {}
     hook = teacher.model.layers[before].mlp.register_forward_hook(lambda m, i, out: captured.__setitem__("M", out))
     try:
-        hidden = teacher.model(rollouts.input_ids, attention_mask=rollouts.attention_mask,  # the trunk: no logits
+        hidden = teacher.model(answers.input_ids, attention_mask=answers.attention_mask,  # the trunk: no logits
                                output_hidden_states=True).hidden_states
     finally:
         hook.remove()
-    real = rollouts.attention_mask.bool()
+    real = answers.attention_mask.bool()
     mlp_out = captured["M"][real].double()
     residual = hidden[before + 1][real].double() - mlp_out  # hidden_states[i + 1] is layer i's output
     target = hidden[after][real].double() - residual
     return torch.linalg.lstsq(mlp_out, target).solution
+
+
+def bridged_student(teacher, keep: list[int], answers):
+    """The teacher cut to the layers ``keep`` (one contiguous block removed) with the block's ``linear_bridge``,
+    fitted on ``answers``, folded into the last kept layer before it."""
+    student = prune_layers(teacher, keep)
+    before, after = cut_edges(keep)
+    fold_bridge(student, keep.index(before), linear_bridge(teacher, answers, before, after))
+    return student
 
 
 def fold_bridge(student, layer: int, bridge: torch.Tensor) -> None:
@@ -172,15 +187,11 @@ def build(tmp: Path, console: Console | None = None) -> None:
     items = prompts()
     for name, chunk in (("heldout", items[:32]), ("train", items[32:])):
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in chunk))
+    console.print(f"  the teacher answers {CALIBRATION_PROMPTS} training prompts, to fit the bridges on")
+    answers = calibration_answers(teacher, tokenizer, load_examples(str(tmp / "train.jsonl"))[:CALIBRATION_PROMPTS])
     students = {}
     for name, keep in STUDENTS.items():
-        students[name] = prune_layers(teacher, keep)
-        if name in BRIDGED:
-            before, after = cut_edges(keep)
-            console.print(f"  {name}: fitting the linear bridge from layer {before} to layer {after} on the teacher's "
-                          f"answers to {CALIBRATION_PROMPTS} training prompts")
-            calibration = load_examples(str(tmp / "train.jsonl"))[:CALIBRATION_PROMPTS]
-            fold_bridge(students[name], keep.index(before), linear_bridge(teacher, tokenizer, calibration, before, after))
+        students[name] = bridged_student(teacher, keep, answers) if name in BRIDGED else prune_layers(teacher, keep)
         students[name].save_pretrained(tmp / name)
         tokenizer.save_pretrained(tmp / name)
     console.print(f"  teacher {teacher.num_parameters() / 1e6:.0f}M parameters, {TEACHER_LAYERS} layers; " + "; ".join(
