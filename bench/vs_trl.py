@@ -10,8 +10,10 @@ Both sides do the same work: the same 64 training prompts, batch 4, ``--max-comp
 sampled by the student at temperature 1, full-vocabulary reverse KL to the teacher on them (opdkit: ``gkd``
 with beta 1 and lmbda 1; TRL: ``beta=1.0``), AdamW (0.9, 0.999) at a constant 1e-5 with no weight decay,
 gradient clipping at 1.0, ``--steps`` optimizer steps, the same number of torch threads. Variants: ``ours``
-(``opd train``), ``trl-fp32`` and ``trl-bf16`` (TRL's ``bf16`` flag). Each runs in its own fresh process, one
-at a time; each round runs all three, its starting variant rotated from round to round to cancel drift.
+(``opd train``: float32 weights under ``precision: auto``), ``ours-bf16`` (the same with ``student.dtype: bf16``:
+bf16 weights, gradients and AdamW moments, stochastic rounding), ``trl-fp32`` and ``trl-bf16`` (TRL's ``bf16``
+flag). Each runs in its own fresh process, one at a time; each round runs all four, its starting variant rotated
+from round to round to cancel drift.
 
 Per run: the median step time after the first step (opdkit: the sum of its logged stage times; TRL: wall
 time from ``on_step_begin`` to ``on_step_end``, generation included), opdkit's per-stage split, the peak RSS
@@ -38,7 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("ours", "trl-fp32", "trl-bf16")
+VARIANTS = ("ours", "ours-bf16", "trl-fp32", "trl-bf16")
+OURS, TRL = VARIANTS[:2], VARIANTS[2:]
 STAGES = ("rollout", "teacher", "forward_backward", "optimizer", "diagnostics")
 TRAIN_PROMPTS, BATCH_SIZE, LEARNING_RATE = 64, 4, 1e-5
 HELDOUT_PROMPTS, EVAL_LENGTH, EVAL_BATCH = 32, 32, 16
@@ -72,7 +75,7 @@ def peak_rss_gb() -> float:
 # ---- the children: one variant, or the held-out evaluation, per fresh process ----------------------------
 
 def ours_config(pair: str, workdir: Path, seed: int = 0, threads: int = 2, steps: int = 10,
-                max_completion_length: int = 32) -> dict:
+                max_completion_length: int = 32, student_dtype: str = "fp32") -> dict:
     """The ``opd train`` config of the bench's work (its 64 training prompts written into ``workdir``); also what
     ``bench/step_profile.py`` profiles."""
     from opdkit.data import load_examples
@@ -82,7 +85,8 @@ def ours_config(pair: str, workdir: Path, seed: int = 0, threads: int = 2, steps
                                for e in load_examples(builtin(pair, "train"))[:TRAIN_PROMPTS]))
     return {
         "seed": seed, "output_dir": str(workdir / "run"), "threads": threads,
-        "student": {"path": f"builtin:{pair}/student"}, "teacher": {"path": f"builtin:{pair}/teacher"},
+        "student": {"path": f"builtin:{pair}/student", "dtype": student_dtype},
+        "teacher": {"path": f"builtin:{pair}/teacher"},
         "data": {"train": str(prompts)},  # no eval: no before/after evaluation inside the run
         "rollout": {"temperature": 1.0, "max_completion_length": max_completion_length, "batch_size": BATCH_SIZE},
         "objective": {"method": "gkd", "beta": 1.0, "lmbda": 1.0},
@@ -93,12 +97,13 @@ def ours_config(pair: str, workdir: Path, seed: int = 0, threads: int = 2, steps
     }
 
 
-def run_ours(args, workdir: Path) -> dict:
+def run_ours(args, workdir: Path, student_dtype: str) -> dict:
     import yaml
 
     from opdkit.cli import main as opd
 
-    config = ours_config(args.pair, workdir, args.seed, args.threads, args.steps, args.max_completion_length)
+    config = ours_config(args.pair, workdir, args.seed, args.threads, args.steps, args.max_completion_length,
+                         student_dtype)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     if opd(["train", str(workdir / "config.yaml")]) != 0:
         raise SystemExit("opd train failed")
@@ -183,7 +188,8 @@ def child(args) -> None:
     if args.variant == "eval":
         result = run_eval(args, workdir)
     else:
-        result = run_ours(args, workdir) if args.variant == "ours" else run_trl(args, workdir, args.variant == "trl-bf16")
+        result = (run_ours(args, workdir, "bf16" if args.variant == "ours-bf16" else "fp32") if args.variant in OURS
+                  else run_trl(args, workdir, args.variant == "trl-bf16"))
         import torch
 
         result["torch_threads"] = torch.get_num_threads()
@@ -208,7 +214,7 @@ def spawn(args, variant: str, workdir: Path) -> dict:
 
 def run_round(args, index: int, root: Path, before: bool) -> list[dict]:
     """All variants, the starting one rotated by ``index``, then one evaluation of their students."""
-    order = VARIANTS[index % 3:] + VARIANTS[:index % 3]
+    order = VARIANTS[index % len(VARIANTS):] + VARIANTS[:index % len(VARIANTS)]
     runs = [{"round": index, "variant": v, **spawn(args, v, root / f"round{index}-{v}")} for v in order]
     students = {run["variant"]: run.pop("student") for run in runs}
     if before:
@@ -227,11 +233,13 @@ def summarize(runs: list[dict]) -> dict:
         return statistics.median(r[key] for r in runs if r["variant"] == variant)
 
     table = {v: {key: median(v, key) for key in ("median_step_s", "peak_rss_gb", "reverse_kl")} for v in VARIANTS}
-    table["ours"]["stages_s"] = {s: statistics.median(r["stages_s"][s] for r in runs if r["variant"] == "ours")
-                                 for s in STAGES}
-    fastest = min(VARIANTS[1:], key=lambda v: table[v]["median_step_s"])
-    ratios = {f"ours / {name}": {"time": table["ours"]["median_step_s"] / table[v]["median_step_s"],
-                                 "memory": table["ours"]["peak_rss_gb"] / table[v]["peak_rss_gb"]}
+    for ours in OURS:
+        table[ours]["stages_s"] = {s: statistics.median(r["stages_s"][s] for r in runs if r["variant"] == ours)
+                                   for s in STAGES}
+    fastest = min(TRL, key=lambda v: table[v]["median_step_s"])
+    ratios = {f"{ours} / {name}": {"time": table[ours]["median_step_s"] / table[v]["median_step_s"],
+                                   "memory": table[ours]["peak_rss_gb"] / table[v]["peak_rss_gb"]}
+              for ours in OURS
               for name, v in (("trl-fp32", "trl-fp32"), ("trl-bf16", "trl-bf16"), (f"TRL's fastest ({fastest})", fastest))}
     return {"medians": table, "before_reverse_kl": median("before", "reverse_kl"), "trl_fastest": fastest,
             "ratios": ratios}
@@ -251,16 +259,17 @@ def report(runs: list[dict], summary: dict, host: dict) -> None:
     for run in runs:
         if run["variant"] == "before":
             continue
-        print(f"round {run['round']}  {run['variant']:<8}  step {run['median_step_s']:7.3f} s  "
+        print(f"round {run['round']}  {run['variant']:<9}  step {run['median_step_s']:7.3f} s  "
               f"peak RSS {run['peak_rss_gb']:5.2f} GB  held-out reverse KL after {run['reverse_kl']:.4f}  "
               f"(mean completion {run['completion_length']:.1f} tokens)")
-        if run["variant"] == "ours":
-            print("          ours stages: " + ", ".join(f"{s} {t:.3f} s" for s, t in run["stages_s"].items()))
+        if run["variant"] in OURS:
+            print(f"          {run['variant']} stages: " + ", ".join(f"{s} {t:.3f} s" for s, t in run["stages_s"].items()))
     print(f"\nmedians over rounds (held-out reverse KL before: {summary['before_reverse_kl']:.4f})")
     print(f"{'variant':<10}{'step s':>10}{'RSS GB':>10}{'rev. KL':>10}")
     for variant, row in summary["medians"].items():
         print(f"{variant:<10}{row['median_step_s']:>10.3f}{row['peak_rss_gb']:>10.2f}{row['reverse_kl']:>10.4f}")
-    print("ours stages: " + ", ".join(f"{s} {t:.3f} s" for s, t in summary["medians"]["ours"]["stages_s"].items()))
+    for ours in OURS:
+        print(f"{ours} stages: " + ", ".join(f"{s} {t:.3f} s" for s, t in summary["medians"][ours]["stages_s"].items()))
     for name, ratio in summary["ratios"].items():
         print(f"{name:<35} time {ratio['time']:.2f}x  memory {ratio['memory']:.2f}x")
     print(f"machine: {host['description']} (ours)")

@@ -35,7 +35,7 @@ import torch
 from . import lora
 from .config import Config, load_config
 from .errors import OPDError
-from .models import load_model
+from .models import STUDENT_DTYPES, load_model
 
 STATE = "trainer_state.pt"
 LOWER_IS_BETTER = {"reverse_kl", "reverse_kl_k1"}
@@ -227,8 +227,8 @@ def restore(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random
         lora.load_weights(run.student, path)
         optimizer.load_state_dict(state["optimizer"])
     else:
-        run.processes.load_state_dicts(run.student, optimizer, load_model(str(path), run.device).state_dict(),
-                                       state["optimizer"])
+        weights = load_model(str(path), run.device, STUDENT_DTYPES[run.config.student.dtype]).state_dict()
+        run.processes.load_state_dicts(run.student, optimizer, weights, state["optimizer"])
     with torch.no_grad():
         for param, saved in zip(run.method.parameters(), state["method"], strict=True):
             param.copy_(saved)

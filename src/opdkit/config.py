@@ -47,10 +47,17 @@ class StudentSpec(ModelSpec):
     """The student. ``disable_dropout`` (as TRL does) runs it without dropout in both sampling and the loss
     pass, so the importance ratio and the log-ratios carry no dropout noise; ``false`` keeps dropout in the
     loss pass only (sampling is always without), as a regularizer. ``lora`` trains an adapter instead of the
-    weights."""
+    weights. ``dtype: bf16`` keeps the weights, their gradients and the AdamW moments in bf16 (half the training
+    state), the updates applied by stochastic rounding."""
 
     disable_dropout: bool = Field(True, description="no dropout in sampling or the loss pass (as TRL); false keeps "
                                   "it in the loss pass as a regularizer")
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="the student's weights, and with them its gradients and AdamW moments. fp32: master "
+        "weights under the run's autocast. bf16: half the training state (8 bytes a parameter against 16), each AdamW "
+        "update computed in float32 and rounded stochastically back to bf16 (opdkit.optimizer), so that updates "
+        "below bf16's spacing land in expectation; the run must compute in bf16 (precision bf16, or auto where it "
+        "resolves to bf16). With lora: the frozen base in bf16, the adapter in float32")
     lora: LoraSpec | None = Field(None, description="train a LoRA adapter through peft (pip install peft) on frozen "
                                   "weights: {r: 16, alpha: 32, dropout: 0, target_modules: all-linear (every linear "
                                   "layer but the LM head) or a list such as [q_proj, v_proj]}; null: train every weight")
@@ -866,7 +873,7 @@ class Config(_Strict):
     output_dir: str = Field("runs/opd", description="the run folder: config, metrics.jsonl, checkpoints, final model")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA and where the CPU has bf16 matrix units (AMX or "
-        "AVX512-BF16), float32 elsewhere; master weights stay fp32"
+        "AVX512-BF16), float32 elsewhere; the student's weights stay fp32 unless student.dtype is bf16"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     student: StudentSpec
@@ -1008,12 +1015,20 @@ class Config(_Strict):
             "a learned value head (objective.credit.value: learned)": objective.credit.value == "learned",
             "teacher bridges (objective.near_future.mode: teacher_bridge)": objective.teacher_bridge,
             "an EMA self teacher (teacher.ema)": any(s.kind == "self" and s.ema is not None for s in self.teacher_specs()),
+            "bf16 weights (student.dtype: bf16)": self.student.dtype == "bf16",
         }
         for what, present in refused.items():
             if present:
                 return (f"FSDP shards the student, and a run with {what} cannot be sharded yet: use "
                         "distributed.strategy: ddp (a whole student per process)")
         return None
+
+    @model_validator(mode="after")
+    def _student_dtype_fits(self) -> "Config":
+        if self.student.dtype == "bf16" and self.precision == "fp32":
+            raise ValueError("student.dtype bf16 computes the student in bf16, but precision is fp32: set precision: "
+                             "bf16 (or auto), or student.dtype: fp32")
+        return self
 
     @model_validator(mode="after")
     def _fits_fsdp(self) -> "Config":

@@ -307,7 +307,15 @@ def precisions(run) -> str:
     from .teachers import LocalTeacher
 
     name = {torch.float32: "float32", torch.bfloat16: "bf16"}.get
-    student = "float32 weights" + (" with bf16 autocast" if run.amp_dtype == torch.bfloat16 else "")
+    if run.config.student.dtype == "bf16" and run.config.student.lora is not None:
+        student = "bf16 frozen weights, float32 adapter with bf16 autocast"
+    elif run.config.student.dtype == "bf16":
+        from .native import kernel
+
+        student = ("bf16 weights, gradients and AdamW moments (stochastic rounding, "
+                   f"{'C kernel' if kernel('adamw_bf16') and run.device.type == 'cpu' else 'torch operators'})")
+    else:
+        student = "float32 weights" + (" with bf16 autocast" if run.amp_dtype == torch.bfloat16 else "")
     teacher = (f"{name(run.teacher.dtype, str(run.teacher.dtype))} weights" if isinstance(run.teacher, LocalTeacher)
                else "served")
     reference = ""

@@ -64,17 +64,20 @@ def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype
     return model.to(device).eval()
 
 
+STUDENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def load_student(spec, path: str | None = None, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """The student a ``StudentSpec`` describes, from ``path`` (a checkpoint; default ``spec.path``). With
-    ``spec.lora``: ``spec.path``'s weights under the adapter ``path`` holds (a LoRA checkpoint, or ``final/``'s
-    ``adapter/``), or under a fresh adapter where it holds none."""
-    path = path or spec.path
+    """The student a ``StudentSpec`` describes, in ``spec.dtype``, from ``path`` (a checkpoint; default
+    ``spec.path``). With ``spec.lora``: ``spec.path``'s weights under the adapter ``path`` holds (a LoRA checkpoint,
+    or ``final/``'s ``adapter/``), or under a fresh adapter where it holds none."""
+    path, dtype = path or spec.path, STUDENT_DTYPES[spec.dtype]
     if spec.lora is None:
-        return load_model(path, device)
+        return load_model(path, device, dtype)
     from .lora import adapter_folder, wrap
 
     adapter = adapter_folder(path)
-    return wrap(load_model(spec.path if adapter is not None else path, device), spec.lora, adapter)
+    return wrap(load_model(spec.path if adapter is not None else path, device, dtype), spec.lora, adapter)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module, disable_dropout: bool) -> None:

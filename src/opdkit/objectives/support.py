@@ -144,9 +144,10 @@ class _Block:
         return loss, grad, student.detach(), teacher
 
 
-def _add(total: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor:
-    """``total + block`` in float32, in place; the first block becomes the total."""
-    return block.float() if total is None else total.add_(block)
+def _add(total: torch.Tensor | None, block: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``total + block`` in place; the first block becomes the total, in ``dtype``: float32 where blocks are summed,
+    the weight's own dtype where one block is the whole gradient (a bf16 head then holds no float32 ``[V, d]``)."""
+    return block.to(dtype) if total is None else total.add_(block)
 
 
 def _head_grads(weight_grad, bias_grad, weight, bias):
@@ -173,11 +174,12 @@ class _FusedHeadDivergence(torch.autograd.Function):
         n = hidden.shape[0]
         loss, entropy, reverse_kl = (hidden.new_zeros(n, dtype=torch.float32) for _ in range(3))
         hidden_grad = torch.zeros(n, weight.shape[1], dtype=torch.float32, device=hidden.device)
-        weight_grad = bias_grad = None  # [V, d] float32: the first block's, then a sum (no zeros to add to)
+        weight_grad = bias_grad = None  # [V, d]: the first block's, then a sum in float32 (no zeros to add to)
+        accumulate = weight.dtype if n <= block.size else torch.float32
         for i, j, block_loss, logits_grad, block_entropy, block_kl in _FusedHeadDivergence._blocks(block, hidden, weight, bias):
             loss[i:j], entropy[i:j], reverse_kl[i:j] = block_loss, block_entropy, block_kl
             hidden_grad[i:j] = logits_grad @ weight.to(logits_grad.dtype)
-            weight_grad = _add(weight_grad, logits_grad.T @ hidden[i:j].to(logits_grad.dtype))
+            weight_grad = _add(weight_grad, logits_grad.T @ hidden[i:j].to(logits_grad.dtype), accumulate)
             if bias is not None:
                 bias_grad = _add(bias_grad, logits_grad.sum(0))
         weight_grad, bias_grad = _head_grads(weight_grad, bias_grad, weight, bias)

@@ -1,0 +1,206 @@
+"""``student.dtype: bf16``: AdamW on bf16 weights with stochastic rounding (``opdkit.optimizer``), its C kernel
+against the same arithmetic in torch operators, and runs that train, save and resume in bf16."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from opdkit import checkpoint
+from opdkit.config import load_config
+from opdkit.errors import OPDError
+from opdkit.native import kernel
+from opdkit.optimizer import AdamW, noise, round_stochastic
+from opdkit.train import setup, train
+
+needs_compiler = pytest.mark.skipif(kernel("adamw_bf16") is None, reason="no C compiler to build the kernel")
+
+
+def params(dtype, seed=1, shapes=((300, 70), (5,), (1 << 21,))):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(s, generator=generator) * 0.02).to(dtype)) for s in shapes]
+
+
+def gradients(parameters, step):
+    generator = torch.Generator().manual_seed(100 + step)
+    for p in parameters:
+        p.grad = (torch.randn(p.shape, generator=generator) * 1e-2).to(p.dtype)
+
+
+def test_float32_weights_get_torchs_adamw():
+    ours, theirs = params(torch.float32), params(torch.float32)
+    a = AdamW(ours, lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1)
+    b = torch.optim.AdamW(theirs, lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1, foreach=False)
+    for step in range(4):
+        gradients(ours, step), gradients(theirs, step)
+        a.step(), b.step()
+    for x, y in zip(ours, theirs):
+        assert torch.equal(x, y)
+        assert torch.equal(a.state[x]["exp_avg_sq"], b.state[y]["exp_avg_sq"])
+
+
+def test_stochastic_rounding_is_unbiased_where_nearest_rounding_drops_the_update():
+    spacing = 2.0**-7  # between bf16 values in [1, 2)
+    values = torch.full((1 << 18,), 1.0 + spacing / 8)  # an update of an eighth of a spacing
+    rounded = round_stochastic(values.clone(), noise(torch.arange(values.numel()), key=12345)).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + spacing}
+    assert rounded.mean().item() == pytest.approx(1.0 + spacing / 8, abs=spacing * 0.005)
+    assert values.to(torch.bfloat16).float().unique().tolist() == [1.0]  # nearest: the update is gone
+    negative = round_stochastic(-values.clone(), noise(torch.arange(values.numel()), key=7)).float()
+    assert negative.mean().item() == pytest.approx(-1.0 - spacing / 8, abs=spacing * 0.005)
+    uniform = noise(torch.arange(1 << 18), key=99).float()
+    assert 0 <= uniform.min() and uniform.max() < 2**16 and uniform.mean().item() == pytest.approx(2**15, rel=0.01)
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_compiler)])
+def test_bf16_weights_follow_the_float32_trajectory_where_nearest_rounding_stalls(fused):
+    """Many small steps at 1e-4 on weights near 1: torch's AdamW on bf16 weights (round to nearest) does not move
+    them; ours lands within a few percent of what float32 weights travel."""
+    start = 1.0 + torch.rand(1 << 16, generator=torch.Generator().manual_seed(0))
+    target = torch.zeros_like(start)
+    travelled = {}
+    for name, dtype, make in (("float32", torch.float32, lambda p: torch.optim.AdamW(p, lr=1e-4)),
+                              ("nearest", torch.bfloat16, lambda p: torch.optim.AdamW(p, lr=1e-4)),
+                              ("ours", torch.bfloat16, lambda p: AdamW(p, lr=1e-4, fused=fused))):
+        weight = torch.nn.Parameter(start.to(dtype, copy=True))
+        optimizer = make([weight])
+        for _ in range(50):
+            weight.grad = (weight.detach().float() - target).to(dtype)  # pulls every weight down
+            optimizer.step()
+        travelled[name] = (start.to(dtype).float() - weight.float()).mean().item()
+    assert travelled["float32"] == pytest.approx(50 * 1e-4, rel=0.03)  # Adam: about lr a step
+    assert travelled["nearest"] == 0.0
+    assert travelled["ours"] == pytest.approx(travelled["float32"], rel=0.03)
+
+
+@needs_compiler
+def test_the_c_kernel_computes_what_the_torch_operators_compute():
+    """Same arithmetic, same noise. Where torch's vectorised square root rounds differently from C's correctly rounded
+    one, a float32 result differs by a unit in its last place, which changes a rounding draw about once in 65,536:
+    the moments (which do not depend on the weights) agree bit for bit, the weights on all but a handful of two
+    million elements, by a bf16 step for each update that rounded apart."""
+    fused, eager = params(torch.bfloat16), params(torch.bfloat16)
+    a = AdamW(fused, lr=1e-3, weight_decay=0.1, fused=True)
+    b = AdamW(eager, lr=1e-3, weight_decay=0.1, fused=False)
+    for step in range(3):
+        gradients(fused, step), gradients(eager, step)
+        a.step(), b.step()
+    for x, y in zip(fused, eager):
+        assert torch.equal(a.state[x]["exp_avg"], b.state[y]["exp_avg"])
+        assert torch.equal(a.state[x]["exp_avg_sq"], b.state[y]["exp_avg_sq"])
+        differ = x != y
+        assert differ.sum() <= max(2, x.numel() // 20_000)
+        steps = (x.detach().view(torch.int16).int() - y.detach().view(torch.int16).int()).abs()
+        assert (steps[differ] <= 3).all()  # one bf16 step per update at most (same sign: bit patterns count them)
+
+
+def test_a_restored_optimizer_rounds_as_the_uninterrupted_one():
+    whole = params(torch.bfloat16, shapes=((64, 33),))
+    optimizer = AdamW(whole, lr=1e-3, seed=5)
+    for step in range(2):
+        gradients(whole, step)
+        optimizer.step()
+    saved = ([p.detach().clone() for p in whole], copy.deepcopy(optimizer.state_dict()))  # as a checkpoint holds it
+    gradients(whole, 2)
+    optimizer.step()
+    resumed = [torch.nn.Parameter(p) for p in saved[0]]
+    again = AdamW(resumed, lr=1e-3, seed=5)
+    again.load_state_dict(saved[1])
+    gradients(resumed, 2)
+    again.step()
+    assert all(torch.equal(a, b) for a, b in zip(whole, resumed))
+
+
+def test_config_refuses_bf16_weights_computed_in_float32_or_sharded(tiny_config):
+    tiny_config["student"]["dtype"] = "bf16"  # tiny_config runs precision fp32
+    with pytest.raises(OPDError, match="student.dtype bf16 .* precision is fp32: set precision: bf16"):
+        load_config(base=tiny_config)
+    tiny_config["precision"] = "bf16"
+    tiny_config["distributed"] = {"strategy": "fsdp"}
+    with pytest.raises(OPDError, match=r"bf16 weights \(student.dtype: bf16\) cannot be sharded yet"):
+        load_config(base=tiny_config)
+
+
+def test_auto_precision_on_a_machine_without_bf16_refuses_bf16_weights_before_loading(tiny_config, monkeypatch):
+    import opdkit.models as models
+
+    monkeypatch.setattr(models, "bf16_units", lambda: None)
+    tiny_config["precision"] = "auto"
+    tiny_config["student"]["dtype"] = "bf16"
+    monkeypatch.setattr("opdkit.train.load_student", lambda *a, **k: pytest.fail("loaded weights"))
+    with pytest.raises(OPDError, match="precision 'auto' is float32 on this cpu.*set precision: bf16"):
+        setup(load_config(base=tiny_config))
+
+
+def test_a_bf16_student_learns_saves_bf16_and_resumes_exactly(tiny_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_config["precision"] = "bf16"
+    tiny_config["student"]["dtype"] = "bf16"
+    tiny_config["optim"] = {"steps": 4, "learning_rate": 3e-3}
+    tiny_config["checkpoint"] = {"every": 2, "keep": 2, "best_metric": None}
+    run = setup(load_config(base=tiny_config))
+    result = train(run)
+    assert all(p.dtype == torch.bfloat16 for p in run.student.parameters())
+    assert result["after"]["reverse_kl"] < result["before"]["reverse_kl"]
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert final.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(final.parameters(), run.student.parameters()))
+
+    run_dir = tmp_path / "run"
+    shutil.rmtree(run_dir / "checkpoint-4")
+    shutil.rmtree(run_dir / "final")
+    resumed = setup(checkpoint.resume_config(run_dir))
+    train(resumed, resume=True)
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in run.history]
+    assert all(torch.equal(a, b) for a, b in zip(run.student.parameters(), resumed.student.parameters()))
+
+
+def test_a_bf16_head_gets_its_gradient_in_bf16_from_one_block_and_summed_in_float32_from_several():
+    """The chunked loss's head gradient: one block's product is the whole gradient, so a bf16 head takes it as it
+    comes, without a float32 ``[V, d]`` copy; several blocks are summed in float32 first. Both match the float32
+    computation to bf16's precision."""
+    from opdkit.objectives.support import chunked_full
+
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(16, 300, bias=False).to(torch.bfloat16).float()  # values that bf16 holds exactly
+    teacher = torch.randn(40, 300, generator=g)
+    hidden = torch.randn(40, 16, generator=g).bfloat16().float()
+    exact = torch.autograd.grad(chunked_full(hidden, head, lambda i, j: teacher[i:j].clone(), "reverse_kl")[0].sum(),
+                                head.weight)[0]
+    head.to(torch.bfloat16)
+    for chunk_size in (40, 8):
+        loss = chunked_full(hidden.bfloat16(), head, lambda i, j: teacher[i:j].clone(), "reverse_kl", chunk_size=chunk_size)[0]
+        (grad,) = torch.autograd.grad(loss.sum(), head.weight)
+        assert grad.dtype == torch.bfloat16
+        assert (grad.float() - exact).abs().max() < 0.02 * exact.abs().max()  # bf16 logits: about 1% here
+
+
+@needs_compiler
+def test_the_kernel_built_for_this_processor_gives_the_portable_builds_bits(tmp_path):
+    """``-march=native`` vectorises the loop; every operation is still one IEEE-rounded float32 operation (no
+    contraction), so the result is the same to the bit as the portable build's."""
+    import ctypes
+    import os
+    import shutil
+    from pathlib import Path
+
+    from opdkit import native
+
+    portable = tmp_path / "portable.so"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    assert native._compile(compiler, native.FLAGS, Path(native.__file__).with_name("adamw_bf16.c"), portable)
+    slow = ctypes.CDLL(str(portable)).adamw_bf16
+    slow.argtypes, slow.restype = native.ARGUMENTS["adamw_bf16"], None
+    generator = torch.Generator().manual_seed(4)
+    start = [(torch.randn(100_003, generator=generator) * scale).bfloat16() for scale in (0.02, 1e-3, 1e-3, 1e-6)]
+    start[3] = start[3].abs()
+    results = []
+    for function in (kernel("adamw_bf16"), slow):
+        tensors = [t.clone() for t in start]
+        for one_minus_beta1 in (0.1, 0.7):  # both of lerp's branches
+            function(*[t.data_ptr() for t in tensors], 0, 100_003, 0.9999, one_minus_beta1, 0.999, 0.001, 0.03, 1e-8,
+                     -1e-3, 12345)
+        results.append(tensors)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
