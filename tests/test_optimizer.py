@@ -204,3 +204,22 @@ def test_the_kernel_built_for_this_processor_gives_the_portable_builds_bits(tmp_
                      -1e-3, 12345)
         results.append(tensors)
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_a_lora_adapter_on_a_bf16_base_trains_in_float32(tiny_config):
+    """With ``lora`` the frozen base loads in bf16 (half its memory) and peft keeps the adapter in float32, which the
+    optimizer updates as torch's AdamW does; the base does not move."""
+    pytest.importorskip("peft")
+    from rich.console import Console
+
+    tiny_config["precision"] = "bf16"
+    tiny_config["student"] = {**tiny_config["student"], "dtype": "bf16",
+                              "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
+    run = setup(load_config(base=tiny_config))
+    named = dict(run.student.named_parameters())
+    base = {n: p.detach().clone() for n, p in named.items() if "lora_" not in n}
+    adapter = {n: p.detach().clone() for n, p in named.items() if "lora_" in n}
+    assert {p.dtype for p in base.values()} == {torch.bfloat16} and {p.dtype for p in adapter.values()} == {torch.float32}
+    train(run, Console(quiet=True))
+    assert all(torch.equal(named[n], w) for n, w in base.items())
+    assert any(not torch.equal(named[n], w) for n, w in adapter.items())

@@ -31,7 +31,8 @@ THREADED = 1 << 20  # tensors at least this large are split over threads by the 
 
 class AdamW(torch.optim.Optimizer):
     """torch's AdamW with bf16 weights and moments updated by stochastic rounding; float32 ones as torch does.
-    ``fused``: the C kernel where it builds (None: where it builds, on CPU), else torch operators."""
+    ``fused``: None (default) runs bf16 tensors on CPU through the C kernel where it builds, True requires it (an
+    error without a compiler), False always runs torch operators."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, seed: int = 0, fused: bool | None = None):
@@ -63,7 +64,7 @@ class AdamW(torch.optim.Optimizer):
                 hyper = hyperparameters(group, step)
                 if param.dtype != torch.bfloat16:
                     update_eager(*tensors, hyper, key=None)
-                elif self.kernel is not None and param.device.type == "cpu":
+                elif self.kernel is not None and param.device.type == "cpu" and param.grad.dtype == torch.bfloat16:
                     self.update_fused(*tensors, hyper, rounding_key(self.seed, step, index))
                 else:
                     update_eager(*tensors, hyper, rounding_key(self.seed, step, index))
