@@ -1,7 +1,7 @@
 """Several processes on the CPU (gloo), launched as users launch them (``accelerate launch -m opdkit.cli train``):
 two processes of 2 prompts each train as one process of 4 (the same losses, the same final weights within float
 tolerance), under DDP and under FSDP2; an FSDP2 run killed mid-way resumes onto the uninterrupted curve, and only
-sharded."""
+sharded; bf16 weights stay equal on every DDP replica."""
 
 import json
 import os
@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from opdkit import checkpoint
 from opdkit.cli import main
 from opdkit.errors import OPDError
+from opdkit.models import load_model
 from opdkit.train import setup, train
 
 KILLER = """
@@ -126,3 +127,32 @@ def test_what_fsdp_cannot_shard_is_refused_before_any_model_loads(tiny_config):
     tiny_config["objective"] = {"method": "gae_opd", "credit": {"value": "learned"}}
     with pytest.raises(OPDError, match="learned value head"):
         load_config(base=tiny_config)
+
+
+REPLICAS = """
+import sys, torch
+from opdkit.config import load_config
+from opdkit.train import setup, train
+
+run = setup(load_config(sys.argv[1]))
+train(run)
+torch.save({n: p.detach() for n, p in run.student.named_parameters()}, f"{sys.argv[2]}-{run.processes.rank}.pt")
+"""
+
+
+def test_bf16_weights_stay_the_same_on_every_ddp_replica(write_config, tmp_path):
+    """DDP averages the gradients, and every process draws the same stochastic-rounding noise (seed, step, parameter,
+    element; not the rank): the replicas, which DDP never compares after the start, end bit for bit equal."""
+    path, _ = write_config("bf16", batch_size=2)
+    config = yaml.safe_load(path.read_text())
+    config["precision"], config["student"]["dtype"] = "bf16", "bf16"
+    path.write_text(yaml.safe_dump(config))
+    script = tmp_path / "replicas.py"
+    script.write_text(REPLICAS)
+    done = launch(str(script), str(path), str(tmp_path / "replica"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = (torch.load(tmp_path / f"replica-{rank}.pt") for rank in (0, 1))
+    assert {t.dtype for t in first.values()} == {torch.bfloat16}
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    initial = dict(load_model(config["student"]["path"], dtype=torch.bfloat16).named_parameters())
+    assert any(not torch.equal(initial[name].detach(), first[name]) for name in first)  # they trained
