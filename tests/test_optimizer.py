@@ -223,3 +223,20 @@ def test_a_lora_adapter_on_a_bf16_base_trains_in_float32(tiny_config):
     train(run, Console(quiet=True))
     assert all(torch.equal(named[n], w) for n, w in base.items())
     assert any(not torch.equal(named[n], w) for n, w in adapter.items())
+
+
+def test_without_a_compiler_the_optimizer_runs_torch_operators(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("OPDKIT_CACHE", str(tmp_path))
+    kernel.cache_clear()
+    try:
+        assert kernel("adamw_bf16") is None
+        weights = params(torch.bfloat16, shapes=((8, 8),))
+        optimizer = AdamW(weights, lr=1e-3)
+        assert optimizer.kernel is None
+        gradients(weights, 0)
+        optimizer.step()
+        with pytest.raises(RuntimeError, match="needs a C compiler"):
+            AdamW(weights, lr=1e-3, fused=True)
+    finally:
+        kernel.cache_clear()

@@ -58,9 +58,10 @@ def kernel(name: str):
 
 def _compile(compiler: str, flags: list[str], source: Path, output: Path) -> bool:
     try:
-        return subprocess.run([compiler, *flags, str(source), "-o", str(output), "-lm"], capture_output=True).returncode == 0
+        done = subprocess.run([compiler, *flags, str(source), "-o", str(output), "-lm"], capture_output=True)
     except OSError:  # CC names no program
         return False
+    return done.returncode == 0
 
 
 def processor() -> str:
