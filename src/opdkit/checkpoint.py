@@ -35,7 +35,7 @@ import torch
 from . import lora
 from .config import Config, load_config
 from .errors import OPDError
-from .models import STUDENT_DTYPES, load_model
+from .models import load_model
 
 STATE = "trainer_state.pt"
 LOWER_IS_BETTER = {"reverse_kl", "reverse_kl_k1"}
@@ -227,7 +227,7 @@ def restore(run, optimizer: torch.optim.Optimizer, scheduler, rng: random.Random
         lora.load_weights(run.student, path)
         optimizer.load_state_dict(state["optimizer"])
     else:
-        weights = load_model(str(path), run.device, STUDENT_DTYPES[run.config.student.dtype]).state_dict()
+        weights = load_model(str(path), run.device, next(run.student.parameters()).dtype).state_dict()  # as loaded
         run.processes.load_state_dicts(run.student, optimizer, weights, state["optimizer"])
     with torch.no_grad():
         for param, saved in zip(run.method.parameters(), state["method"], strict=True):

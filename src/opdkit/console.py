@@ -310,10 +310,10 @@ def precisions(run) -> str:
     if run.config.student.dtype == "bf16" and run.config.student.lora is not None:
         student = "bf16 frozen weights, float32 adapter with bf16 autocast"
     elif run.config.student.dtype == "bf16":
-        from .native import kernel
+        from .optimizer import fused_on
 
         student = ("bf16 weights, gradients and AdamW moments (stochastic rounding, "
-                   f"{'C kernel' if kernel('adamw_bf16') and run.device.type == 'cpu' else 'torch operators'})")
+                   f"{'C kernel' if fused_on(run.device) else 'torch operators'})")
     else:
         student = "float32 weights" + (" with bf16 autocast" if run.amp_dtype == torch.bfloat16 else "")
     teacher = (f"{name(run.teacher.dtype, str(run.teacher.dtype))} weights" if isinstance(run.teacher, LocalTeacher)

@@ -64,14 +64,17 @@ def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype
     return model.to(device).eval()
 
 
-STUDENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+def weights_dtype(name: str, auto: torch.dtype = torch.float32) -> torch.dtype:
+    """A config's ``dtype`` for a model's weights (``student.dtype``, ``teacher.dtype``): ``fp32``, ``bf16``, or
+    ``auto``, which follows the run's precision (``auto``)."""
+    return {"auto": auto, "fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
 def load_student(spec, path: str | None = None, device: torch.device | str = "cpu") -> PreTrainedModel:
     """The student a ``StudentSpec`` describes, in ``spec.dtype``, from ``path`` (a checkpoint; default
     ``spec.path``). With ``spec.lora``: ``spec.path``'s weights under the adapter ``path`` holds (a LoRA checkpoint,
     or ``final/``'s ``adapter/``), or under a fresh adapter where it holds none."""
-    path, dtype = path or spec.path, STUDENT_DTYPES[spec.dtype]
+    path, dtype = path or spec.path, weights_dtype(spec.dtype)
     if spec.lora is None:
         return load_model(path, device, dtype)
     from .lora import adapter_folder, wrap

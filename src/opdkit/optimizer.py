@@ -29,6 +29,11 @@ SLICE = 1 << 21  # elements updated at once by the eager path: bounds its float3
 THREADED = 1 << 20  # tensors at least this large are split over threads by the C path
 
 
+def fused_on(device: torch.device) -> bool:
+    """Whether bf16 tensors on ``device`` update through the C kernel (CPU, a compiler) or torch operators."""
+    return device.type == "cpu" and kernel("adamw_bf16") is not None
+
+
 class AdamW(torch.optim.Optimizer):
     """torch's AdamW with bf16 weights and moments updated by stochastic rounding; float32 ones as torch does.
     ``fused``: None (default) runs bf16 tensors on CPU through the C kernel where it builds, True requires it (an
@@ -64,7 +69,7 @@ class AdamW(torch.optim.Optimizer):
                 hyper = hyperparameters(group, step)
                 if param.dtype != torch.bfloat16:
                     update_eager(*tensors, hyper, key=None)
-                elif self.kernel is not None and param.device.type == "cpu" and param.grad.dtype == torch.bfloat16:
+                elif self.kernel is not None and fused_on(param.device) and param.grad.dtype == torch.bfloat16:
                     self.update_fused(*tensors, hyper, rounding_key(self.seed, step, index))
                 else:
                     update_eager(*tensors, hyper, rounding_key(self.seed, step, index))

@@ -178,7 +178,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
         accumulate = weight.dtype if n <= block.size else torch.float32
         for i, j, block_loss, logits_grad, block_entropy, block_kl in _FusedHeadDivergence._blocks(block, hidden, weight, bias):
             loss[i:j], entropy[i:j], reverse_kl[i:j] = block_loss, block_entropy, block_kl
-            hidden_grad[i:j] = logits_grad @ weight.to(logits_grad.dtype)
+            hidden_grad[i:j] = logits_grad.to(weight.dtype) @ weight  # the [rows, V] block cast, never the [V, d] head
             weight_grad = _add(weight_grad, logits_grad.T @ hidden[i:j].to(logits_grad.dtype), accumulate)
             if bias is not None:
                 bias_grad = _add(bias_grad, logits_grad.sum(0))

@@ -103,12 +103,12 @@ def build_teacher(spec, student_tokenizer, student_config, device: torch.device,
     the objective reads. Every kind takes ``prompt``, the teacher's own view; a server keeps its probe's
     ``findings``."""
     from ..errors import OPDError
-    from ..models import check_tokenizers_match, load_model, load_tokenizer
+    from ..models import check_tokenizers_match, load_model, load_tokenizer, weights_dtype
     from .context import TeacherContext
 
     context = TeacherContext(spec.prompt, student_tokenizer) if spec.prompt is not None else None  # its own view
     if spec.kind in ("local", "self"):
-        dtype = {"auto": amp_dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[spec.dtype]
+        dtype = weights_dtype(spec.dtype, amp_dtype)
         if spec.kind == "self":
             from .self_teacher import SelfTeacher
 

@@ -81,9 +81,9 @@ def teacher_identity(spec, amp_dtype: torch.dtype) -> dict:
     """Who scored, wherever its folder now lies: a local model by its weights' fingerprint, the dtypes it ran in and
     its own context (``teacher.prompt``); a server by the model name it serves and that context."""
     if spec.kind == "local":
-        from ..models import resolve_model_path
+        from ..models import resolve_model_path, weights_dtype
 
-        dtype = {"auto": amp_dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[spec.dtype]
+        dtype = weights_dtype(spec.dtype, amp_dtype)
         return {"kind": "local", "fingerprint": _weights_fingerprint(Path(resolve_model_path(spec.path))),
                 "dtype": str(dtype).removeprefix("torch."), "autocast": str(amp_dtype).removeprefix("torch."),
                 "prompt": None if spec.prompt is None else spec.prompt.model_dump()}  # its own context, if any
