@@ -13,7 +13,8 @@ gradient clipping at 1.0, ``--steps`` optimizer steps, the same number of torch 
 (``opd train``: float32 weights under ``precision: auto``), ``ours-bf16`` (the same with ``student.dtype: bf16``:
 bf16 weights, gradients and AdamW moments, stochastic rounding), ``trl-fp32`` and ``trl-bf16`` (TRL's ``bf16``
 flag). Each runs in its own fresh process, one at a time; each round runs all four, its starting variant rotated
-from round to round to cancel drift.
+from round to round to cancel drift. ``ours-bf16`` computes in bf16, so on a processor where ``precision: auto``
+is float32 (no bf16 units) ``opd train`` refuses it and the bench leaves it out, saying so.
 
 Per run: the median step time after the first step (opdkit: the sum of its logged stage times; TRL: wall
 time from ``on_step_begin`` to ``on_step_end``, generation included), opdkit's per-stage split, the peak RSS
@@ -212,9 +213,9 @@ def spawn(args, variant: str, workdir: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_round(args, index: int, root: Path, before: bool) -> list[dict]:
-    """All variants, the starting one rotated by ``index``, then one evaluation of their students."""
-    order = VARIANTS[index % len(VARIANTS):] + VARIANTS[:index % len(VARIANTS)]
+def run_round(args, variants: tuple, index: int, root: Path, before: bool) -> list[dict]:
+    """All ``variants``, the starting one rotated by ``index``, then one evaluation of their students."""
+    order = variants[index % len(variants):] + variants[:index % len(variants)]
     runs = [{"round": index, "variant": v, **spawn(args, v, root / f"round{index}-{v}")} for v in order]
     students = {run["variant"]: run.pop("student") for run in runs}
     if before:
@@ -228,18 +229,19 @@ def run_round(args, index: int, root: Path, before: bool) -> list[dict]:
     return runs + ([{"round": index, "variant": "before", "reverse_kl": kl["before"]}] if before else [])
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], variants: tuple) -> dict:
     def median(variant: str, key: str) -> float:
         return statistics.median(r[key] for r in runs if r["variant"] == variant)
 
-    table = {v: {key: median(v, key) for key in ("median_step_s", "peak_rss_gb", "reverse_kl")} for v in VARIANTS}
-    for ours in OURS:
+    table = {v: {key: median(v, key) for key in ("median_step_s", "peak_rss_gb", "reverse_kl")} for v in variants}
+    ours_run = [v for v in OURS if v in variants]
+    for ours in ours_run:
         table[ours]["stages_s"] = {s: statistics.median(r["stages_s"][s] for r in runs if r["variant"] == ours)
                                    for s in STAGES}
     fastest = min(TRL, key=lambda v: table[v]["median_step_s"])
     ratios = {f"{ours} / {name}": {"time": table[ours]["median_step_s"] / table[v]["median_step_s"],
                                    "memory": table[ours]["peak_rss_gb"] / table[v]["peak_rss_gb"]}
-              for ours in OURS
+              for ours in ours_run
               for name, v in (("trl-fp32", "trl-fp32"), ("trl-bf16", "trl-bf16"), (f"TRL's fastest ({fastest})", fastest))}
     return {"medians": table, "before_reverse_kl": median("before", "reverse_kl"), "trl_fastest": fastest,
             "ratios": ratios}
@@ -252,7 +254,8 @@ def machine(threads: int) -> dict:
 
     torch.set_num_threads(threads)
     precision = resolve_precision("auto", pick_device())  # what opd train's precision: auto picked here
-    return {"description": machine_description(precision), "bf16_units": bf16_units(), "torch_threads": threads}
+    return {"description": machine_description(precision), "bf16_units": bf16_units(), "torch_threads": threads,
+            "bf16_compute": precision == torch.bfloat16}
 
 
 def report(runs: list[dict], summary: dict, host: dict) -> None:
@@ -268,7 +271,7 @@ def report(runs: list[dict], summary: dict, host: dict) -> None:
     print(f"{'variant':<10}{'step s':>10}{'RSS GB':>10}{'rev. KL':>10}")
     for variant, row in summary["medians"].items():
         print(f"{variant:<10}{row['median_step_s']:>10.3f}{row['peak_rss_gb']:>10.2f}{row['reverse_kl']:>10.4f}")
-    for ours in OURS:
+    for ours in (v for v in OURS if v in summary["medians"]):
         print(f"{ours} stages: " + ", ".join(f"{s} {t:.3f} s" for s, t in summary["medians"][ours]["stages_s"].items()))
     for name, ratio in summary["ratios"].items():
         print(f"{name:<35} time {ratio['time']:.2f}x  memory {ratio['memory']:.2f}x")
@@ -294,9 +297,14 @@ def main() -> None:
         print("TRL is an optional extra: pip install -e '.[bench]'")
         sys.exit(2)
     builtin(args.pair, "teacher")  # build the scenario once, before any child needs it
+    host = machine(args.threads)
+    variants = VARIANTS if host["bf16_compute"] else tuple(v for v in VARIANTS if v != "ours-bf16")
+    if not host["bf16_compute"]:
+        print(f"ours-bf16 left out: precision auto is float32 on this processor ({host['description']}), and "
+              "opd train refuses bf16 student weights there")
     with tempfile.TemporaryDirectory(prefix="vs_trl-") as root:
-        runs = [run for r in range(args.rounds) for run in run_round(args, r, Path(root), before=r == 0)]
-    summary, host = summarize(runs), machine(args.threads)
+        runs = [run for r in range(args.rounds) for run in run_round(args, variants, r, Path(root), before=r == 0)]
+    summary = summarize(runs, variants)
     report(runs, summary, host)
     output = Path(args.output or Path(__file__).parent / "results" / f"vs_trl-{args.pair}.json")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,9 @@ from opdkit.config import ObjectiveConfig, load_config
 from opdkit.data import PromptSampler, left_pad, load_examples, render_prompt
 from opdkit.decode import ROW_MAJOR_ROWS, _fast_projections, choose, decode
 from opdkit.errors import OPDError
-from opdkit.llama_step import unsupported
+from opdkit.llama_step import FEW_ROWS, few_rows, project, unsupported
 from opdkit.models import load_model, load_tokenizer
+from opdkit.native import kernel
 from opdkit.rollout import sample
 from opdkit.teachers import LocalTeacher
 
@@ -86,6 +87,39 @@ def test_few_row_products_take_the_form_that_reads_weights_faster_on_the_process
         assert not opdkit.decode.row_major(4, cuda, torch.bfloat16)
         # bf16: W @ x.T with AMX tiles (and emulated), x @ W.T with AVX512-BF16 dot products alone
         assert opdkit.decode.row_major(ROW_MAJOR_ROWS, cpu, torch.bfloat16) == (units != "AVX512-BF16")
+
+
+@pytest.mark.skipif(kernel("rows_matmul") is None, reason="no C compiler to build the kernel")
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, FEW_ROWS])
+def test_few_rows_kernel_equals_torchs_product(rows):
+    """Odd sizes on purpose: an output count that is not a multiple of the kernel's pair of columns or its 64-column
+    tasks, an inner size that is not a multiple of its 8-wide vectors, rows that do not fill its groups of four."""
+    torch.manual_seed(rows)
+    for n, k in ((131, 75), (7, 8), (577, 576)):
+        x, weight = torch.randn(2 * rows, k)[::2], torch.randn(n, k)  # x not contiguous
+        out = few_rows(x, weight)
+        assert out.shape == (rows, n) and torch.allclose(out, x @ weight.T, atol=1e-4, rtol=1e-5)
+        bias = torch.randn(n)
+        assert torch.allclose(project(x, weight, bias, row_major=True), x @ weight.T + bias, atol=1e-4, rtol=1e-5)
+
+
+def test_few_rows_kernel_leaves_to_torch_what_it_does_not_compute(monkeypatch, tmp_path):
+    x, weight = torch.randn(4, 16), torch.randn(8, 16)
+    assert few_rows(torch.randn(FEW_ROWS + 1, 16), weight) is None  # many rows: a BLAS product
+    assert few_rows(x.bfloat16(), weight.bfloat16()) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert few_rows(x, weight) is None  # the product autocast asks for
+    assert few_rows(x, weight.requires_grad_()) is None  # no backward of its own
+    with torch.no_grad():
+        assert few_rows(x, weight) is not None or kernel("rows_matmul") is None
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("OPDKIT_CACHE", str(tmp_path))
+    kernel.cache_clear()
+    try:
+        assert few_rows(x, weight.detach()) is None
+        assert torch.allclose(project(x, weight.detach(), None, row_major=True), x @ weight.detach().T)
+    finally:
+        kernel.cache_clear()
 
 
 def _family(kind: str, **extra):

@@ -8,6 +8,8 @@ On a CPU, a projection of a few rows through a matrix (every linear layer at dec
 times faster here as ``W @ x.T`` than as ``x @ W.T`` (the LM head, ``[4, 576] x [576, 49152]``: 6 ms against
 19 ms on an AMD EPYC, 2 threads), so decoding of at most ``ROW_MAJOR_ROWS`` rows uses that form (``row_major``),
 except in bf16 on a processor whose bf16 units are AVX512-BF16 dot products, where ``x @ W.T`` is the faster one.
+In float32 that form runs through opdkit's ``rows_matmul`` kernel (``llama_step.few_rows``), which reads each weight
+once for every row: 15.6 ms per token of the SmolLM2 student at 4 rows against 30 ms (AMD EPYC Zen 3, 2 threads).
 """
 
 from __future__ import annotations

@@ -3,8 +3,11 @@ first use for this processor and cached in ``native/`` of opdkit's cache (``$OPD
 ``~/.cache/opdkit``). Where no compiler is found, or the build fails, ``kernel`` returns None and the caller runs
 its eager torch equivalent (the same arithmetic, slower).
 
-Today one kernel: ``adamw_bf16`` (``opdkit.optimizer``), an AdamW step on bf16 weights with stochastic rounding.
-It is plain C called through ``ctypes``, which lets go of the GIL, so the optimizer splits a tensor over threads.
+- ``adamw_bf16`` (``opdkit.optimizer``): an AdamW step on bf16 weights with stochastic rounding. Plain C called
+  through ``ctypes``, which lets go of the GIL, so the optimizer splits a tensor over threads.
+- ``rows_matmul`` (``opdkit.llama_step.project``): a float32 projection of a few rows, each weight read once for
+  all of them, the decode step's products. Its threads are OpenMP's, the runtime torch itself loaded; a compiler
+  without OpenMP builds it single-threaded.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
 NATIVE = ["-march=native"]
 ARGUMENTS = {  # each kernel's C signature, for ctypes
     "adamw_bf16": [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 7 + [ctypes.c_uint32],
+    "rows_matmul": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4,
 }
+OPENMP = {"rows_matmul": ["-fopenmp"]}  # kernels with parallel loops: built without the flag where it fails
 
 
 def cache_dir() -> Path:
@@ -42,13 +47,15 @@ def kernel(name: str):
     if compiler is None:
         return None
     source = Path(__file__).with_name(f"{name}.c")
-    key = "\n".join([compiler, *FLAGS, *NATIVE, processor()]).encode()
+    openmp = OPENMP.get(name, [])
+    key = "\n".join([compiler, *FLAGS, *NATIVE, *openmp, processor()]).encode()
     library = cache_dir() / f"{name}-{hashlib.sha256(source.read_bytes() + key).hexdigest()[:16]}.so"
     if not library.is_file():
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as scratch:  # built aside, then renamed: atomic
             built = Path(scratch) / library.name
-            if not any(_compile(compiler, flags, source, built) for flags in (FLAGS + NATIVE, FLAGS)):
+            tries = [FLAGS + NATIVE + openmp, FLAGS + openmp] + ([FLAGS + NATIVE, FLAGS] if openmp else [])
+            if not any(_compile(compiler, flags, source, built) for flags in tries):
                 return None
             built.replace(library)
     function = getattr(ctypes.CDLL(str(library)), name)
