@@ -14,7 +14,9 @@ gradient clipping at 1.0, ``--steps`` optimizer steps, the same number of torch 
 bf16 weights, gradients and AdamW moments, stochastic rounding), ``trl-fp32`` and ``trl-bf16`` (TRL's ``bf16``
 flag). Each runs in its own fresh process, one at a time; each round runs all four, its starting variant rotated
 from round to round to cancel drift. ``ours-bf16`` computes in bf16, so on a processor where ``precision: auto``
-is float32 (no bf16 units) ``opd train`` refuses it and the bench leaves it out, saying so.
+is float32 (no bf16 units) ``opd train`` refuses it and the bench leaves it out, saying so. There it runs
+``ours-teacher-bf16`` instead: ``teacher.dtype: bf16``, the teacher's weights stored in bf16 and computed on in
+float32 (``opdkit.products.float32_arithmetic``); where ``auto`` is bf16 the teacher is bf16 already in ``ours``.
 
 Per run: the median step time after the first step (opdkit: the sum of its logged stage times; TRL: wall
 time from ``on_step_begin`` to ``on_step_end``, generation included), opdkit's per-stage split, the peak RSS
@@ -41,8 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("ours", "ours-bf16", "trl-fp32", "trl-bf16")
-OURS, TRL = VARIANTS[:2], VARIANTS[2:]
+VARIANTS = ("ours", "ours-bf16", "ours-teacher-bf16", "trl-fp32", "trl-bf16")
+OURS, TRL = VARIANTS[:3], VARIANTS[3:]
 STAGES = ("rollout", "teacher", "forward_backward", "optimizer", "diagnostics")
 TRAIN_PROMPTS, BATCH_SIZE, LEARNING_RATE = 64, 4, 1e-5
 HELDOUT_PROMPTS, EVAL_LENGTH, EVAL_BATCH = 32, 32, 16
@@ -98,13 +100,14 @@ def ours_config(pair: str, workdir: Path, seed: int = 0, threads: int = 2, steps
     }
 
 
-def run_ours(args, workdir: Path, student_dtype: str) -> dict:
+def run_ours(args, workdir: Path, student_dtype: str, teacher_dtype: str) -> dict:
     import yaml
 
     from opdkit.cli import main as opd
 
     config = ours_config(args.pair, workdir, args.seed, args.threads, args.steps, args.max_completion_length,
                          student_dtype)
+    config["teacher"]["dtype"] = teacher_dtype
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     if opd(["train", str(workdir / "config.yaml")]) != 0:
         raise SystemExit("opd train failed")
@@ -189,7 +192,8 @@ def child(args) -> None:
     if args.variant == "eval":
         result = run_eval(args, workdir)
     else:
-        result = (run_ours(args, workdir, "bf16" if args.variant == "ours-bf16" else "fp32") if args.variant in OURS
+        result = (run_ours(args, workdir, "bf16" if args.variant == "ours-bf16" else "fp32",
+                           "bf16" if args.variant == "ours-teacher-bf16" else "auto") if args.variant in OURS
                   else run_trl(args, workdir, args.variant == "trl-bf16"))
         import torch
 
@@ -262,15 +266,15 @@ def report(runs: list[dict], summary: dict, host: dict) -> None:
     for run in runs:
         if run["variant"] == "before":
             continue
-        print(f"round {run['round']}  {run['variant']:<9}  step {run['median_step_s']:7.3f} s  "
+        print(f"round {run['round']}  {run['variant']:<17}  step {run['median_step_s']:7.3f} s  "
               f"peak RSS {run['peak_rss_gb']:5.2f} GB  held-out reverse KL after {run['reverse_kl']:.4f}  "
               f"(mean completion {run['completion_length']:.1f} tokens)")
         if run["variant"] in OURS:
             print(f"          {run['variant']} stages: " + ", ".join(f"{s} {t:.3f} s" for s, t in run["stages_s"].items()))
     print(f"\nmedians over rounds (held-out reverse KL before: {summary['before_reverse_kl']:.4f})")
-    print(f"{'variant':<10}{'step s':>10}{'RSS GB':>10}{'rev. KL':>10}")
+    print(f"{'variant':<18}{'step s':>10}{'RSS GB':>10}{'rev. KL':>10}")
     for variant, row in summary["medians"].items():
-        print(f"{variant:<10}{row['median_step_s']:>10.3f}{row['peak_rss_gb']:>10.2f}{row['reverse_kl']:>10.4f}")
+        print(f"{variant:<18}{row['median_step_s']:>10.3f}{row['peak_rss_gb']:>10.2f}{row['reverse_kl']:>10.4f}")
     for ours in (v for v in OURS if v in summary["medians"]):
         print(f"{ours} stages: " + ", ".join(f"{s} {t:.3f} s" for s, t in summary["medians"][ours]["stages_s"].items()))
     for name, ratio in summary["ratios"].items():
@@ -298,10 +302,11 @@ def main() -> None:
         sys.exit(2)
     builtin(args.pair, "teacher")  # build the scenario once, before any child needs it
     host = machine(args.threads)
-    variants = VARIANTS if host["bf16_compute"] else tuple(v for v in VARIANTS if v != "ours-bf16")
-    if not host["bf16_compute"]:
-        print(f"ours-bf16 left out: precision auto is float32 on this processor ({host['description']}), and "
-              "opd train refuses bf16 student weights there")
+    left_out = "ours-teacher-bf16" if host["bf16_compute"] else "ours-bf16"
+    variants = tuple(v for v in VARIANTS if v != left_out)
+    print(f"{left_out} left out: " + ("the teacher is bf16 in ours already (precision auto is bf16 here)"
+                                      if host["bf16_compute"] else f"precision auto is float32 on this processor "
+                                      f"({host['description']}), and opd train refuses bf16 student weights there"))
     with tempfile.TemporaryDirectory(prefix="vs_trl-") as root:
         runs = [run for r in range(args.rounds) for run in run_round(args, variants, r, Path(root), before=r == 0)]
     summary = summarize(runs, variants)

@@ -16,9 +16,10 @@ from opdkit.config import ObjectiveConfig, load_config
 from opdkit.data import PromptSampler, left_pad, load_examples, render_prompt
 from opdkit.decode import ROW_MAJOR_ROWS, _fast_projections, choose, decode
 from opdkit.errors import OPDError
-from opdkit.llama_step import FEW_ROWS, few_rows, project, unsupported
+from opdkit.llama_step import unsupported
 from opdkit.models import load_model, load_tokenizer
 from opdkit.native import kernel
+from opdkit.products import FEW_ROWS, few_rows, project
 from opdkit.rollout import sample
 from opdkit.teachers import LocalTeacher
 
@@ -90,17 +91,20 @@ def test_few_row_products_take_the_form_that_reads_weights_faster_on_the_process
 
 
 @pytest.mark.skipif(kernel("rows_matmul") is None, reason="no C compiler to build the kernel")
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, FEW_ROWS])
-def test_few_rows_kernel_equals_torchs_product(rows):
+def test_few_rows_kernel_equals_torchs_float32_product(rows, weights):
     """Odd sizes on purpose: an output count that is not a multiple of the kernel's pair of columns or its 64-column
-    tasks, an inner size that is not a multiple of its 8-wide vectors, rows that do not fill its groups of four."""
+    tasks, an inner size that is not a multiple of its 8-wide vectors, rows that do not fill its groups of four.
+    bf16 weights: the float32 product of the same (widened) values."""
     torch.manual_seed(rows)
     for n, k in ((131, 75), (7, 8), (577, 576)):
-        x, weight = torch.randn(2 * rows, k)[::2], torch.randn(n, k)  # x not contiguous
+        x, weight = torch.randn(2 * rows, k)[::2], torch.randn(n, k).to(weights)  # x not contiguous
+        expected = x @ weight.float().T
         out = few_rows(x, weight)
-        assert out.shape == (rows, n) and torch.allclose(out, x @ weight.T, atol=1e-4, rtol=1e-5)
+        assert out.shape == (rows, n) and torch.allclose(out, expected, atol=1e-4, rtol=1e-5)
         bias = torch.randn(n)
-        assert torch.allclose(project(x, weight, bias, row_major=True), x @ weight.T + bias, atol=1e-4, rtol=1e-5)
+        assert torch.allclose(project(x, weight, bias, row_major=True), expected + bias, atol=1e-4, rtol=1e-5)
 
 
 def test_few_rows_kernel_leaves_to_torch_what_it_does_not_compute(monkeypatch, tmp_path):
@@ -238,6 +242,43 @@ def test_teacher_dtype_bf16_loads_bf16_weights_and_scores_close_to_fp32(tiny_con
     _, batch, full = scored
     token = full.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1) * batch.completion_mask
     assert (run.teacher.score(batch).token_logprobs - token).abs().max() < 0.1
+
+
+def test_bf16_teacher_in_a_float32_run_computes_in_float32_on_its_bf16_weights(tiny, scored, monkeypatch):
+    """``teacher.dtype: bf16`` under ``precision: fp32``: half the teacher's memory, and every score and sample is
+    the float32 computation on the bf16-rounded weights (here: a float32 model holding those values), not a bf16
+    one. Widened in slices smaller than the vocabulary, so the slicing is exercised."""
+    import opdkit.products
+    from opdkit.products import is_float32_arithmetic
+
+    monkeypatch.setattr(opdkit.products, "WIDEN_ROWS", 7)
+    _, batch, _ = scored
+    student_tokenizer = load_tokenizer(str(tiny / "student"))
+    stored = LocalTeacher(load_model(str(tiny / "teacher"), dtype=torch.bfloat16), student_tokenizer, torch.float32)
+    assert is_float32_arithmetic(stored.model)
+    assert all(p.dtype == torch.bfloat16 for p in stored.model.parameters())  # no float32 copy kept
+    model = load_model(str(tiny / "teacher"))
+    for param in model.parameters():  # the parameters rounded, the rotary tables (buffers) not: as bf16 loading does
+        param.data = param.data.bfloat16().float()
+    rounded = LocalTeacher(model, student_tokenizer)
+    for support in ("token", "topk", "full"):
+        got, expected = (t.score(batch, support, top_k=5) for t in (stored, rounded))
+        assert torch.allclose(got.token_logprobs, expected.token_logprobs, atol=1e-5), support
+        if support == "full":
+            from opdkit.token_table import _teacher_full  # the token table's per-rollout distribution
+
+            assert got.hidden.dtype == torch.float32
+            assert torch.allclose(got.full_logprobs(), expected.full_logprobs(), atol=1e-5)
+            assert torch.allclose(_teacher_full(got, 1), _teacher_full(expected, 1), atol=1e-5)
+        if support == "topk":
+            assert torch.equal(got.topk_ids, expected.topk_ids)
+    ids, mask = left_pad([[5, 6, 7], [8, 9]], pad_id=0)
+    for teacher in (stored, rounded):  # decoding too: few rows through the bf16 kernel, widened as read
+        torch.manual_seed(4)
+        tokens, logprobs = decode(teacher.model, ids, mask, 6, eos_id=-1, pad_id=0)
+        teacher.sampled = (tokens, logprobs)
+    assert torch.equal(stored.sampled[0], rounded.sampled[0])
+    assert torch.allclose(stored.sampled[1], rounded.sampled[1], atol=1e-5)
 
 
 # ---- the loss and the config ---------------------------------------------------------------------------

@@ -108,7 +108,8 @@ class _OwnView(_NamedTeacher):
 class _TeacherView(_OwnView):
     dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="the teacher's weights: auto follows the run's precision (bf16 on CUDA and on CPUs "
-        "with bf16 matrix units, AMX or AVX512-BF16, float32 elsewhere); its log-softmax is always taken in float32")
+        "with bf16 matrix units, AMX or AVX512-BF16, float32 elsewhere); its log-softmax is always taken in float32. "
+        "bf16 in a float32 run keeps the weights in bf16 (half the memory) and computes in float32 on them")
 
 
 class LocalTeacherSpec(_TeacherView, ModelSpec):

@@ -304,6 +304,7 @@ def decoding(run) -> str:
 
 def precisions(run) -> str:
     """What each model computes in, for the run log."""
+    from .products import is_float32_arithmetic
     from .teachers import LocalTeacher
 
     name = {torch.float32: "float32", torch.bfloat16: "bf16"}.get
@@ -318,6 +319,8 @@ def precisions(run) -> str:
         student = "float32 weights" + (" with bf16 autocast" if run.amp_dtype == torch.bfloat16 else "")
     teacher = (f"{name(run.teacher.dtype, str(run.teacher.dtype))} weights" if isinstance(run.teacher, LocalTeacher)
                else "served")
+    if isinstance(run.teacher, LocalTeacher) and is_float32_arithmetic(run.teacher.model):
+        teacher += " in float32 arithmetic"
     reference = ""
     if run.reference is not None:
         dtype = next(run.reference.parameters()).dtype

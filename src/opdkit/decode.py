@@ -8,7 +8,7 @@ On a CPU, a projection of a few rows through a matrix (every linear layer at dec
 times faster here as ``W @ x.T`` than as ``x @ W.T`` (the LM head, ``[4, 576] x [576, 49152]``: 6 ms against
 19 ms on an AMD EPYC, 2 threads), so decoding of at most ``ROW_MAJOR_ROWS`` rows uses that form (``row_major``),
 except in bf16 on a processor whose bf16 units are AVX512-BF16 dot products, where ``x @ W.T`` is the faster one.
-In float32 that form runs through opdkit's ``rows_matmul`` kernel (``llama_step.few_rows``), which reads each weight
+In float32 that form runs through opdkit's ``rows_matmul`` kernel (``products.few_rows``), which reads each weight
 once for every row: 15.6 ms per token of the SmolLM2 student at 4 rows against 30 ms (AMD EPYC Zen 3, 2 threads).
 """
 
@@ -22,14 +22,18 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
-from .llama_step import LlamaStep, project, unsupported
+from .llama_step import LlamaStep, unsupported
 from .models import bf16_units
+from .products import is_float32_arithmetic, project
 
 
 def compute_dtype(model: PreTrainedModel) -> torch.dtype:
-    """What the products compute in: the autocast dtype where autocast is on, else the weights' dtype."""
+    """What the products compute in: the autocast dtype where autocast is on, else float32 for a model of bf16
+    weights in float32 arithmetic (``products.float32_arithmetic``), else the weights' dtype."""
     device = next(model.parameters()).device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else next(model.parameters()).dtype
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.float32 if is_float32_arithmetic(model) else next(model.parameters()).dtype
 
 
 def one_position(index: int) -> torch.Tensor:
@@ -99,13 +103,16 @@ def _fast_projections(model: PreTrainedModel, row_major: bool):
     lock = model.__dict__.setdefault("_opd_decode_lock", threading.Lock())
     with lock:
         swapped = [m for m in model.modules() if type(m) is torch.nn.Linear] if row_major else []
+        own = [vars(linear).get("forward") for linear in swapped]  # float32_arithmetic's, kept
         for linear in swapped:
             linear.forward = _row_major(linear)
         try:
             yield
         finally:
-            for linear in swapped:
+            for linear, forward in zip(swapped, own):
                 del linear.forward
+                if forward is not None:
+                    linear.forward = forward
 
 
 # Several processes decode their shares of a batch for the same number of steps: under FSDP each forward of the

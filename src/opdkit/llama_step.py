@@ -21,36 +21,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from .native import kernel
+from .products import project
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-FEW_ROWS = 16  # at most this many rows of float32 on a CPU: ``native.rows_matmul`` (measured at 1, 4 and 16 rows)
-
-
-def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_major: bool) -> torch.Tensor:
-    """``x [N, d] @ weight.T + bias``, as ``(weight @ x.T).T`` with ``row_major`` (``decode.row_major``), and for at
-    most ``FEW_ROWS`` rows in float32 on a CPU through the ``rows_matmul`` kernel, which reads each weight once for
-    all rows (``few_rows``). A fixed rule, not a timing: a seed gives the same bits in every run on a machine."""
-    out = few_rows(x, weight) if row_major else None
-    if out is None:
-        out = (weight @ x.T).T if row_major else x @ weight.T
-    return out if bias is None else out + bias
-
-
-def few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """``x @ weight.T`` by ``native.rows_matmul``, or None where it does not apply: more than ``FEW_ROWS`` rows,
-    anything but float32 on a CPU, an autocast or a gradient to honour, or no C compiler."""
-    if (x.shape[0] > FEW_ROWS or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            or (matmul := kernel("rows_matmul")) is None):
-        return None
-    x, weight = x.contiguous(), weight.contiguous()
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    matmul(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1],
-           torch.get_num_threads())
-    return out
 
 
 def unsupported(model: PreTrainedModel) -> str | None:
@@ -98,8 +71,10 @@ class LlamaStep:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scaling = decoder.layers[0].self_attn.scaling
         self.embed = decoder.embed_tokens
-        cast = lambda linear: (linear.weight.detach().to(dtype),  # noqa: E731 (a no-op where the dtype is the same)
-                               None if linear.bias is None else linear.bias.detach().to(dtype))
+        # a no-op where the dtype is the same; bf16 weights of a model in float32 arithmetic stay bf16 (``project``
+        # widens them as it reads them)
+        kept = lambda t: t.detach() if t.dtype == torch.bfloat16 and dtype == torch.float32 else t.detach().to(dtype)  # noqa: E731
+        cast = lambda linear: (kept(linear.weight), None if linear.bias is None else kept(linear.bias))  # noqa: E731
         norm = lambda n: (n.weight.detach().float(), n.variance_epsilon)  # noqa: E731
         self.final_norm, self.head = norm(decoder.norm), cast(model.get_output_embeddings())
         self.layers = []

@@ -27,6 +27,7 @@ import torch
 from .objectives.bridge import high_loss
 from .objectives.divergence import entropy, kl
 from .objectives.support import restrict, sampled
+from .products import is_float32_arithmetic
 from .rollout import Rollouts
 from .teachers import TeacherSignal
 
@@ -123,7 +124,8 @@ def _teacher_full(signal: TeacherSignal, row: int) -> torch.Tensor:
     if signal.logprobs is not None:
         return signal.logprobs[row].float()
     with torch.no_grad():
-        hidden = signal.hidden[row].to(signal.head.weight.dtype)
+        hidden = signal.hidden[row]  # in the head's dtype, unless the head widens its weights for float32 arithmetic
+        hidden = hidden if is_float32_arithmetic(signal.head) else hidden.to(signal.head.weight.dtype)
         return signal.head(hidden).float().log_softmax(-1)
 
 

@@ -5,9 +5,10 @@ its eager torch equivalent (the same arithmetic, slower).
 
 - ``adamw_bf16`` (``opdkit.optimizer``): an AdamW step on bf16 weights with stochastic rounding. Plain C called
   through ``ctypes``, which lets go of the GIL, so the optimizer splits a tensor over threads.
-- ``rows_matmul`` (``opdkit.llama_step.project``): a float32 projection of a few rows, each weight read once for
-  all of them, the decode step's products. Its threads are OpenMP's, the runtime torch itself loaded; a compiler
-  without OpenMP builds it single-threaded.
+- ``products.c`` (``opdkit.products``): ``rows_matmul`` and ``bf16_rows_matmul``, a projection of a few float32 rows
+  through float32 or bf16 weights, each weight read once for all of them (the decode step's products), and
+  ``bf16_to_float``. Their threads are OpenMP's, the runtime torch itself loaded; a compiler without OpenMP builds
+  them single-threaded.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ NATIVE = ["-march=native"]
 ARGUMENTS = {  # each kernel's C signature, for ctypes
     "adamw_bf16": [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 7 + [ctypes.c_uint32],
     "rows_matmul": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4,
+    "bf16_rows_matmul": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4,
+    "bf16_to_float": [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2,
 }
-OPENMP = {"rows_matmul": ["-fopenmp"]}  # kernels with parallel loops: built without the flag where it fails
+SOURCES = {"rows_matmul": "products", "bf16_rows_matmul": "products", "bf16_to_float": "products"}  # else <name>.c
+OPENMP = {"products": ["-fopenmp"]}  # sources with parallel loops: built without the flag where it fails
 
 
 def cache_dir() -> Path:
@@ -42,14 +46,16 @@ def cache_dir() -> Path:
 
 @cache
 def kernel(name: str):
-    """The compiled C function ``name`` (its source: ``native/<name>.c``), or None without a working compiler."""
+    """The compiled C function ``name`` (its source: ``native/<SOURCES[name] or name>.c``), or None without a
+    working compiler."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    source = Path(__file__).with_name(f"{name}.c")
-    openmp = OPENMP.get(name, [])
+    source_name = SOURCES.get(name, name)
+    source = Path(__file__).with_name(f"{source_name}.c")
+    openmp = OPENMP.get(source_name, [])
     key = "\n".join([compiler, *FLAGS, *NATIVE, *openmp, processor()]).encode()
-    library = cache_dir() / f"{name}-{hashlib.sha256(source.read_bytes() + key).hexdigest()[:16]}.so"
+    library = cache_dir() / f"{source_name}-{hashlib.sha256(source.read_bytes() + key).hexdigest()[:16]}.so"
     if not library.is_file():
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as scratch:  # built aside, then renamed: atomic

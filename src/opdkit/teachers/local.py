@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..data import Example, left_pad
 from ..decode import decode
 from ..models import autocast
+from ..products import float32_arithmetic
 from ..objectives.divergence import entropy as full_entropy
 from ..objectives.support import chunk_rows, sampled_from_logits
 from ..rollout import Rollouts, sample
@@ -50,6 +51,8 @@ class LocalTeacher:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, amp_dtype: torch.dtype = torch.float32,
                  context: TeacherContext | None = None):
         self.model = model.eval().requires_grad_(False)
+        if self.dtype == torch.bfloat16 and amp_dtype == torch.float32:  # bf16 weights, float32 arithmetic
+            float32_arithmetic(self.model)
         self.tokenizer = tokenizer
         self.amp_dtype = amp_dtype
         self.context = context

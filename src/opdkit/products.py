@@ -1,0 +1,108 @@
+"""Matrix products in the two forms torch's own do not serve well on a CPU: a decode step's few rows, and weights
+stored in bf16 for float32 arithmetic.
+
+**A few rows.** At decode time every projection multiplies at most a few rows; the product is bound by reading the
+weights. ``few_rows`` runs it through opdkit's ``rows_matmul`` kernel (``native/products.c``), which reads each
+weight once for every row: the SmolLM2 student decodes 4 rows at 15.6 ms per token against 30 with torch's product
+(AMD EPYC Zen 3, 2 threads; ``docs/performance.md``).
+
+**bf16 storage, float32 arithmetic** (``float32_arithmetic``). On a processor without bf16 units a bf16 product is
+emulated (7x slower than float32 for a layer of the SmolLM2 teacher here) while a frozen model's weights would
+happily sit in half the memory. Such a model keeps its weights in bf16 and every ``nn.Linear`` widens them to
+float32 as it computes: a few rows through ``bf16_rows_matmul`` (widened as read), more rows through float32 copies
+of at most ``WIDEN_ROWS`` output rows at a time, so no float32 copy of a whole weight ever exists. The results are
+those of float32 arithmetic on the bf16-rounded weights, to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .native import kernel
+
+FEW_ROWS = 16  # at most this many rows of float32 on a CPU: ``few_rows`` (measured at 1, 4 and 16 rows)
+WIDEN_ROWS = 8192  # output rows of a bf16 weight widened to float32 at once (18 MB for a hidden size of 576)
+KERNELS = {torch.float32: "rows_matmul", torch.bfloat16: "bf16_rows_matmul"}
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_major: bool) -> torch.Tensor:
+    """``x [N, d] @ weight.T + bias``: as ``(weight @ x.T).T`` with ``row_major`` (``decode.row_major``), and for at
+    most ``FEW_ROWS`` float32 rows on a CPU by ``few_rows``; a bf16 ``weight`` with float32 ``x`` is widened
+    (``widened``). A fixed rule, not a timing: a seed gives the same bits in every run on a machine."""
+    out = few_rows(x, weight) if row_major else None
+    if out is None and weight.dtype != x.dtype and x.dtype == torch.float32:
+        out = widened(x, weight)
+    elif out is None:
+        out = (weight @ x.T).T if row_major else x @ weight.T
+    return out if bias is None else out + bias
+
+
+def few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x @ weight.T`` in float32 by the ``rows_matmul`` kernels (float32 or bf16 weights), or None where they do
+    not apply: more than ``FEW_ROWS`` rows, not on a CPU, an autocast or a gradient to honour, or no C compiler."""
+    if (x.shape[0] > FEW_ROWS or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype not in KERNELS
+            or torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or (matmul := kernel(KERNELS[weight.dtype])) is None):
+        return None
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    matmul(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1],
+           torch.get_num_threads())
+    return out
+
+
+def widen(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of a bf16 tensor (exact), by the ``bf16_to_float`` kernel on a CPU where it builds."""
+    convert = kernel("bf16_to_float") if weight.device.type == "cpu" else None
+    if convert is None:
+        return weight.float()
+    weight = weight.contiguous()
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    convert(weight.data_ptr(), out.data_ptr(), weight.numel(), torch.get_num_threads())
+    return out
+
+
+def widened(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [N, d] @ weight.T`` in float32 for a bf16 ``weight``, widened ``WIDEN_ROWS`` output rows at a time. No
+    gradient: for frozen models (``float32_arithmetic``)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        raise RuntimeError("a bf16 weight widened for float32 arithmetic has no backward: the model must be frozen")
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+    for start in range(0, weight.shape[0], WIDEN_ROWS):
+        torch.mm(x, widen(weight[start : start + WIDEN_ROWS]).T, out=out[:, start : start + WIDEN_ROWS])
+    return out
+
+
+def float32_arithmetic(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a frozen model whose weights are bf16 compute in float32: every ``nn.Linear`` widens its weight as it
+    computes (``project``), every ``nn.Embedding`` returns float32 rows; norms and other elementwise operators
+    already promote bf16 weights against float32 activations. ``is_float32_arithmetic`` says so afterwards."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward, module._opd_float32_arithmetic = _linear(module), True
+        elif type(module) is torch.nn.Embedding:
+            module.forward, module._opd_float32_arithmetic = _embedding(module), True
+    model._opd_float32_arithmetic = True
+    return model
+
+
+def is_float32_arithmetic(module: torch.nn.Module) -> bool:
+    """Whether ``module`` (a model, or one of its linear layers or embeddings) went through ``float32_arithmetic``."""
+    return getattr(module, "_opd_float32_arithmetic", False)
+
+
+def _linear(linear: torch.nn.Linear):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        out = project(flat, linear.weight, linear.bias, row_major=flat.shape[0] <= FEW_ROWS)
+        return out.reshape(*x.shape[:-1], -1)
+
+    return forward
+
+
+def _embedding(embedding: torch.nn.Embedding):
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, embedding.weight, embedding.padding_idx).float()
+
+    return forward
