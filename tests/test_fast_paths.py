@@ -113,6 +113,7 @@ def test_few_rows_kernel_leaves_to_torch_what_it_does_not_compute(monkeypatch, t
     assert few_rows(x.bfloat16(), weight.bfloat16()) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert few_rows(x, weight) is None  # the product autocast asks for
+        assert project(x, weight.bfloat16(), None, row_major=True).dtype == torch.bfloat16  # not widened
     assert few_rows(x, weight.requires_grad_()) is None  # no backward of its own
     with torch.no_grad():
         assert few_rows(x, weight) is not None or kernel("rows_matmul") is None
