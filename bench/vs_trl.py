@@ -10,13 +10,11 @@ Both sides do the same work: the same 64 training prompts, batch 4, ``--max-comp
 sampled by the student at temperature 1, full-vocabulary reverse KL to the teacher on them (opdkit: ``gkd``
 with beta 1 and lmbda 1; TRL: ``beta=1.0``), AdamW (0.9, 0.999) at a constant 1e-5 with no weight decay,
 gradient clipping at 1.0, ``--steps`` optimizer steps, the same number of torch threads. Variants: ``ours``
-(``opd train``: float32 weights under ``precision: auto``), ``ours-bf16`` (the same with ``student.dtype: bf16``:
-bf16 weights, gradients and AdamW moments, stochastic rounding), ``trl-fp32`` and ``trl-bf16`` (TRL's ``bf16``
-flag). Each runs in its own fresh process, one at a time; each round runs all four, its starting variant rotated
-from round to round to cancel drift. ``ours-bf16`` computes in bf16, so on a processor where ``precision: auto``
-is float32 (no bf16 units) ``opd train`` refuses it and the bench leaves it out, saying so. There it runs
-``ours-teacher-bf16`` instead: ``teacher.dtype: bf16``, the teacher's weights stored in bf16 and computed on in
-float32 (``opdkit.products.float32_arithmetic``); where ``auto`` is bf16 the teacher is bf16 already in ``ours``.
+(``opd train``: float32 weights under ``precision: auto``), ``ours-bf16`` (the same with ``student.dtype: bf16``
+and ``teacher.dtype: bf16``: bf16 weights for both models, and the student's gradients and AdamW moments in bf16
+with stochastic rounding; on a processor where ``auto`` is float32 both compute in float32 on their bf16 weights),
+``trl-fp32`` and ``trl-bf16`` (TRL's ``bf16`` flag). Each runs in its own fresh process, one at a time; each round
+runs all four, its starting variant rotated from round to round to cancel drift.
 
 Per run: the median step time after the first step (opdkit: the sum of its logged stage times; TRL: wall
 time from ``on_step_begin`` to ``on_step_end``, generation included), opdkit's per-stage split, the peak RSS
@@ -43,8 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("ours", "ours-bf16", "ours-teacher-bf16", "trl-fp32", "trl-bf16")
-OURS, TRL = VARIANTS[:3], VARIANTS[3:]
+VARIANTS = ("ours", "ours-bf16", "trl-fp32", "trl-bf16")
+OURS, TRL = VARIANTS[:2], VARIANTS[2:]
 STAGES = ("rollout", "teacher", "forward_backward", "optimizer", "diagnostics")
 TRAIN_PROMPTS, BATCH_SIZE, LEARNING_RATE = 64, 4, 1e-5
 HELDOUT_PROMPTS, EVAL_LENGTH, EVAL_BATCH = 32, 32, 16
@@ -78,7 +76,7 @@ def peak_rss_gb() -> float:
 # ---- the children: one variant, or the held-out evaluation, per fresh process ----------------------------
 
 def ours_config(pair: str, workdir: Path, seed: int = 0, threads: int = 2, steps: int = 10,
-                max_completion_length: int = 32, student_dtype: str = "fp32") -> dict:
+                max_completion_length: int = 32, dtype: str = "fp32") -> dict:
     """The ``opd train`` config of the bench's work (its 64 training prompts written into ``workdir``); also what
     ``bench/step_profile.py`` profiles."""
     from opdkit.data import load_examples
@@ -88,8 +86,8 @@ def ours_config(pair: str, workdir: Path, seed: int = 0, threads: int = 2, steps
                                for e in load_examples(builtin(pair, "train"))[:TRAIN_PROMPTS]))
     return {
         "seed": seed, "output_dir": str(workdir / "run"), "threads": threads,
-        "student": {"path": f"builtin:{pair}/student", "dtype": student_dtype},
-        "teacher": {"path": f"builtin:{pair}/teacher"},
+        "student": {"path": f"builtin:{pair}/student", "dtype": dtype},
+        "teacher": {"path": f"builtin:{pair}/teacher", "dtype": "bf16" if dtype == "bf16" else "auto"},
         "data": {"train": str(prompts)},  # no eval: no before/after evaluation inside the run
         "rollout": {"temperature": 1.0, "max_completion_length": max_completion_length, "batch_size": BATCH_SIZE},
         "objective": {"method": "gkd", "beta": 1.0, "lmbda": 1.0},
@@ -100,14 +98,12 @@ def ours_config(pair: str, workdir: Path, seed: int = 0, threads: int = 2, steps
     }
 
 
-def run_ours(args, workdir: Path, student_dtype: str, teacher_dtype: str) -> dict:
+def run_ours(args, workdir: Path, dtype: str) -> dict:
     import yaml
 
     from opdkit.cli import main as opd
 
-    config = ours_config(args.pair, workdir, args.seed, args.threads, args.steps, args.max_completion_length,
-                         student_dtype)
-    config["teacher"]["dtype"] = teacher_dtype
+    config = ours_config(args.pair, workdir, args.seed, args.threads, args.steps, args.max_completion_length, dtype)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     if opd(["train", str(workdir / "config.yaml")]) != 0:
         raise SystemExit("opd train failed")
@@ -192,8 +188,7 @@ def child(args) -> None:
     if args.variant == "eval":
         result = run_eval(args, workdir)
     else:
-        result = (run_ours(args, workdir, "bf16" if args.variant == "ours-bf16" else "fp32",
-                           "bf16" if args.variant == "ours-teacher-bf16" else "auto") if args.variant in OURS
+        result = (run_ours(args, workdir, "bf16" if args.variant == "ours-bf16" else "fp32") if args.variant in OURS
                   else run_trl(args, workdir, args.variant == "trl-bf16"))
         import torch
 
@@ -217,9 +212,9 @@ def spawn(args, variant: str, workdir: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_round(args, variants: tuple, index: int, root: Path, before: bool) -> list[dict]:
-    """All ``variants``, the starting one rotated by ``index``, then one evaluation of their students."""
-    order = variants[index % len(variants):] + variants[:index % len(variants)]
+def run_round(args, index: int, root: Path, before: bool) -> list[dict]:
+    """All variants, the starting one rotated by ``index``, then one evaluation of their students."""
+    order = VARIANTS[index % len(VARIANTS):] + VARIANTS[:index % len(VARIANTS)]
     runs = [{"round": index, "variant": v, **spawn(args, v, root / f"round{index}-{v}")} for v in order]
     students = {run["variant"]: run.pop("student") for run in runs}
     if before:
@@ -233,19 +228,18 @@ def run_round(args, variants: tuple, index: int, root: Path, before: bool) -> li
     return runs + ([{"round": index, "variant": "before", "reverse_kl": kl["before"]}] if before else [])
 
 
-def summarize(runs: list[dict], variants: tuple) -> dict:
+def summarize(runs: list[dict]) -> dict:
     def median(variant: str, key: str) -> float:
         return statistics.median(r[key] for r in runs if r["variant"] == variant)
 
-    table = {v: {key: median(v, key) for key in ("median_step_s", "peak_rss_gb", "reverse_kl")} for v in variants}
-    ours_run = [v for v in OURS if v in variants]
-    for ours in ours_run:
+    table = {v: {key: median(v, key) for key in ("median_step_s", "peak_rss_gb", "reverse_kl")} for v in VARIANTS}
+    for ours in OURS:
         table[ours]["stages_s"] = {s: statistics.median(r["stages_s"][s] for r in runs if r["variant"] == ours)
                                    for s in STAGES}
     fastest = min(TRL, key=lambda v: table[v]["median_step_s"])
     ratios = {f"{ours} / {name}": {"time": table[ours]["median_step_s"] / table[v]["median_step_s"],
                                    "memory": table[ours]["peak_rss_gb"] / table[v]["peak_rss_gb"]}
-              for ours in ours_run
+              for ours in OURS
               for name, v in (("trl-fp32", "trl-fp32"), ("trl-bf16", "trl-bf16"), (f"TRL's fastest ({fastest})", fastest))}
     return {"medians": table, "before_reverse_kl": median("before", "reverse_kl"), "trl_fastest": fastest,
             "ratios": ratios}
@@ -258,24 +252,23 @@ def machine(threads: int) -> dict:
 
     torch.set_num_threads(threads)
     precision = resolve_precision("auto", pick_device())  # what opd train's precision: auto picked here
-    return {"description": machine_description(precision), "bf16_units": bf16_units(), "torch_threads": threads,
-            "bf16_compute": precision == torch.bfloat16}
+    return {"description": machine_description(precision), "bf16_units": bf16_units(), "torch_threads": threads}
 
 
 def report(runs: list[dict], summary: dict, host: dict) -> None:
     for run in runs:
         if run["variant"] == "before":
             continue
-        print(f"round {run['round']}  {run['variant']:<17}  step {run['median_step_s']:7.3f} s  "
+        print(f"round {run['round']}  {run['variant']:<9}  step {run['median_step_s']:7.3f} s  "
               f"peak RSS {run['peak_rss_gb']:5.2f} GB  held-out reverse KL after {run['reverse_kl']:.4f}  "
               f"(mean completion {run['completion_length']:.1f} tokens)")
         if run["variant"] in OURS:
             print(f"          {run['variant']} stages: " + ", ".join(f"{s} {t:.3f} s" for s, t in run["stages_s"].items()))
     print(f"\nmedians over rounds (held-out reverse KL before: {summary['before_reverse_kl']:.4f})")
-    print(f"{'variant':<18}{'step s':>10}{'RSS GB':>10}{'rev. KL':>10}")
+    print(f"{'variant':<10}{'step s':>10}{'RSS GB':>10}{'rev. KL':>10}")
     for variant, row in summary["medians"].items():
-        print(f"{variant:<18}{row['median_step_s']:>10.3f}{row['peak_rss_gb']:>10.2f}{row['reverse_kl']:>10.4f}")
-    for ours in (v for v in OURS if v in summary["medians"]):
+        print(f"{variant:<10}{row['median_step_s']:>10.3f}{row['peak_rss_gb']:>10.2f}{row['reverse_kl']:>10.4f}")
+    for ours in OURS:
         print(f"{ours} stages: " + ", ".join(f"{s} {t:.3f} s" for s, t in summary["medians"][ours]["stages_s"].items()))
     for name, ratio in summary["ratios"].items():
         print(f"{name:<35} time {ratio['time']:.2f}x  memory {ratio['memory']:.2f}x")
@@ -302,14 +295,9 @@ def main() -> None:
         sys.exit(2)
     builtin(args.pair, "teacher")  # build the scenario once, before any child needs it
     host = machine(args.threads)
-    left_out = "ours-teacher-bf16" if host["bf16_compute"] else "ours-bf16"
-    variants = tuple(v for v in VARIANTS if v != left_out)
-    print(f"{left_out} left out: " + ("the teacher is bf16 in ours already (precision auto is bf16 here)"
-                                      if host["bf16_compute"] else f"precision auto is float32 on this processor "
-                                      f"({host['description']}), and opd train refuses bf16 student weights there"))
     with tempfile.TemporaryDirectory(prefix="vs_trl-") as root:
-        runs = [run for r in range(args.rounds) for run in run_round(args, variants, r, Path(root), before=r == 0)]
-    summary = summarize(runs, variants)
+        runs = [run for r in range(args.rounds) for run in run_round(args, r, Path(root), before=r == 0)]
+    summary = summarize(runs)
     report(runs, summary, host)
     output = Path(args.output or Path(__file__).parent / "results" / f"vs_trl-{args.pair}.json")
     output.parent.mkdir(parents=True, exist_ok=True)

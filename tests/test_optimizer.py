@@ -112,36 +112,83 @@ def test_a_restored_optimizer_rounds_as_the_uninterrupted_one():
     assert all(torch.equal(a, b) for a, b in zip(whole, resumed))
 
 
-def test_config_refuses_bf16_weights_computed_in_float32_or_sharded(tiny_config):
-    tiny_config["student"]["dtype"] = "bf16"  # tiny_config runs precision fp32
-    with pytest.raises(OPDError, match="student.dtype bf16 .* precision is fp32: set precision: bf16"):
+def test_config_refuses_bf16_weights_with_lora_in_float32_or_sharded(tiny_config):
+    tiny_config["student"]["dtype"] = "bf16"  # tiny_config runs precision fp32: float32 arithmetic, accepted
+    load_config(base=tiny_config)
+    tiny_config["student"]["lora"] = {"r": 4}
+    with pytest.raises(OPDError, match="student.dtype bf16 with student.lora computes in bf16, but precision is fp32"):
         load_config(base=tiny_config)
+    del tiny_config["student"]["lora"]
     tiny_config["precision"] = "bf16"
     tiny_config["distributed"] = {"strategy": "fsdp"}
     with pytest.raises(OPDError, match=r"bf16 weights \(student.dtype: bf16\) cannot be sharded yet"):
         load_config(base=tiny_config)
 
 
-def test_auto_precision_on_a_machine_without_bf16_refuses_bf16_weights_before_loading(tiny_config, monkeypatch):
+def test_auto_precision_on_a_machine_without_bf16_refuses_a_bf16_lora_base_before_loading(tiny_config, monkeypatch):
     import opdkit.models as models
 
     monkeypatch.setattr(models, "bf16_units", lambda: None)
     tiny_config["precision"] = "auto"
     tiny_config["student"]["dtype"] = "bf16"
+    tiny_config["student"]["lora"] = {"r": 4}
     monkeypatch.setattr("opdkit.train.load_student", lambda *a, **k: pytest.fail("loaded weights"))
     with pytest.raises(OPDError, match="precision 'auto' is float32 on this cpu.*set precision: bf16"):
         setup(load_config(base=tiny_config))
 
 
-def test_a_bf16_student_learns_saves_bf16_and_resumes_exactly(tiny_config, tmp_path):
+def test_a_bf16_student_in_float32_arithmetic_gets_the_float32_loss_and_gradients_of_its_weights(tiny):
+    """Forward and backward of a bf16 student in a float32 run (``products.float32_arithmetic``) against a float32
+    model holding the same bf16 values: the loss to float rounding, each gradient to bf16's (it is stored in bf16).
+    Through the model's own forward and through the chunked full-vocabulary loss on its head, widened in slices
+    smaller than the vocabulary."""
+    import opdkit.products
+    from opdkit.models import load_model
+    from opdkit.objectives.support import chunked_full
+    from opdkit.products import float32_arithmetic
+
+    opdkit.products.WIDEN_ROWS, saved = 7, opdkit.products.WIDEN_ROWS
+    try:
+        exact = load_model(str(tiny / "student"))
+        for param in exact.parameters():
+            param.data = param.data.bfloat16().float()
+        stored = float32_arithmetic(load_model(str(tiny / "student"), dtype=torch.bfloat16))
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, exact.config.vocab_size, (3, 9), generator=g)
+        teacher = torch.randn(3 * 9, exact.config.vocab_size, generator=g)
+
+        def losses(model):
+            out = model(input_ids=ids, labels=ids, output_hidden_states=True)
+            hidden = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])
+            full = chunked_full(hidden, model.get_output_embeddings(), lambda i, j: teacher[i:j].clone(),
+                                "reverse_kl", chunk_size=10)[0].mean()
+            return out.loss, full
+
+        for which in range(2):
+            expected, got = losses(exact)[which], losses(stored)[which]
+            assert got.dtype == torch.float32 and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+            wanted = dict(zip([n for n, _ in exact.named_parameters()], torch.autograd.grad(expected, list(exact.parameters()))))
+            for (name, param), grad in zip(stored.named_parameters(), torch.autograd.grad(got, list(stored.parameters()))):
+                assert grad.dtype == torch.bfloat16, name
+                scale = wanted[name].abs().max()
+                assert (grad.float() - wanted[name]).abs().max() <= 0.01 * scale + 1e-7, (which, name)
+    finally:
+        opdkit.products.WIDEN_ROWS = saved
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"], ids=["bf16 arithmetic", "float32 arithmetic"])
+def test_a_bf16_student_learns_saves_bf16_and_resumes_exactly(tiny_config, tmp_path, precision):
     from transformers import AutoModelForCausalLM
 
-    tiny_config["precision"] = "bf16"
+    from opdkit.products import is_float32_arithmetic
+
+    tiny_config["precision"] = precision
     tiny_config["student"]["dtype"] = "bf16"
     tiny_config["optim"] = {"steps": 4, "learning_rate": 3e-3}
     tiny_config["checkpoint"] = {"every": 2, "keep": 2, "best_metric": None}
     run = setup(load_config(base=tiny_config))
     result = train(run)
+    assert is_float32_arithmetic(run.student) == (precision == "fp32")
     assert all(p.dtype == torch.bfloat16 for p in run.student.parameters())
     assert result["after"]["reverse_kl"] < result["before"]["reverse_kl"]
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")

@@ -56,8 +56,9 @@ class StudentSpec(ModelSpec):
         "fp32", description="the student's weights, and with them its gradients and AdamW moments. fp32: master "
         "weights under the run's autocast. bf16: half the training state (8 bytes a parameter against 16), each AdamW "
         "update computed in float32 and rounded stochastically back to bf16 (opdkit.optimizer), so that updates "
-        "below bf16's spacing land in expectation; the run must compute in bf16 (precision bf16, or auto where it "
-        "resolves to bf16). With lora: the frozen base in bf16, the adapter in float32")
+        "below bf16's spacing land in expectation. Where the run computes in float32 (precision fp32, or auto on a "
+        "processor without bf16 units) the weights stay bf16 and the arithmetic is float32 on them (opdkit.products). "
+        "With lora: the frozen base in bf16, the adapter in float32, the run in bf16")
     lora: LoraSpec | None = Field(None, description="train a LoRA adapter through peft (pip install peft) on frozen "
                                   "weights: {r: 16, alpha: 32, dropout: 0, target_modules: all-linear (every linear "
                                   "layer but the LM head) or a list such as [q_proj, v_proj]}; null: train every weight")
@@ -1026,9 +1027,10 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _student_dtype_fits(self) -> "Config":
-        if self.student.dtype == "bf16" and self.precision == "fp32":
-            raise ValueError("student.dtype bf16 computes the student in bf16, but precision is fp32: set precision: "
-                             "bf16 (or auto), or student.dtype: fp32")
+        if self.student.dtype == "bf16" and self.precision == "fp32" and self.student.lora is not None:
+            raise ValueError("student.dtype bf16 with student.lora computes in bf16, but precision is fp32 (float32 "
+                             "arithmetic on bf16 weights is for full-weight students): set precision: bf16, or "
+                             "student.dtype: fp32")
         return self
 
     @model_validator(mode="after")

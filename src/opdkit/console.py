@@ -314,7 +314,8 @@ def precisions(run) -> str:
         from .optimizer import fused_on
 
         student = ("bf16 weights, gradients and AdamW moments (stochastic rounding, "
-                   f"{'C kernel' if fused_on(run.device) else 'torch operators'})")
+                   f"{'C kernel' if fused_on(run.device) else 'torch operators'})"
+                   + (" in float32 arithmetic" if is_float32_arithmetic(run.student) else ""))
     else:
         student = "float32 weights" + (" with bf16 autocast" if run.amp_dtype == torch.bfloat16 else "")
     teacher = (f"{name(run.teacher.dtype, str(run.teacher.dtype))} weights" if isinstance(run.teacher, LocalTeacher)

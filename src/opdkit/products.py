@@ -7,14 +7,18 @@ weight once for every row: the SmolLM2 student decodes 4 rows at 15.6 ms per tok
 (AMD EPYC Zen 3, 2 threads; ``docs/performance.md``).
 
 **bf16 storage, float32 arithmetic** (``float32_arithmetic``). On a processor without bf16 units a bf16 product is
-emulated (7x slower than float32 for a layer of the SmolLM2 teacher here) while a frozen model's weights would
-happily sit in half the memory. Such a model keeps its weights in bf16 and every ``nn.Linear`` widens them to
-float32 as it computes: a few rows through ``bf16_rows_matmul`` (widened as read), more rows through float32 copies
-of at most ``WIDEN_ROWS`` output rows at a time, so no float32 copy of a whole weight ever exists. The results are
-those of float32 arithmetic on the bf16-rounded weights, to float rounding.
+emulated (7x slower than float32 for a layer of the SmolLM2 teacher here) while the weights would happily sit in
+half the memory. Such a model keeps its weights in bf16 and every ``nn.Linear`` widens them to float32 as it
+computes: a few rows through ``bf16_rows_matmul`` (widened as read), more rows through float32 copies of at most
+``WIDEN_ROWS`` output rows at a time, so no float32 copy of a whole weight ever exists. The results are those of
+float32 arithmetic on the bf16-rounded weights, to float rounding. A trained model (a bf16 student in a float32
+run) gets the same in its backward (``Widened``): the input's gradient through the widened weight again, the
+weight's gradient in float32, rounded to bf16 once per pass.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.nn.functional as F
@@ -64,26 +68,73 @@ def widen(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def mixed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x`` meets ``weight`` in float32 arithmetic: float32 rows, bf16 weights, no autocast to decide."""
+    return (x.dtype == torch.float32 and weight.dtype == torch.bfloat16
+            and not torch.is_autocast_enabled(x.device.type))
+
+
 def widened(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x [N, d] @ weight.T`` in float32 for a bf16 ``weight``, widened ``WIDEN_ROWS`` output rows at a time. No
-    gradient: for frozen models (``float32_arithmetic``)."""
+    """``x [N, d] @ weight.T`` in float32 for a bf16 ``weight [V, d]``, widened ``WIDEN_ROWS`` output rows at a time.
+    No gradient of its own (``Widened`` gives one)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        raise RuntimeError("a bf16 weight widened for float32 arithmetic has no backward: the model must be frozen")
+        raise RuntimeError("widened has no backward: use Widened.apply where a gradient is needed")
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
     for start in range(0, weight.shape[0], WIDEN_ROWS):
         torch.mm(x, widen(weight[start : start + WIDEN_ROWS]).T, out=out[:, start : start + WIDEN_ROWS])
     return out
 
 
+def times(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``g [N, V] @ weight [V, d]``: the gradient of ``x`` in ``x @ weight.T``. In float32 arithmetic (``mixed``)
+    summed over widened slices of ``WIDEN_ROWS`` rows; otherwise ``g`` cast to the weight's dtype, never the weight."""
+    if not mixed(g, weight):
+        return g.to(weight.dtype) @ weight
+    out = torch.zeros(g.shape[0], weight.shape[1], dtype=torch.float32, device=g.device)
+    for start in range(0, weight.shape[0], WIDEN_ROWS):
+        out.addmm_(g[:, start : start + WIDEN_ROWS], widen(weight[start : start + WIDEN_ROWS]))
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, or its float32 arithmetic (``widened``) where float32 rows meet bf16 weights (``mixed``)."""
+    if not mixed(x, weight):
+        return F.linear(x, weight, bias)
+    out = widened(x, weight)
+    return out if bias is None else out + bias.float()
+
+
+class Widened(torch.autograd.Function):
+    """``x [N, d] @ weight.T + bias`` in float32 on a bf16 weight, with a backward: saves ``x`` (as ``F.linear``
+    does) and the bf16 weight itself, widens it again for the input's gradient, and rounds the weight's float32
+    gradient to bf16."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        out = widened(x, weight)
+        return out if bias is None else out + bias.float()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, bias = ctx.saved_tensors
+        grad_x = times(g, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = (g.T @ x).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
 def float32_arithmetic(model: torch.nn.Module) -> torch.nn.Module:
-    """Make a frozen model whose weights are bf16 compute in float32: every ``nn.Linear`` widens its weight as it
-    computes (``project``), every ``nn.Embedding`` returns float32 rows; norms and other elementwise operators
-    already promote bf16 weights against float32 activations. ``is_float32_arithmetic`` says so afterwards."""
+    """Make a model whose weights are bf16 compute in float32: every ``nn.Linear`` widens its weight as it computes
+    (``project``, or ``Widened`` where a gradient is wanted), every ``nn.Embedding`` returns float32 rows; norms and
+    other elementwise operators already promote bf16 weights against float32 activations, and autograd rounds
+    their gradients back to bf16. ``is_float32_arithmetic`` says so afterwards. Bound methods, so that a deep copy
+    of the model (a self teacher) computes with its own weights."""
     for module in model.modules():
         if type(module) is torch.nn.Linear:
-            module.forward, module._opd_float32_arithmetic = _linear(module), True
+            module.forward, module._opd_float32_arithmetic = types.MethodType(_linear, module), True
         elif type(module) is torch.nn.Embedding:
-            module.forward, module._opd_float32_arithmetic = _embedding(module), True
+            module.forward, module._opd_float32_arithmetic = types.MethodType(_embedding, module), True
     model._opd_float32_arithmetic = True
     return model
 
@@ -93,17 +144,15 @@ def is_float32_arithmetic(module: torch.nn.Module) -> bool:
     return getattr(module, "_opd_float32_arithmetic", False)
 
 
-def _linear(linear: torch.nn.Linear):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).float()
-        out = project(flat, linear.weight, linear.bias, row_major=flat.shape[0] <= FEW_ROWS)
-        return out.reshape(*x.shape[:-1], -1)
+def _linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1]).float()
+    needs_grad = torch.is_grad_enabled() and (flat.requires_grad or self.weight.requires_grad)
+    if needs_grad and mixed(flat, self.weight):
+        out = Widened.apply(flat, self.weight, self.bias)
+    else:
+        out = project(flat, self.weight, self.bias, row_major=flat.shape[0] <= FEW_ROWS and not needs_grad)
+    return out.reshape(*x.shape[:-1], -1)
 
-    return forward
 
-
-def _embedding(embedding: torch.nn.Embedding):
-    def forward(ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, embedding.weight, embedding.padding_idx).float()
-
-    return forward
+def _embedding(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids, self.weight, self.padding_idx).float()

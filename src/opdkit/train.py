@@ -40,6 +40,7 @@ from .objectives import credit, gates, groups
 from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
 from .optimizer import AdamW
+from .products import float32_arithmetic
 from .rollout import Rollouts, from_dataset, grouped, sample
 from .served_rollout import ServedStudent
 from .tasks import get_verifier
@@ -137,9 +138,10 @@ def setup(config: Config, student_path: str | None = None) -> Run:
         raise OPDError(f"the accelerate config enables FSDP: {reason}, or FSDP off in the accelerate config")
     device = processes.device() if processes.several else pick_device()
     amp_dtype = resolve_precision(config.precision, device)
-    if config.student.dtype == "bf16" and amp_dtype == torch.float32:  # precision auto, on a machine without bf16
-        raise OPDError(f"student.dtype bf16 computes the student in bf16, but precision {config.precision!r} is "
-                       f"float32 on this {device.type} ({machine_description(amp_dtype)}): set precision: bf16 to "
+    float32_student = config.student.dtype == "bf16" and amp_dtype == torch.float32  # float32 arithmetic, bf16 weights
+    if float32_student and config.student.lora is not None:  # precision auto, on a machine without bf16
+        raise OPDError(f"student.dtype bf16 with student.lora computes in bf16, but precision {config.precision!r} "
+                       f"is float32 on this {device.type} ({machine_description(amp_dtype)}): set precision: bf16 to "
                        "compute in bf16 anyway (emulated, slower here), or student.dtype: fp32")
     method = build_method(config.objective)
     data = check_data(config, student_path)
@@ -148,6 +150,8 @@ def setup(config: Config, student_path: str | None = None) -> Run:
 
     student_path = student_path or config.student.path
     student = load_student(config.student, student_path, device)
+    if float32_student:
+        float32_arithmetic(student)
     if config.optim.gradient_checkpointing:
         enable_gradient_checkpointing(student, config.student.disable_dropout)
     method.attach(student)

@@ -30,19 +30,19 @@ static inline uint32_t noise(int64_t index, uint32_t key) {
     return x & 0xffffu;
 }
 
-static inline float lerp(float self, float end, float weight) {
-    float diff = end - self;  /* torch's vectorised lerp: one fused multiply-add */
-    return weight < 0.5f ? fmaf(weight, diff, self) : fmaf(weight - 1.0f, diff, end);
-}
-
 void adamw_bf16(uint16_t *restrict weight, const uint16_t *restrict grad, uint16_t *restrict exp_avg,
                 uint16_t *restrict exp_avg_sq,
                 int64_t begin, int64_t end, float decay, float one_minus_beta1, float beta2,
                 float one_minus_beta2, float root_correction, float eps, float neg_step_size, uint32_t key) {
+    /* torch's vectorised lerp(self, end, weight), one fused multiply-add: weight < 0.5 ? fma(weight, end - self,
+     * self) : fma(weight - 1, end - self, end); the choice is made once, so the loop has no branch and vectorises */
+    const int low = one_minus_beta1 < 0.5f;
+    const float lerp_weight = low ? one_minus_beta1 : one_minus_beta1 - 1.0f;
     for (int64_t i = begin; i < end; i++) {
         float g = from_bf16(grad[i]);
         float w = from_bf16(weight[i]) * decay;
-        float m = lerp(from_bf16(exp_avg[i]), g, one_minus_beta1);
+        float m0 = from_bf16(exp_avg[i]);
+        float m = fmaf(lerp_weight, g - m0, low ? m0 : g);
         float v = from_bf16(exp_avg_sq[i]) * beta2;
         v = fmaf(one_minus_beta2 * g, g, v);  /* torch's vectorised addcmul, as built: self + (value * t1) * t2 fused */
         float denom = sqrtf(v) / root_correction + eps;

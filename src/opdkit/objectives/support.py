@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from ..products import linear, times
 from .divergence import distributional, kl_direction
 
 
@@ -164,7 +165,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
         """``(i, j, loss, logits_grad, entropy, reverse_kl)`` block by block."""
         for i in range(0, hidden.shape[0], block.size):
             j = min(i + block.size, hidden.shape[0])
-            logits = torch.nn.functional.linear(hidden[i:j], weight, bias).float()
+            logits = linear(hidden[i:j], weight, bias).float()  # float32 arithmetic on a bf16 head too
             yield i, j, *block(i, j, logits, None if upstream is None else upstream[i:j])
 
     @staticmethod
@@ -178,7 +179,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
         accumulate = weight.dtype if n <= block.size else torch.float32
         for i, j, block_loss, logits_grad, block_entropy, block_kl in _FusedHeadDivergence._blocks(block, hidden, weight, bias):
             loss[i:j], entropy[i:j], reverse_kl[i:j] = block_loss, block_entropy, block_kl
-            hidden_grad[i:j] = logits_grad.to(weight.dtype) @ weight  # the [rows, V] block cast, never the [V, d] head
+            hidden_grad[i:j] = times(logits_grad, weight)  # the [rows, V] block cast, never the [V, d] head
             weight_grad = _add(weight_grad, logits_grad.T @ hidden[i:j].to(logits_grad.dtype), accumulate)
             if bias is not None:
                 bias_grad = _add(bias_grad, logits_grad.sum(0))
