@@ -96,6 +96,17 @@ def times(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def weight_gradient(g: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``g [N, V].T @ x [N, d]`` (the gradient of a weight ``[V, d]``) computed in float32 and returned in ``dtype``;
+    a narrower ``dtype`` is written ``WIDEN_ROWS`` rows at a time, so no float32 ``[V, d]`` copy of it exists."""
+    if dtype == torch.float32:
+        return g.T @ x
+    out = torch.empty(g.shape[1], x.shape[1], dtype=dtype, device=g.device)
+    for start in range(0, g.shape[1], WIDEN_ROWS):
+        out[start : start + WIDEN_ROWS] = g[:, start : start + WIDEN_ROWS].T @ x
+    return out
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear``, or its float32 arithmetic (``widened``) where float32 rows meet bf16 weights (``mixed``)."""
     if not mixed(x, weight):
@@ -119,7 +130,7 @@ class Widened(torch.autograd.Function):
     def backward(ctx, g):
         x, weight, bias = ctx.saved_tensors
         grad_x = times(g, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = (g.T @ x).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_weight = weight_gradient(g, x, weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
 

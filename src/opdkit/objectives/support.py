@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..products import linear, times
+from ..products import linear, times, weight_gradient
 from .divergence import distributional, kl_direction
 
 
@@ -146,9 +146,17 @@ class _Block:
 
 
 def _add(total: torch.Tensor | None, block: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``total + block`` in place; the first block becomes the total, in ``dtype``: float32 where blocks are summed,
-    the weight's own dtype where one block is the whole gradient (a bf16 head then holds no float32 ``[V, d]``)."""
+    """``total + block`` in place; the first block becomes the total, in ``dtype``: float32 where blocks are summed."""
     return block.to(dtype) if total is None else total.add_(block)
+
+
+def _add_weight_gradient(total: torch.Tensor | None, logits_grad: torch.Tensor, hidden: torch.Tensor,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``total + logits_grad.T @ hidden`` in place; the first block becomes the total, in ``dtype``: float32 where
+    blocks are summed, the weight's own dtype where one block is the whole gradient, written a slice at a time
+    (``products.weight_gradient``), so a bf16 head holds no float32 ``[V, d]``."""
+    hidden = hidden.to(logits_grad.dtype)
+    return weight_gradient(logits_grad, hidden, dtype) if total is None else total.addmm_(logits_grad.T, hidden)
 
 
 def _head_grads(weight_grad, bias_grad, weight, bias):
@@ -180,7 +188,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
         for i, j, block_loss, logits_grad, block_entropy, block_kl in _FusedHeadDivergence._blocks(block, hidden, weight, bias):
             loss[i:j], entropy[i:j], reverse_kl[i:j] = block_loss, block_entropy, block_kl
             hidden_grad[i:j] = times(logits_grad, weight)  # the [rows, V] block cast, never the [V, d] head
-            weight_grad = _add(weight_grad, logits_grad.T @ hidden[i:j].to(logits_grad.dtype), accumulate)
+            weight_grad = _add_weight_gradient(weight_grad, logits_grad, hidden[i:j], accumulate)
             if bias is not None:
                 bias_grad = _add(bias_grad, logits_grad.sum(0))
         weight_grad, bias_grad = _head_grads(weight_grad, bias_grad, weight, bias)
@@ -200,7 +208,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
                 weight_grad = bias_grad = None
                 with torch.autocast(hidden.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
                     for i, j, _, logits_grad, *_ in _FusedHeadDivergence._blocks(ctx.block, hidden, weight, bias, upstream):
-                        weight_grad = _add(weight_grad, logits_grad.T @ hidden[i:j].to(logits_grad.dtype))
+                        weight_grad = _add_weight_gradient(weight_grad, logits_grad, hidden[i:j])
                         if bias is not None:
                             bias_grad = _add(bias_grad, logits_grad.sum(0))
                 grads[1], grads[2] = _head_grads(weight_grad, bias_grad, weight, bias)
