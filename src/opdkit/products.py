@@ -33,10 +33,10 @@ KERNELS = {torch.float32: "rows_matmul", torch.bfloat16: "bf16_rows_matmul"}
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_major: bool) -> torch.Tensor:
     """``x [N, d] @ weight.T + bias``: as ``(weight @ x.T).T`` with ``row_major`` (``decode.row_major``), and for at
     most ``FEW_ROWS`` float32 rows on a CPU by ``few_rows``; a bf16 ``weight`` with float32 ``x`` is widened
-    (``widened``) unless an autocast decides the product. A fixed rule, not a timing: a seed gives the same bits in every run on a machine."""
+    (``widened``) unless an autocast decides the product (``mixed``). A fixed rule, not a timing: a seed gives the
+    same bits in every run on a machine."""
     out = few_rows(x, weight) if row_major else None
-    if (out is None and weight.dtype != x.dtype and x.dtype == torch.float32
-            and not torch.is_autocast_enabled(x.device.type)):  # under autocast: the product autocast asks for
+    if out is None and mixed(x, weight):
         out = widened(x, weight)
     elif out is None:
         out = (weight @ x.T).T if row_major else x @ weight.T
