@@ -140,12 +140,14 @@ torch.save({n: p.detach() for n, p in run.student.named_parameters()}, f"{sys.ar
 """
 
 
-def test_bf16_weights_stay_the_same_on_every_ddp_replica(write_config, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp32"], ids=["bf16 arithmetic", "float32 arithmetic"])
+def test_bf16_weights_stay_the_same_on_every_ddp_replica(write_config, tmp_path, precision):
     """DDP averages the gradients, and every process draws the same stochastic-rounding noise (seed, step, parameter,
-    element; not the rank): the replicas, which DDP never compares after the start, end bit for bit equal."""
+    element; not the rank): the replicas, which DDP never compares after the start, end bit for bit equal. In a
+    float32 run too, where the bf16 weights are computed on in float32 (``products.float32_arithmetic``)."""
     path, _ = write_config("bf16", batch_size=2)
     config = yaml.safe_load(path.read_text())
-    config["precision"], config["student"]["dtype"] = "bf16", "bf16"
+    config["precision"], config["student"]["dtype"] = precision, "bf16"
     path.write_text(yaml.safe_dump(config))
     script = tmp_path / "replicas.py"
     script.write_text(REPLICAS)
