@@ -71,9 +71,11 @@ class LlamaStep:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scaling = decoder.layers[0].self_attn.scaling
         self.embed = decoder.embed_tokens
-        # a no-op where the dtype is the same; bf16 weights of a model in float32 arithmetic stay bf16 (``project``
-        # widens them as it reads them)
-        kept = lambda t: t.detach() if t.dtype == torch.bfloat16 and dtype == torch.float32 else t.detach().to(dtype)  # noqa: E731
+        def kept(t: torch.Tensor) -> torch.Tensor:
+            """``t`` in ``dtype`` (a no-op where it is already); the bf16 weights of a model in float32 arithmetic
+            stay bf16, ``project`` widens them as it reads them."""
+            return t.detach() if t.dtype == torch.bfloat16 and dtype == torch.float32 else t.detach().to(dtype)
+
         cast = lambda linear: (kept(linear.weight), None if linear.bias is None else kept(linear.bias))  # noqa: E731
         norm = lambda n: (n.weight.detach().float(), n.variance_epsilon)  # noqa: E731
         self.final_norm, self.head = norm(decoder.norm), cast(model.get_output_embeddings())

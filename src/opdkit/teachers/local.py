@@ -14,9 +14,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..data import Example, left_pad
 from ..decode import decode
 from ..models import autocast
-from ..products import float32_arithmetic
 from ..objectives.divergence import entropy as full_entropy
 from ..objectives.support import chunk_rows, sampled_from_logits
+from ..products import float32_arithmetic
 from ..rollout import Rollouts, sample
 from . import Support, TeacherSignal
 from .context import TeacherContext
