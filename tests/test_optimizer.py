@@ -167,8 +167,9 @@ def test_a_bf16_student_in_float32_arithmetic_gets_the_float32_loss_and_gradient
         for which in range(2):
             expected, got = losses(exact)[which], losses(stored)[which]
             assert got.dtype == torch.float32 and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
-            wanted = dict(zip([n for n, _ in exact.named_parameters()], torch.autograd.grad(expected, list(exact.parameters()))))
-            for (name, param), grad in zip(stored.named_parameters(), torch.autograd.grad(got, list(stored.parameters()))):
+            names = [n for n, _ in exact.named_parameters()]
+            wanted = dict(zip(names, torch.autograd.grad(expected, list(exact.parameters()))))
+            for name, grad in zip(names, torch.autograd.grad(got, list(stored.parameters()))):
                 assert grad.dtype == torch.bfloat16, name
                 scale = wanted[name].abs().max()
                 assert (grad.float() - wanted[name]).abs().max() <= 0.01 * scale + 1e-7, (which, name)

@@ -46,9 +46,9 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ro
 def few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """``x @ weight.T`` in float32 by the ``rows_matmul`` kernels (float32 or bf16 weights), or None where they do
     not apply: more than ``FEW_ROWS`` rows, not on a CPU, an autocast or a gradient to honour, or no C compiler."""
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if (x.shape[0] > FEW_ROWS or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype not in KERNELS
-            or torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            or (matmul := kernel(KERNELS[weight.dtype])) is None):
+            or torch.is_autocast_enabled("cpu") or wants_grad or (matmul := kernel(KERNELS[weight.dtype])) is None):
         return None
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
