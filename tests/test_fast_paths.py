@@ -282,6 +282,22 @@ def test_bf16_teacher_in_a_float32_run_computes_in_float32_on_its_bf16_weights(t
     assert torch.allclose(stored.sampled[1], rounded.sampled[1], atol=1e-5)
 
 
+def test_float32_arithmetic_takes_only_models_whose_matrices_it_widens(tiny):
+    """GPT-2's Conv1D holds a matrix that float32 arithmetic does not widen: such a bf16 teacher keeps computing in
+    bf16, and a bf16 student of that kind in a float32 run is refused (test_optimizer); Llama-family ones widen."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from opdkit.products import float32_arithmetic, is_float32_arithmetic, other_layers
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16)).bfloat16()
+    assert other_layers(gpt2) == ["Conv1D"]
+    with pytest.raises(ValueError, match="also has Conv1D"):
+        float32_arithmetic(gpt2)
+    teacher = LocalTeacher(gpt2, load_tokenizer(str(tiny / "student")), torch.float32)
+    assert not is_float32_arithmetic(teacher.model)
+    assert other_layers(load_model(str(tiny / "teacher"))) == []
+
+
 # ---- the loss and the config ---------------------------------------------------------------------------
 def test_full_support_is_chunked_by_default_and_the_chunk_keys_are_checked():
     assert ObjectiveConfig(method="gkd").chunked

@@ -137,6 +137,19 @@ def test_auto_precision_on_a_machine_without_bf16_refuses_a_bf16_lora_base_befor
         setup(load_config(base=tiny_config))
 
 
+def test_a_bf16_student_with_layers_float32_arithmetic_cannot_widen_is_refused(tiny, tiny_config, tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "student")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer), n_positions=64,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    tiny_config["student"] = {"path": str(tmp_path / "gpt2"), "dtype": "bf16"}  # precision fp32
+    with pytest.raises(OPDError, match="this student also has Conv1D: set precision: bf16"):
+        setup(load_config(base=tiny_config))
+
+
 def test_a_bf16_student_in_float32_arithmetic_gets_the_float32_loss_and_gradients_of_its_weights(tiny):
     """Forward and backward of a bf16 student in a float32 run (``products.float32_arithmetic``) against a float32
     model holding the same bf16 values: the loss to float rounding, each gradient to bf16's (it is stored in bf16).

@@ -135,12 +135,22 @@ class Widened(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+def other_layers(model: torch.nn.Module) -> list[str]:
+    """The kinds of layer holding a matrix that ``float32_arithmetic`` cannot widen (anything but ``nn.Linear`` and
+    ``nn.Embedding``, such as GPT-2's ``Conv1D``): their products would meet bf16 weights with float32 inputs."""
+    return sorted({type(m).__name__ for m in model.modules() if type(m) not in (torch.nn.Linear, torch.nn.Embedding)
+                   and any(p.dim() >= 2 for p in m.parameters(recurse=False))})
+
+
 def float32_arithmetic(model: torch.nn.Module) -> torch.nn.Module:
     """Make a model whose weights are bf16 compute in float32: every ``nn.Linear`` widens its weight as it computes
     (``project``, or ``Widened`` where a gradient is wanted), every ``nn.Embedding`` returns float32 rows; norms and
     other elementwise operators already promote bf16 weights against float32 activations, and autograd rounds
     their gradients back to bf16. ``is_float32_arithmetic`` says so afterwards. Bound methods, so that a deep copy
-    of the model (a self teacher) computes with its own weights."""
+    of the model (a self teacher) computes with its own weights. A model with ``other_layers`` is refused."""
+    if others := other_layers(model):
+        raise ValueError(f"float32 arithmetic on bf16 weights widens nn.Linear and nn.Embedding layers; this model "
+                         f"also has {', '.join(others)}")
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.forward, module._opd_float32_arithmetic = types.MethodType(_linear, module), True

@@ -40,7 +40,7 @@ from .objectives import credit, gates, groups
 from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
 from .optimizer import AdamW
-from .products import float32_arithmetic
+from .products import float32_arithmetic, other_layers
 from .rollout import Rollouts, from_dataset, grouped, sample
 from .served_rollout import ServedStudent
 from .tasks import get_verifier
@@ -150,6 +150,10 @@ def setup(config: Config, student_path: str | None = None) -> Run:
 
     student_path = student_path or config.student.path
     student = load_student(config.student, student_path, device)
+    if float32_student and (others := other_layers(student)):
+        raise OPDError(f"student.dtype bf16 in a float32 run computes in float32 on the bf16 weights of nn.Linear and "
+                       f"nn.Embedding layers, and this student also has {', '.join(others)}: set precision: bf16 "
+                       "(bf16 arithmetic, emulated where the processor has no bf16 units), or student.dtype: fp32")
     if float32_student:
         float32_arithmetic(student)
     if config.optim.gradient_checkpointing:

@@ -16,7 +16,7 @@ from ..decode import decode
 from ..models import autocast
 from ..objectives.divergence import entropy as full_entropy
 from ..objectives.support import chunk_rows, sampled_from_logits
-from ..products import float32_arithmetic
+from ..products import float32_arithmetic, other_layers
 from ..rollout import Rollouts, sample
 from . import Support, TeacherSignal
 from .context import TeacherContext
@@ -51,7 +51,9 @@ class LocalTeacher:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, amp_dtype: torch.dtype = torch.float32,
                  context: TeacherContext | None = None):
         self.model = model.eval().requires_grad_(False)
-        if self.dtype == torch.bfloat16 and amp_dtype == torch.float32:  # bf16 weights, float32 arithmetic
+        # bf16 weights in a float32 run: float32 arithmetic on them where every matrix is in a layer it widens, else
+        # (GPT-2's Conv1D) bf16 arithmetic, emulated where the processor has no bf16 units
+        if self.dtype == torch.bfloat16 and amp_dtype == torch.float32 and not other_layers(self.model):
             float32_arithmetic(self.model)
         self.tokenizer = tokenizer
         self.amp_dtype = amp_dtype
