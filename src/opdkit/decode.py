@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from .llama_step import LlamaStep, unsupported
 from .models import bf16_units
-from .products import is_float32_arithmetic, project
+from .products import FEW_ROWS, is_float32_arithmetic, project
 
 
 def compute_dtype(model: PreTrainedModel) -> torch.dtype:
@@ -80,7 +80,7 @@ def _row_major(linear: torch.nn.Linear):
     return forward
 
 
-ROW_MAJOR_ROWS = 16  # at most this many rows per step: W @ x.T (``row_major``; measured for 1, 4 and 16 rows)
+ROW_MAJOR_ROWS = FEW_ROWS  # at most this many rows per step: W @ x.T (``row_major``; measured for 1, 4 and 16 rows)
 
 
 def row_major(rows: int, device: torch.device, dtype: torch.dtype) -> bool:
@@ -99,20 +99,19 @@ def _fast_projections(model: PreTrainedModel, row_major: bool):
     """With ``row_major`` (the form ``row_major(rows, device, dtype)`` picks), decode with ``W @ x.T`` in every
     ``nn.Linear``; restored after. A fixed rule, not a timing, so that the same seed gives the same bits in every run
     (a resumed run included). Decoders that share a model (server threads) take turns; a plain forward of the same
-    model from another thread meanwhile computes its products in this form too (equal up to float rounding)."""
+    model from another thread meanwhile computes its products in this form too (equal up to float rounding). Layers
+    in float32 arithmetic (``products.float32_arithmetic``) take this form for few rows by themselves."""
     lock = model.__dict__.setdefault("_opd_decode_lock", threading.Lock())
     with lock:
-        swapped = [m for m in model.modules() if type(m) is torch.nn.Linear] if row_major else []
-        own = [vars(linear).get("forward") for linear in swapped]  # float32_arithmetic's, kept
+        swapped = ([m for m in model.modules() if type(m) is torch.nn.Linear and not is_float32_arithmetic(m)]
+                   if row_major else [])
         for linear in swapped:
             linear.forward = _row_major(linear)
         try:
             yield
         finally:
-            for linear, forward in zip(swapped, own):
+            for linear in swapped:
                 del linear.forward
-                if forward is not None:
-                    linear.forward = forward
 
 
 # Several processes decode their shares of a batch for the same number of steps: under FSDP each forward of the

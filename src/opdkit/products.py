@@ -31,15 +31,17 @@ KERNELS = {torch.float32: "rows_matmul", torch.bfloat16: "bf16_rows_matmul"}
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_major: bool) -> torch.Tensor:
-    """``x [N, d] @ weight.T + bias``: as ``(weight @ x.T).T`` with ``row_major`` (``decode.row_major``), and for at
-    most ``FEW_ROWS`` float32 rows on a CPU by ``few_rows``; a bf16 ``weight`` with float32 ``x`` is widened
-    (``widened``) unless an autocast decides the product (``mixed``). A fixed rule, not a timing: a seed gives the
-    same bits in every run on a machine."""
+    """``x [N, d] @ weight.T + bias``, ``F.linear`` itself unless: with ``row_major`` (``decode.row_major``) as
+    ``(weight @ x.T).T``, and for at most ``FEW_ROWS`` float32 rows on a CPU by ``few_rows``; a bf16 ``weight`` with
+    float32 ``x`` is widened (``widened``) unless an autocast decides the product (``mixed``). A fixed rule, not a
+    timing: a seed gives the same bits in every run on a machine."""
     out = few_rows(x, weight) if row_major else None
     if out is None and mixed(x, weight):
         out = widened(x, weight)
+    elif out is None and not row_major:
+        return F.linear(x, weight, bias)
     elif out is None:
-        out = (weight @ x.T).T if row_major else x @ weight.T
+        out = (weight @ x.T).T
     return out if bias is None else out + bias
 
 
@@ -107,14 +109,6 @@ def weight_gradient(g: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> tor
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``, or its float32 arithmetic (``widened``) where float32 rows meet bf16 weights (``mixed``)."""
-    if not mixed(x, weight):
-        return F.linear(x, weight, bias)
-    out = widened(x, weight)
-    return out if bias is None else out + bias.float()
-
-
 class Widened(torch.autograd.Function):
     """``x [N, d] @ weight.T + bias`` in float32 on a bf16 weight, with a backward: saves ``x`` (as ``F.linear``
     does) and the bf16 weight itself, widens it again for the input's gradient, and rounds the weight's float32
@@ -123,8 +117,7 @@ class Widened(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight, bias)
-        out = widened(x, weight)
-        return out if bias is None else out + bias.float()
+        return project(x, weight, bias, row_major=False)  # widened: no gradient is recorded inside forward
 
     @staticmethod
     def backward(ctx, g):

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..products import linear, times, weight_gradient
+from ..products import project, times, weight_gradient
 from .divergence import distributional, kl_direction
 
 
@@ -145,9 +145,9 @@ class _Block:
         return loss, grad, student.detach(), teacher
 
 
-def _add(total: torch.Tensor | None, block: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``total + block`` in place; the first block becomes the total, in ``dtype``: float32 where blocks are summed."""
-    return block.to(dtype) if total is None else total.add_(block)
+def _add(total: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor:
+    """``total + block`` in place; the first block becomes the total (a bias's gradient, float32)."""
+    return block if total is None else total.add_(block)
 
 
 def _add_weight_gradient(total: torch.Tensor | None, logits_grad: torch.Tensor, hidden: torch.Tensor,
@@ -173,7 +173,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
         """``(i, j, loss, logits_grad, entropy, reverse_kl)`` block by block."""
         for i in range(0, hidden.shape[0], block.size):
             j = min(i + block.size, hidden.shape[0])
-            logits = linear(hidden[i:j], weight, bias).float()  # float32 arithmetic on a bf16 head too
+            logits = project(hidden[i:j], weight, bias, row_major=False).float()  # F.linear; widened for a bf16 head
             yield i, j, *block(i, j, logits, None if upstream is None else upstream[i:j])
 
     @staticmethod
