@@ -1,16 +1,20 @@
 """Two parts of a step measured against what they replaced, on the SmolLM2 student, in one process.
 
-    .venv/bin/python bench/step_parts.py [--threads 2] [--batch 4] [--tokens 32] [--precision auto]
+    .venv/bin/python bench/step_parts.py [--threads 2] [--batch 4] [--tokens 32] [--precision auto] [--weights fp32]
 
 - decoding, in the precision a run would use (``auto``: bf16 autocast where the processor has bf16 units): ms per
   new token of ``opdkit.decode.decode`` (one token and its log-prob per step, few-row products in the form
-  ``decode.row_major`` picks, the student's layers through ``opdkit.llama_step``); of the same with every few-row
-  product as ``W @ x.T`` whatever the dtype (the rule before ``row_major`` took the processor's bf16 units into
-  account); of the same loop over ``transformers``' forward (what ``decode`` does for a model ``llama_step`` does
-  not support); and of ``transformers``' ``generate(output_scores=True)`` followed by the ``[B, C, V]`` float32
-  log-softmax that the rollout used to read one log-prob per position from; alternated, medians of 3;
-- the optimizer: seconds and extra peak memory of one AdamW step over the student's parameters, ``fused`` against
-  ``foreach`` and the per-parameter loop, each in a fresh process (peak RSS is per process).
+  ``decode.row_major`` picks, the student's layers through ``opdkit.llama_step``, in float32 arithmetic a layer per
+  call of ``native/decode_layer.c``); of the same with each layer through ``llama_step``'s torch operators (before
+  that kernel); of the same with every few-row product as ``W @ x.T`` whatever the dtype (the rule before
+  ``row_major`` took the processor's bf16 units into account); of the same loop over ``transformers``' forward
+  (what ``decode`` does for a model ``llama_step`` does not support); and of ``transformers``'
+  ``generate(output_scores=True)`` followed by the ``[B, C, V]`` float32 log-softmax that the rollout used to read
+  one log-prob per position from; alternated, medians of 3. ``--weights bf16``: the student's weights in bf16,
+  computing in float32 on them where the precision is float32 (``student.dtype: bf16``);
+- the optimizer: seconds and extra peak memory of one AdamW step over the student's parameters, torch's ``fused``
+  against ``foreach`` and the per-parameter loop on float32 weights, and opdkit's on bf16 ones
+  (``student.dtype: bf16``), each in a fresh process (peak RSS is per process).
 """
 
 from __future__ import annotations
@@ -37,9 +41,15 @@ def decoding(args) -> dict:
 
     import opdkit.decode
     from opdkit.decode import decode
+    from opdkit.llama_step import LlamaStep
     from opdkit.models import autocast, resolve_precision
+    from opdkit.products import float32_arithmetic
 
     model = student()
+    if args.weights == "bf16":
+        model.to(torch.bfloat16)
+        if resolve_precision(args.precision, torch.device("cpu")) == torch.float32:
+            float32_arithmetic(model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, 40), generator=g)
     mask = torch.ones_like(ids)
@@ -59,6 +69,15 @@ def decoding(args) -> dict:
         finally:
             opdkit.decode.row_major = rule
 
+    native = LlamaStep._native
+
+    def ours_layers_in_torch():  # every layer through llama_step's torch operators, no decode_layer kernel
+        LlamaStep._native = lambda self, *args: None
+        try:
+            decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
+        finally:
+            LlamaStep._native = native
+
     def ours_over_transformers():
         opdkit.decode.unsupported = lambda model: "measured without llama_step"
         try:
@@ -71,7 +90,8 @@ def decoding(args) -> dict:
         scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)
         scores.gather(-1, out.sequences[:, ids.shape[1]:].unsqueeze(-1))
 
-    variants = {"ours": ours, "ours, W @ x.T at any dtype": ours_always_row_major,
+    variants = {"ours": ours, "ours, layers in torch operators": ours_layers_in_torch,
+                "ours, W @ x.T at any dtype": ours_always_row_major,
                 "ours over transformers' forward": ours_over_transformers, "generate": generate}
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad(), autocast(torch.device("cpu"), resolve_precision(args.precision, torch.device("cpu"))):
@@ -88,12 +108,17 @@ def decoding(args) -> dict:
 def optimizer_step(mode: str) -> dict:
     import torch
 
-    model = student()
+    from opdkit.optimizer import AdamW
+
+    model = student().to(torch.bfloat16 if mode == "opdkit-bf16" else torch.float32)
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p)
-    kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[mode]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, **kwargs)
+    if mode == "opdkit-bf16":
+        optimizer = AdamW(params, lr=1e-5)
+    else:
+        kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[mode]
+        optimizer = torch.optim.AdamW(params, lr=1e-5, **kwargs)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times = []
     for _ in range(6):  # the first step allocates the state
@@ -112,6 +137,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="for decoding")
+    parser.add_argument("--weights", choices=["fp32", "bf16"], default="fp32", help="the student's, for decoding")
     parser.add_argument("--optimizer", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
@@ -126,14 +152,15 @@ def main() -> None:
 
     print(machine_description(resolve_precision(args.precision, torch.device("cpu"))))
     ms = decoding(args)
-    print(f"decoding, batch {args.batch}, {args.tokens} new tokens, ms per token (ratio to ours):")
+    print(f"decoding, batch {args.batch}, {args.tokens} new tokens, {args.weights} weights, ms per token "
+          "(ratio to ours):")
     for name, value in ms.items():
         print(f"  {name:34s} {value:6.1f}  ({value / ms['ours']:.2f}x)")
-    for mode in ("fused", "foreach", "loop"):
+    for mode in ("fused", "foreach", "loop", "opdkit-bf16"):
         out = subprocess.run([sys.executable, __file__, "--optimizer", mode, "--threads", str(args.threads)],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"AdamW {mode:8s} over {r['parameters_m']:.0f}M parameters: {r['seconds']:.3f} s per step, "
+        print(f"AdamW {mode:11s} over {r['parameters_m']:.0f}M parameters: {r['seconds']:.3f} s per step, "
               f"{r['extra_peak_mib']:.0f} MiB peak above its state")
 
 

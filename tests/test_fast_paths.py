@@ -162,6 +162,36 @@ def test_llama_step_samples_log_probs_equal_to_the_models_own_forward(family):
     assert torch.allclose(logprobs, expected, atol=1e-5)
 
 
+@pytest.mark.skipif(kernel("decode_layer") is None, reason="no C compiler to build the kernel")
+@pytest.mark.parametrize("weights", ["float32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_decode_layer_kernel_steps_as_llama_steps_torch_operators(family, weights):
+    """``native/decode_layer.c`` (a whole layer per call, float32 arithmetic) against ``LlamaStep``'s operators for
+    the same new tokens: biases, grouped-query attention, q/k norms, left padding, float32 and bf16 weights."""
+    from opdkit.llama_step import LlamaStep
+    from opdkit.products import float32_arithmetic
+
+    model = _family(family.split("-")[0], **FAMILIES[family])
+    if weights == "bf16":
+        float32_arithmetic(model.to(torch.bfloat16))
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], pad_id=0)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, 7)], 1)  # as decode numbers them
+    key_mask = torch.cat([mask, mask.new_ones(3, 6)], 1)
+    native, plain = (LlamaStep(model, positions, torch.float32, row_major=True) for _ in range(2))
+    plain.native = None  # LlamaStep's torch operators
+    assert native.native is not None  # the kernel built, so the step below is its
+    with torch.no_grad():
+        assert torch.allclose(native.prefill(ids, key_mask), plain.prefill(ids, key_mask), atol=1e-5)
+        generator = torch.Generator().manual_seed(0)
+        for column in range(ids.shape[1], key_mask.shape[1]):
+            tokens = torch.randint(2, 40, (3,), generator=generator)
+            got, expected = native.step(tokens, column, key_mask), plain.step(tokens, column, key_mask)
+            assert torch.allclose(got, expected, atol=1e-5), (column, (got - expected).abs().max())
+        for ours, theirs in zip(native.keys + native.values, plain.keys + plain.values):  # the caches written alike
+            assert torch.allclose(ours, theirs, atol=1e-5)
+
+
 @pytest.mark.parametrize("transposed", [True, False], ids=["W @ x.T", "x @ W.T"])
 def test_llama_step_under_bf16_autocast_stays_close_to_the_models_forward(transposed, monkeypatch):
     monkeypatch.setattr(opdkit.decode, "row_major", lambda rows, device, dtype: transposed)  # both forms, any CPU

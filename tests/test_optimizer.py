@@ -301,3 +301,19 @@ def test_without_a_compiler_the_optimizer_runs_torch_operators(monkeypatch, tmp_
             AdamW(weights, lr=1e-3, fused=True)
     finally:
         kernel.cache_clear()
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e3, float("inf")], ids=["clipped", "below", "no bound"])
+def test_clipping_gives_torchs_clip_grad_norm_bits_and_skips_only_a_scaling_by_one(max_norm):
+    """``Processes.clip_grad_norm`` skips torch's multiplication of every gradient by 1 on a CPU (below the bound):
+    the norm and the gradients are torch's ``clip_grad_norm_``'s to the bit either way."""
+    from opdkit.distributed import Processes
+
+    ours, theirs = params(torch.bfloat16), params(torch.bfloat16)
+    for p in (ours, theirs):
+        gradients(p, 0)
+    untouched = [p.grad.clone() for p in ours]
+    norm = Processes().clip_grad_norm(ours, max_norm)
+    assert norm == float(torch.nn.utils.clip_grad_norm_(theirs, max_norm))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+    assert all(torch.equal(a.grad, b) for a, b in zip(ours, untouched)) == (max_norm > norm)

@@ -52,7 +52,7 @@ class AdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("opdkit's AdamW takes no closure")
-        index = 0
+        index, pending = 0, []  # the C kernel's calls, queued for every parameter before any is waited on
         for group in self.param_groups:
             for param in group["params"]:
                 index += 1
@@ -70,20 +70,22 @@ class AdamW(torch.optim.Optimizer):
                 if param.dtype != torch.bfloat16:
                     update_eager(*tensors, hyper, key=None)
                 elif self.kernel is not None and fused_on(param.device) and param.grad.dtype == torch.bfloat16:
-                    self.update_fused(*tensors, hyper, rounding_key(self.seed, step, index))
+                    pending += self.update_fused(*tensors, hyper, rounding_key(self.seed, step, index))
                 else:
                     update_eager(*tensors, hyper, rounding_key(self.seed, step, index))
+        for call in pending:
+            call.result()
 
-    def update_fused(self, weight, grad, exp_avg, exp_avg_sq, hyper: dict, key: int) -> None:
+    def update_fused(self, weight, grad, exp_avg, exp_avg_sq, hyper: dict, key: int) -> list:
+        """Queues the kernel's update of one bf16 tensor on the threads (a large one split among them); returns the
+        calls to wait on. The parameters are independent, so every thread stays busy across them."""
         n = weight.numel()
         args = [t.data_ptr() for t in (weight, grad, exp_avg, exp_avg_sq)]
         constants = [1 - hyper["lr"] * hyper["decay"], 1 - hyper["beta1"], hyper["beta2"], 1 - hyper["beta2"],
                      hyper["root_correction"], hyper["eps"], -hyper["step_size"], key]
         parts = torch.get_num_threads() if n >= THREADED else 1
         bounds = [n * i // parts for i in range(parts + 1)]
-        calls = [self.threads.submit(self.kernel, *args, bounds[i], bounds[i + 1], *constants) for i in range(parts)]
-        for call in calls:
-            call.result()
+        return [self.threads.submit(self.kernel, *args, bounds[i], bounds[i + 1], *constants) for i in range(parts)]
 
 
 def hyperparameters(group: dict, step: int) -> dict:

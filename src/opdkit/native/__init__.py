@@ -9,6 +9,8 @@ its eager torch equivalent (the same arithmetic, slower).
   through float32 or bf16 weights, each weight read once for all of them (the decode step's products), and
   ``bf16_to_float``. Their threads are OpenMP's, the runtime torch itself loaded; a compiler without OpenMP builds
   them single-threaded.
+- ``decode_layer.c`` (``opdkit.llama_step``): a whole Llama-family decoder layer for one new token per row, its
+  products by the same loops as ``products.c`` (``columns.h``).
 """
 
 from __future__ import annotations
@@ -33,9 +35,13 @@ ARGUMENTS = {  # each kernel's C signature, for ctypes
     "rows_matmul": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4,
     "bf16_rows_matmul": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4,
     "bf16_to_float": [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2,
+    "decode_layer": [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2,
+    "decode_layer_scratch": [ctypes.c_void_p],
 }
-SOURCES = {"rows_matmul": "products", "bf16_rows_matmul": "products", "bf16_to_float": "products"}  # else <name>.c
-OPENMP = {"products": ["-fopenmp"]}  # sources with parallel loops: built without the flag where it fails
+RESULTS = {"decode_layer_scratch": ctypes.c_int64}  # else void
+SOURCES = {"rows_matmul": "products", "bf16_rows_matmul": "products", "bf16_to_float": "products",
+           "decode_layer_scratch": "decode_layer"}  # else <name>.c
+OPENMP = {"products": ["-fopenmp"], "decode_layer": ["-fopenmp"]}  # parallel loops: built without the flag where it fails
 
 
 def cache_dir() -> Path:
@@ -55,7 +61,8 @@ def kernel(name: str):
     source = Path(__file__).with_name(f"{source_name}.c")
     openmp = OPENMP.get(source_name, [])
     key = "\n".join([compiler, *FLAGS, *NATIVE, *openmp, processor()]).encode()
-    library = cache_dir() / f"{source_name}-{hashlib.sha256(source.read_bytes() + key).hexdigest()[:16]}.so"
+    headers = b"".join(header.read_bytes() for header in sorted(source.parent.glob("*.h")))  # columns.h
+    library = cache_dir() / f"{source_name}-{hashlib.sha256(source.read_bytes() + headers + key).hexdigest()[:16]}.so"
     if not library.is_file():
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as scratch:  # built aside, then renamed: atomic
@@ -65,7 +72,7 @@ def kernel(name: str):
                 return None
             built.replace(library)
     function = getattr(ctypes.CDLL(str(library)), name)
-    function.argtypes, function.restype = ARGUMENTS[name], None
+    function.argtypes, function.restype = ARGUMENTS[name], RESULTS.get(name)
     return function
 
 
