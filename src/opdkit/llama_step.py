@@ -3,10 +3,11 @@
 ``transformers``' forward of one token spends much of a small model's decode step outside its matrix products:
 module calls, keyword plumbing, a causal mask built again from the whole attention mask, the cache grown by
 concatenation. On the SmolLM2 student (10 layers, 4 rows, 2 cores, bf16 on a Xeon with AMX) a step took 16.5 ms
-of which 7.5 ms were matrix products; a whole decode is 1.06-1.2x faster this way (``docs/performance.md``). ``LlamaStep`` does the same arithmetic in about 25 operators per layer, the prompt's prefill
-included: the weights cast once per decode (not once by autocast for the prefill and again for the steps), rotary
-tables computed once for every position the decode can reach (by the model's own rotary module, so every rope
-type it knows is honoured), keys and values written in place.
+of which 7.5 ms were matrix products; a whole decode is 1.06-1.2x faster this way (``docs/performance.md``).
+``LlamaStep`` does the same arithmetic in about 25 operators per layer, the prompt's prefill included: the weights
+cast once per decode (not once by autocast for the prefill and again for the steps), rotary tables computed once
+for every position the decode can reach (by the model's own rotary module, so every rope type it knows is
+honoured), keys and values written in place.
 
 In float32 arithmetic on a CPU (float32 weights, or bf16 ones in ``products.float32_arithmetic``) a new token goes
 through each layer in one call of ``native/decode_layer.c`` instead: the same arithmetic, summed in another order,
@@ -109,8 +110,9 @@ class LlamaStep:
         if layer_kernel is None or scratch_size is None:
             return None
         projections = [layer[i] for layer in self.layers for i in (1, 2, 3, 6, 8, 9, 10)]
-        if (len({w.dtype for w, _ in projections}) != 1 or projections[0][0].dtype not in (torch.float32, torch.bfloat16)
-                or not all(w.is_contiguous() for w, _ in projections)):
+        dtypes = {w.dtype for w, _ in projections}
+        if len(dtypes) != 1 or dtypes - {torch.float32, torch.bfloat16} or not all(w.is_contiguous()
+                                                                                  for w, _ in projections):
             return None
         address = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         self.cos, self.sin = self.cos.contiguous(), self.sin.contiguous()  # [B, 1, L, hd]: rows, columns, dims

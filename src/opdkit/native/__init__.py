@@ -41,7 +41,7 @@ ARGUMENTS = {  # each kernel's C signature, for ctypes
 RESULTS = {"decode_layer_scratch": ctypes.c_int64}  # else void
 SOURCES = {"rows_matmul": "products", "bf16_rows_matmul": "products", "bf16_to_float": "products",
            "decode_layer_scratch": "decode_layer"}  # else <name>.c
-OPENMP = {"products": ["-fopenmp"], "decode_layer": ["-fopenmp"]}  # parallel loops: built without the flag where it fails
+OPENMP = {"products": ["-fopenmp"], "decode_layer": ["-fopenmp"]}  # built without the flag where it fails
 
 
 def cache_dir() -> Path:

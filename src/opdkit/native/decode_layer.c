@@ -86,7 +86,8 @@ void decode_layer(float *x, const int64_t *pointers, const int64_t *dims, const 
         #pragma omp barrier
         #pragma omp single
         for (int64_t r = 0; r < rows; r++) {
-            const float *row_cos = cos + (r * length + column) * head_dim, *row_sin = sin + (r * length + column) * head_dim;
+            const float *row_cos = cos + (r * length + column) * head_dim;
+            const float *row_sin = sin + (r * length + column) * head_dim;
             for (int64_t head = 0; head < heads; head++) {
                 float *qh = q + r * q_dim + head * head_dim;
                 if (q_norm) rms_norm(qh, q_norm, constants[2], qh, head_dim);
