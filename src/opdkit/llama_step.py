@@ -12,8 +12,8 @@ honoured), keys and values written in place.
 In float32 arithmetic on a CPU (float32 weights, or bf16 ones in ``products.float32_arithmetic``) a new token goes
 through each layer in one call of ``native/decode_layer.c`` instead: the same arithmetic, summed in another order,
 its products by the few-row loops of ``products.c``. Those 25 operators and 7 product calls a layer were a third of
-the step: the SmolLM2 student, 4 rows, 2 cores of an AMD EPYC Zen 3, decodes in 8.2 ms per token against 12.8
-with bf16 weights and 11.9 against 15.6 with float32 ones.
+a step: a whole decode of the SmolLM2 student, 4 rows, 2 cores of an AMD EPYC Zen 3, takes 12.4 ms per new token
+against 16.4 with bf16 weights and 15.8 against 19.8 with float32 ones (``bench/step_parts.py``).
 
 It applies to Llama, Mistral, Qwen2 and Qwen3 models made of plain ``nn.Linear`` projections with full
 attention (``unsupported`` names anything else, and ``decode.decode`` then keeps ``transformers``' forward):
