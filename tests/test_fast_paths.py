@@ -1,5 +1,6 @@
 """Each fast path of a step against the plain computation it replaces (issue: a lean, fast step)."""
 
+import copy
 import json
 import random
 import subprocess
@@ -262,6 +263,43 @@ def test_teacher_full_support_hands_over_hidden_states_that_give_the_same_distri
     token = full.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1) * batch.completion_mask
     assert torch.allclose(signal.token_logprobs, token, atol=1e-5)
     assert torch.allclose(signal.entropy, -(full.exp() * full).sum(-1), atol=1e-5)
+
+
+def test_the_full_distributions_statistics_come_from_the_blocks_the_loss_projects(tiny, scored):
+    """A local teacher's token log-probs, entropy and top-k (support "full") come from the blocks the chunked loss
+    projects anyway (``HeadStats.observe``): scoring applies the head to no block, the loss to every kept position
+    once, and reading the statistics projects only the masked positions; the values are those of projecting them
+    all when read (``HeadStats.complete``), which the tests above check against the full log-softmax."""
+    from opdkit.methods import build_method
+
+    teacher, batch, _ = scored
+    batch = copy.copy(batch)
+    batch.completion_mask = batch.completion_mask.clone()
+    batch.completion_mask[0, 4:] = 0  # masked positions, whatever the sample
+    student = load_model(str(tiny / "student"))
+    method = build_method(ObjectiveConfig(method="gkd", beta=1.0, lmbda=1.0))
+    method.attach(student)
+    rows = []
+    hook = teacher.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    try:
+        signal = teacher.score(batch, "full", top_k=5, entropy=True)
+        assert sum(rows) <= len(batch.completion_ids)  # the forward's one position a row (logits_to_keep), no block
+        with torch.no_grad():
+            _, hidden = batch.completion_logits(student, return_hidden=True, logits=False)
+        rows.clear()
+        method.token_loss(None, batch, signal, hidden=hidden)
+        kept = int(batch.completion_mask.sum())
+        assert sum(rows) == kept and int(signal.pending.done.sum()) == kept
+        rows.clear()
+        observed = [signal.token_logprobs, signal.entropy, signal.topk_ids, signal.topk_logprobs]
+        assert sum(rows) == batch.completion_mask.numel() - kept and signal.pending is None
+    finally:
+        hook.remove()
+    fresh = teacher.score(batch, "full", top_k=5, entropy=True)
+    expected = [fresh.token_logprobs, fresh.entropy, fresh.topk_ids, fresh.topk_logprobs]
+    assert torch.equal(observed[2], expected[2])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(observed, expected))
 
 
 def test_teacher_dtype_bf16_loads_bf16_weights_and_scores_close_to_fp32(tiny_config, scored):

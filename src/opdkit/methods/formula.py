@@ -222,8 +222,11 @@ class Formula(Method):
         o, mask = self.objective, rollouts.completion_mask
         keep = mask.bool()
         if teacher.hidden is not None:
-            teacher_hidden, teacher_head = teacher.hidden[keep], teacher.head
+            teacher_hidden, teacher_head, stats = teacher.hidden[keep], teacher.head, teacher.pending
             teacher_logits = lambda i, j: teacher_head(teacher_hidden[i:j])  # noqa: E731
+            if stats is not None:  # a local teacher's statistics, from these blocks as they pass (teachers.local)
+                positions, project = keep.reshape(-1).nonzero().squeeze(-1), teacher_logits
+                teacher_logits = lambda i, j: stats.observe(positions[i:j], project(i, j))  # noqa: E731
         else:
             teacher_rows = teacher.logprobs[keep]
             teacher_logits = lambda i, j: teacher_rows[i:j].clone()  # noqa: E731 (chunked_full overwrites it)

@@ -26,24 +26,53 @@ class Bridge:
     positions: torch.Tensor  # [N] long
 
 
+class FromHead:
+    """A field of ``TeacherSignal`` that a local teacher's full distribution gives (token log-probs, entropy, top-k):
+    where the signal carries ``pending`` statistics (``teachers.local.HeadStats``), the first read completes them
+    all, projecting only the positions the full-vocabulary loss's blocks did not already hand over."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = "_" + name
+
+    def __get__(self, signal, owner=None):
+        if signal is None:
+            return None  # the dataclass's default
+        if signal.__dict__.get("pending") is not None:
+            signal.complete()
+        return signal.__dict__[self.name]
+
+    def __set__(self, signal, value) -> None:
+        signal.__dict__[self.name] = value
+
+
 @dataclass
 class TeacherSignal:
     """What a teacher says about a batch of rollouts. The full distribution (support "full") comes either as
     ``logprobs`` or, from a local teacher, as its last ``hidden`` states and LM ``head``: ``[B, C, d]`` instead
-    of ``[B, C, V]``, projected block by block where it is used (``full_logprobs`` materialises it whole)."""
+    of ``[B, C, V]``, projected block by block where it is used (``full_logprobs`` materialises it whole); the
+    statistics of that distribution then come ``pending`` (``FromHead``): computed from the blocks the loss projects
+    anyway, not from a projection of their own."""
 
-    token_logprobs: torch.Tensor  # [B, C] log pi_T(y_t | s_t) of the rollout's tokens
+    token_logprobs: torch.Tensor = FromHead()  # [B, C] log pi_T(y_t | s_t) of the rollout's tokens
     logprobs: torch.Tensor | None = None  # [B, C, V] log-softmax over the vocabulary (support "full")
     hidden: torch.Tensor | None = None  # [B, C, d] last hidden states of the completion positions (support "full")
     head: torch.nn.Module | None = None  # the teacher's LM head: logits = head(hidden)
-    topk_ids: torch.Tensor | None = None  # [B, C, k] (support "topk")
-    topk_logprobs: torch.Tensor | None = None  # [B, C, k] log pi_T of those ids, normalised over the vocabulary
-    entropy: torch.Tensor | None = None  # [B, C] H(pi_T(.|s_t)) over the whole vocabulary, when asked and known
+    topk_ids: torch.Tensor | None = FromHead()  # [B, C, k] (support "topk")
+    topk_logprobs: torch.Tensor | None = FromHead()  # [B, C, k] log pi_T of those ids, normalised over the vocabulary
+    entropy: torch.Tensor | None = FromHead()  # [B, C] H(pi_T(.|s_t)) over the whole vocabulary, when asked and known
     token_advantages: torch.Tensor | None = None  # [B, C] logit-free per-token reward (chat teacher, chunk_opd)
     usage: dict[str, float] = field(default_factory=dict)  # remote teachers: calls, retries, tokens of this call
     bridge: Bridge | None = None  # near-future bridges, set by the method's ``guide`` after scoring
     # several teachers (``teachers.multi``): name -> ([B] bool, the rows it scored; [B, C] its token log-probs)
     by_teacher: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # a local teacher's statistics not yet computed (``teachers.local.HeadStats``): ``observe`` and ``complete``
+    pending: object | None = None
+
+    def complete(self) -> None:
+        """Compute the ``pending`` statistics now (a no-op without)."""
+        stats, self.pending = self.pending, None
+        if stats is not None:
+            self.token_logprobs, self.entropy, self.topk_ids, self.topk_logprobs = stats.complete()
 
     def full_logprobs(self) -> torch.Tensor:
         """``[B, C, V]`` float32 log-probs over the whole vocabulary (from ``hidden`` when that is what came)."""

@@ -3,7 +3,9 @@
 Scoring never upcasts more than it needs: the sampled token's log-prob is its logit minus the logsumexp over
 the vocabulary, the top-k is taken on the raw logits before any float32 copy, and the full distribution is
 handed over as the last hidden states and the LM head, so that a full-vocabulary loss projects it block by
-block (``objectives.support.chunked_full``) and no ``[B, C, V]`` teacher tensor is held between stages.
+block (``objectives.support.chunked_full``) and no ``[B, C, V]`` teacher tensor is held between stages. The
+statistics of that distribution (token log-probs, entropy, top-k) come from the same blocks (``HeadStats``): the
+head is applied once a step, not once for them and again for the loss.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from . import Support, TeacherSignal
 from .context import TeacherContext
 
 BLOCK_MEMORY_MIB = 256  # per block of positions when the full distribution is reduced (token log-probs, entropy)
+OBSERVED_MEMORY_MIB = 16  # per part of a loss block reduced by HeadStats.observe, while the loss's own blocks live
 
 
 def _reduce(logits: torch.Tensor, ids: torch.Tensor, entropy: bool, top_k: int | None
@@ -40,6 +43,57 @@ def _reduce(logits: torch.Tensor, ids: torch.Tensor, entropy: bool, top_k: int |
         values, topk_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
         topk_logprobs = values.float() - lse.unsqueeze(-1)
     return token, teacher_entropy, topk_ids, topk_logprobs
+
+
+class HeadStats:
+    """The token log-probs, entropy (with ``entropy``) and top-k (with ``top_k``) of a local teacher's full
+    distribution at every completion position, from its hidden states ``[B, C, d]`` and LM head. A full-vocabulary
+    loss projects the kept positions block by block anyway and hands each block's raw logits to ``observe``
+    (``methods.formula``); ``complete`` projects the positions no block covered (the masked ones after a loss pass,
+    every one without), a block at a time, and returns the four tensors as the teacher stage computed them."""
+
+    def __init__(self, teacher: "LocalTeacher", hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                 entropy: bool, top_k: int | None):
+        self.teacher, self.hidden, self.ids, self.mask, self.entropy = teacher, hidden, ids, mask, entropy
+        vocab = teacher.model.get_output_embeddings().weight.shape[0]
+        self.top_k = min(top_k, vocab) if top_k else None
+        zeros = lambda *shape, dtype=torch.float32: torch.zeros(*ids.shape, *shape, dtype=dtype, device=ids.device)  # noqa: E731
+        self.token, self.done = zeros(), zeros(dtype=torch.bool)
+        self.teacher_entropy = zeros() if entropy else None
+        self.topk_ids = zeros(self.top_k, dtype=torch.long) if self.top_k else None
+        self.topk_logprobs = zeros(self.top_k) if self.top_k else None
+
+    @torch.no_grad()
+    def observe(self, positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Record the statistics of the flat ``positions`` (indices into ``[B * C]``) from their raw logits
+        ``[n, V]``, a few rows at a time (``OBSERVED_MEMORY_MIB``); returns ``logits`` untouched."""
+        rows = chunk_rows(logits.shape[-1], OBSERVED_MEMORY_MIB, live=2)
+        for i in range(0, len(positions), rows):
+            self._fill(positions[i : i + rows], logits[i : i + rows])
+        return logits
+
+    def _fill(self, positions: torch.Tensor, logits: torch.Tensor) -> None:
+        token, teacher_entropy, topk_ids, topk_logprobs = _reduce(logits, self.ids.reshape(-1)[positions],
+                                                                  self.entropy, self.top_k)
+        for store, values in ((self.token, token), (self.teacher_entropy, teacher_entropy),
+                              (self.topk_ids, topk_ids), (self.topk_logprobs, topk_logprobs)):
+            if store is not None:
+                store.view(-1, *store.shape[2:])[positions] = values.to(store.dtype)
+        self.done.view(-1)[positions] = True
+
+    @torch.no_grad()
+    def complete(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(token log-probs * mask, entropy, top-k ids, top-k log-probs)``, the positions not observed projected
+        here, ``BLOCK_MEMORY_MIB`` of logits at a time."""
+        head, teacher = self.teacher.model.get_output_embeddings(), self.teacher
+        missing = (~self.done).reshape(-1).nonzero().squeeze(-1)
+        flat_hidden = self.hidden.reshape(-1, self.hidden.shape[-1])
+        rows = chunk_rows(head.weight.shape[0], BLOCK_MEMORY_MIB, live=3)
+        for i in range(0, len(missing), rows):
+            with autocast(teacher.device, teacher.amp_dtype):
+                logits = head(flat_hidden[missing[i : i + rows]])
+            self._fill(missing[i : i + rows], logits)
+        return self.token * self.mask, self.teacher_entropy, self.topk_ids, self.topk_logprobs
 
 
 class LocalTeacher:
@@ -72,22 +126,11 @@ class LocalTeacher:
             rollouts = self.context.view(rollouts)
         mask, ids = rollouts.completion_mask, rollouts.completion_ids
         k = top_k if support in ("topk", "full") else None
-        if support == "full":  # hidden states and head; token log-probs, entropy and top-k block by block
+        if support == "full":  # hidden states and head; token log-probs, entropy and top-k when first read
             with autocast(self.device, self.amp_dtype):
                 _, hidden = rollouts.completion_logits(self.model, return_hidden=True, logits=False)
             head = self.model.get_output_embeddings()
-            flat_hidden, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
-            rows = chunk_rows(head.weight.shape[0], BLOCK_MEMORY_MIB, live=3)
-            blocks = []
-            for i in range(0, flat_hidden.shape[0], rows):
-                with autocast(self.device, self.amp_dtype):
-                    logits = head(flat_hidden[i : i + rows])
-                blocks.append(_reduce(logits, flat_ids[i : i + rows], entropy, k))
-            joined = [None if b[0] is None else torch.cat(b) for b in zip(*blocks)]
-            token, teacher_entropy, topk_ids, topk_logprobs = (
-                None if x is None else x.view(*mask.shape, *x.shape[1:]) for x in joined)
-            return TeacherSignal(token * mask, hidden=hidden, head=head, entropy=teacher_entropy, topk_ids=topk_ids,
-                                 topk_logprobs=topk_logprobs)
+            return TeacherSignal(hidden=hidden, head=head, pending=HeadStats(self, hidden, ids, mask, entropy, k))
         with autocast(self.device, self.amp_dtype):
             logits = rollouts.completion_logits(self.model)
         token, teacher_entropy, topk_ids, topk_logprobs = _reduce(logits, ids, entropy, k)
