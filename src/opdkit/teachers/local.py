@@ -57,7 +57,9 @@ class HeadStats:
         self.teacher, self.hidden, self.ids, self.mask, self.entropy = teacher, hidden, ids, mask, entropy
         vocab = teacher.model.get_output_embeddings().weight.shape[0]
         self.top_k = min(top_k, vocab) if top_k else None
-        zeros = lambda *shape, dtype=torch.float32: torch.zeros(*ids.shape, *shape, dtype=dtype, device=ids.device)  # noqa: E731
+        def zeros(*shape, dtype=torch.float32):
+            return torch.zeros(*ids.shape, *shape, dtype=dtype, device=ids.device)
+
         self.token, self.done = zeros(), zeros(dtype=torch.bool)
         self.teacher_entropy = zeros() if entropy else None
         self.topk_ids = zeros(self.top_k, dtype=torch.long) if self.top_k else None
