@@ -92,8 +92,8 @@ def times(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     summed over widened slices of ``WIDEN_ROWS`` rows; otherwise ``g`` cast to the weight's dtype, never the weight."""
     if not mixed(g, weight):
         return g.to(weight.dtype) @ weight
-    out = torch.zeros(g.shape[0], weight.shape[1], dtype=torch.float32, device=g.device)
-    for start in range(0, weight.shape[0], WIDEN_ROWS):
+    out = g[:, :WIDEN_ROWS] @ widen(weight[:WIDEN_ROWS])  # a layer's whole weight, or the head's first slice
+    for start in range(WIDEN_ROWS, weight.shape[0], WIDEN_ROWS):
         out.addmm_(g[:, start : start + WIDEN_ROWS], widen(weight[start : start + WIDEN_ROWS]))
     return out
 
