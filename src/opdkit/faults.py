@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
 
@@ -95,7 +95,8 @@ def save_batch(path: Path, batches: list[Rollouts], signals: list[TeacherSignal]
             "prompts": [e.messages for e in batch.examples],
             "completions": batch.texts(tokenizer),
             "rollouts": {k: v for k, v in vars(batch).items() if isinstance(v, torch.Tensor)},
-            "teacher": {k: v for k, v in vars(teacher).items() if isinstance(v, torch.Tensor)},
+            "teacher": {f.name: getattr(teacher, f.name) for f in fields(teacher)  # pending statistics completed
+                        if isinstance(getattr(teacher, f.name), torch.Tensor)},
         } for batch, teacher in zip(batches, signals)],
     }
     torch.save(payload, path)
