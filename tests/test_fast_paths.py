@@ -302,6 +302,25 @@ def test_the_full_distributions_statistics_come_from_the_blocks_the_loss_project
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(observed, expected))
 
 
+def test_a_step_completes_the_teachers_statistics_before_the_optimizer_moves_any_weight(tiny_config, monkeypatch):
+    """A self teacher with ``ema`` follows the student after each optimizer step: statistics the loss did not take
+    (masked positions, or all of them where no diagnostic reads them in the loss loop: the dataset's completions at
+    ``lmbda: 0``) are computed before it, from the weights that scored the step."""
+    from opdkit.teachers.local import HeadStats
+    from opdkit.train import optimizer_and_schedule, setup, train_step
+
+    tiny_config["objective"] = {"method": "gkd", "beta": 1.0, "lmbda": 0.0}
+    tiny_config["teacher"] = {"kind": "self", "ema": 0.5}
+    run = setup(load_config(base=tiny_config))
+    optimizer, scheduler = optimizer_and_schedule(run)
+    events = []
+    complete, step = HeadStats.complete, optimizer.step
+    monkeypatch.setattr(HeadStats, "complete", lambda self: events.append("complete") or complete(self))
+    monkeypatch.setattr(optimizer, "step", lambda *a, **k: events.append("step") or step(*a, **k))
+    train_step(run, optimizer, scheduler, random.Random(0))
+    assert "complete" in events and events.index("step") > max(i for i, e in enumerate(events) if e == "complete")
+
+
 def test_teacher_dtype_bf16_loads_bf16_weights_and_scores_close_to_fp32(tiny_config, scored):
     from opdkit.train import setup
 

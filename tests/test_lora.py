@@ -109,6 +109,33 @@ def test_the_self_teacher_of_a_lora_student_is_the_frozen_base_without_a_copy(ti
     assert run.student.training  # scoring ran in eval mode and left the student's mode as it was
     assert any(p.requires_grad for p in run.student.parameters())  # and did not freeze the adapter
 
+def test_the_self_teacher_projects_through_the_base_head_of_an_adapted_lm_head(tiny, tiny_config):
+    """With ``lm_head`` among the adapted modules, the full distribution's hidden states are projected after
+    scoring, outside the adapter-disabled context: by the head's base layer, for the loss and for the statistics
+    read from it (``teachers.local.HeadStats``) alike."""
+    lora = {**LORA, "target_modules": ["q_proj", "v_proj", "lm_head"]}
+    config = {**tiny_config, "student": {**tiny_config["student"], "lora": lora}, "teacher": {"kind": "self"}}
+    run = setup(load_config(base=config))
+    untouched = load_model(str(tiny / "student"))
+    import random
+
+    rng = random.Random(0)
+    with torch.no_grad():  # an adapter that moved, on the head too
+        for name, param in run.student.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    batch = collect(run, rng, 1)
+    with torch.no_grad():
+        expected = untouched(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=(batch.attention_mask.cumsum(1) - 1).clamp(min=0)).logits
+        width = batch.completion_ids.shape[1]
+        expected = expected[:, -width - 1 : -1].float().log_softmax(-1)
+    signal = run.teacher.score(batch, "full", top_k=3, entropy=True)
+    token = expected.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1) * batch.completion_mask
+    torch.testing.assert_close(signal.token_logprobs, token, rtol=0, atol=1e-5)
+    torch.testing.assert_close(signal.full_logprobs(), expected, rtol=0, atol=1e-5)
+
+
 def test_lora_refuses_an_ema_self_teacher_and_a_missing_peft(tiny_config, monkeypatch):
     with pytest.raises(OPDError, match="teacher.ema"):
         load_config(base=lora_config(tiny_config, teacher={"kind": "self", "ema": 0.9}))

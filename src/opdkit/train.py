@@ -391,6 +391,8 @@ def train_step(run: Run, optimizer, scheduler, rng: random.Random, keep_tokens: 
             for name, value in token_loss.scalars.items():
                 sums[name] = sums.get(name, 0.0) + value * share
     method.advantage_moments = None
+    for signal in signals:  # a local teacher's statistics the loss did not take, while its weights are the step's
+        signal.complete()
     processes.average_gradients(method.parameters())
     sums = processes.sum(sums)
     timings["forward_backward"] = time.perf_counter() - start

@@ -52,11 +52,11 @@ class HeadStats:
     (``methods.formula``); ``complete`` projects the positions no block covered (the masked ones after a loss pass,
     every one without), a block at a time, and returns the four tensors as the teacher stage computed them."""
 
-    def __init__(self, teacher: "LocalTeacher", hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                 entropy: bool, top_k: int | None):
-        self.teacher, self.hidden, self.ids, self.mask, self.entropy = teacher, hidden, ids, mask, entropy
-        vocab = teacher.model.get_output_embeddings().weight.shape[0]
-        self.top_k = min(top_k, vocab) if top_k else None
+    def __init__(self, teacher: "LocalTeacher", hidden: torch.Tensor, head: torch.nn.Module, ids: torch.Tensor,
+                 mask: torch.Tensor, entropy: bool, top_k: int | None):
+        self.teacher, self.hidden, self.head, self.ids, self.mask = teacher, hidden, head, ids, mask
+        self.entropy, self.top_k = entropy, min(top_k, head.weight.shape[0]) if top_k else None
+
         def zeros(*shape, dtype=torch.float32):
             return torch.zeros(*ids.shape, *shape, dtype=dtype, device=ids.device)
 
@@ -69,6 +69,8 @@ class HeadStats:
     def observe(self, positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Record the statistics of the flat ``positions`` (indices into ``[B * C]``) from their raw logits
         ``[n, V]``, a few rows at a time (``OBSERVED_MEMORY_MIB``); returns ``logits`` untouched."""
+        if bool(self.done.view(-1)[positions].all()):  # seen already (a loss pass run again: its backward)
+            return logits
         rows = chunk_rows(logits.shape[-1], OBSERVED_MEMORY_MIB, live=2)
         for i in range(0, len(positions), rows):
             self._fill(positions[i : i + rows], logits[i : i + rows])
@@ -87,7 +89,7 @@ class HeadStats:
     def complete(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """``(token log-probs * mask, entropy, top-k ids, top-k log-probs)``, the positions not observed projected
         here, ``BLOCK_MEMORY_MIB`` of logits at a time."""
-        head, teacher = self.teacher.model.get_output_embeddings(), self.teacher
+        head, teacher = self.head, self.teacher
         missing = (~self.done).reshape(-1).nonzero().squeeze(-1)
         flat_hidden = self.hidden.reshape(-1, self.hidden.shape[-1])
         rows = chunk_rows(head.weight.shape[0], BLOCK_MEMORY_MIB, live=3)
@@ -116,6 +118,10 @@ class LocalTeacher:
         self.context = context
         self.device = next(model.parameters()).device
 
+    def output_head(self) -> torch.nn.Module:
+        """The LM head that projects the hidden states ``score`` hands over, wherever they are projected later."""
+        return self.model.get_output_embeddings()
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
@@ -131,8 +137,8 @@ class LocalTeacher:
         if support == "full":  # hidden states and head; token log-probs, entropy and top-k when first read
             with autocast(self.device, self.amp_dtype):
                 _, hidden = rollouts.completion_logits(self.model, return_hidden=True, logits=False)
-            head = self.model.get_output_embeddings()
-            return TeacherSignal(hidden=hidden, head=head, pending=HeadStats(self, hidden, ids, mask, entropy, k))
+            head = self.output_head()
+            return TeacherSignal(hidden=hidden, head=head, pending=HeadStats(self, hidden, head, ids, mask, entropy, k))
         with autocast(self.device, self.amp_dtype):
             logits = rollouts.completion_logits(self.model)
         token, teacher_entropy, topk_ids, topk_logprobs = _reduce(logits, ids, entropy, k)

@@ -55,12 +55,15 @@ class AdapterOffTeacher(LocalTeacher):
         finally:
             self.model.train(training)
 
+    def output_head(self) -> torch.nn.Module:
+        """The base layer of an adapted LM head (target_modules naming it): the hidden states are projected later,
+        outside ``_base``."""
+        head = self.model.get_output_embeddings()
+        return head.get_base_layer() if hasattr(head, "get_base_layer") else head
+
     def score(self, *args, **kwargs):
         with self._base():
-            signal = super().score(*args, **kwargs)
-        if signal.head is not None:  # an adapted LM head (target_modules naming it) is applied later, outside
-            signal.head = signal.head.get_base_layer() if hasattr(signal.head, "get_base_layer") else signal.head
-        return signal
+            return super().score(*args, **kwargs)
 
     def sample(self, *args, **kwargs):
         with self._base():
