@@ -116,9 +116,8 @@ class LlamaStep:
             return None
         address = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         self.cos, self.sin = self.cos.contiguous(), self.sin.contiguous()  # [B, 1, L, hd]: rows, columns, dims
-        bf16 = 0b1111111 if projections[0][0].dtype == torch.bfloat16 else 0
         dims = torch.tensor([batch, config.hidden_size, self.heads, self.kv_heads, self.head_dim,
-                             config.intermediate_size, length, bf16], dtype=torch.int64)
+                             config.intermediate_size, length, dtypes == {torch.bfloat16}], dtype=torch.int64)
         scratch = torch.empty(scratch_size(dims.data_ptr()), dtype=torch.float32)
         held, calls = [dims, scratch], []  # what the addresses point into, kept alive with this step
         for layer, keys, values in zip(self.layers, self.keys, self.values):

@@ -1,7 +1,8 @@
 /* The inner loops of a projection of a few float32 rows through float32 or bf16 weights, shared by products.c
  * and decode_layer.c: float_columns and bf16_columns compute the output columns [n0, n1) of y = x @ w.T, reading each
  * pair of w's rows once, from memory, for every row of x (in groups of four, from the cache after the first), with
- * the next pair prefetched. A header of static functions: each kernel that includes it is built on its own. */
+ * the next pair prefetched; project_columns shares a whole product's columns among threads. A header of static
+ * functions: each kernel that includes it is built on its own. */
 #ifndef OPDKIT_COLUMNS_H
 #define OPDKIT_COLUMNS_H
 #include <stdint.h>
@@ -78,5 +79,19 @@ static inline __m256 same8(const float *p) { return _mm256_loadu_ps(p); }
 
 COLUMNS_OF(float_columns, float, same, same8)
 COLUMNS_OF(bf16_columns, uint16_t, widen, widen8)
+
+/* y [rows, n] = x [rows, k] @ w.T for float32 or bf16 (`bf16`) w, its COLUMNS-wide tasks shared among the threads of
+ * the enclosing parallel region (an orphaned `omp for`, without its barrier: the caller places one where needed) */
+static void project_columns(const float *x, const void *w, int bf16, float *y, int64_t rows, int64_t n, int64_t k) {
+    int64_t tasks = (n + COLUMNS - 1) / COLUMNS;
+    #pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t n0 = t * COLUMNS, n1 = n0 + COLUMNS < n ? n0 + COLUMNS : n;
+        if (bf16)
+            bf16_columns(x, (const uint16_t *)w, y, rows, n0, n1, n, k);
+        else
+            float_columns(x, (const float *)w, y, rows, n0, n1, n, k);
+    }
+}
 
 #endif

@@ -9,11 +9,11 @@
  * runtime torch loaded) and the rest runs on one thread between barriers. The arithmetic is llama_step's, summed in
  * another order: results differ from it by float rounding (tests/test_fast_paths.py).
  *
- * pointers (addresses, int64): 0 input norm weight; 1-7 the q, k, v, o, gate, up, down weights [n, k] (float32 or
- * bf16: bit i of dims[7] set for bf16); 8-14 their float32 biases or 0; 15 post-attention norm weight; 16, 17 the q
+ * pointers (addresses, int64): 0 input norm weight; 1-7 the q, k, v, o, gate, up, down weights [n, k] (all float32,
+ * or all bf16 where dims[7] is 1); 8-14 their float32 biases or 0; 15 post-attention norm weight; 16, 17 the q
  * and k norm weights or 0; 18, 19 cos and sin [rows, length, head_dim]; 20, 21 this layer's keys and values
  * [rows, kv_heads, length, head_dim]; 22 scratch, float32, decode_layer_scratch(dims) elements.
- * dims: rows, hidden, heads, kv_heads, head_dim, intermediate, length, bf16 bits.
+ * dims: rows, hidden, heads, kv_heads, head_dim, intermediate, length, bf16.
  * constants: the epsilons of the input, post-attention, q and k norms, the attention's scale. */
 #include <math.h>
 #include <stdint.h>
@@ -21,22 +21,17 @@
 
 enum { Q, K, V, O, GATE, UP, DOWN };
 
-/* y [rows, n] = x [rows, k] @ w.T, the columns shared among the threads of the enclosing parallel region */
-static void project(const int64_t *pointers, int64_t bf16_bits, int which, const float *x, float *y, int64_t rows,
+/* y [rows, n] = x [rows, k] @ w.T + bias, the columns shared among the threads of the enclosing parallel region */
+static void project(const int64_t *pointers, int64_t bf16, int which, const float *x, float *y, int64_t rows,
                     int64_t n, int64_t k) {
-    const void *w = (const void *)pointers[1 + which];
     const float *bias = (const float *)pointers[8 + which];
-    int64_t tasks = (n + COLUMNS - 1) / COLUMNS;
-    #pragma omp for schedule(static) nowait
-    for (int64_t t = 0; t < tasks; t++) {
-        int64_t n0 = t * COLUMNS, n1 = n0 + COLUMNS < n ? n0 + COLUMNS : n;
-        if (bf16_bits >> which & 1)
-            bf16_columns(x, (const uint16_t *)w, y, rows, n0, n1, n, k);
-        else
-            float_columns(x, (const float *)w, y, rows, n0, n1, n, k);
-        if (bias)
+    project_columns(x, (const void *)pointers[1 + which], (int)bf16, y, rows, n, k);
+    if (bias) {  /* the same static schedule as the product's: each thread adds to the columns it computed */
+        int64_t tasks = (n + COLUMNS - 1) / COLUMNS;
+        #pragma omp for schedule(static) nowait
+        for (int64_t t = 0; t < tasks; t++)
             for (int64_t r = 0; r < rows; r++)
-                for (int64_t c = n0; c < n1; c++) y[r * n + c] += bias[c];
+                for (int64_t c = t * COLUMNS; c < n && c < (t + 1) * COLUMNS; c++) y[r * n + c] += bias[c];
     }
 }
 
@@ -65,7 +60,7 @@ int64_t decode_layer_scratch(const int64_t *dims) {
 void decode_layer(float *x, const int64_t *pointers, const int64_t *dims, const float *constants,
                   const int64_t *key_mask, int64_t column, int64_t threads) {
     int64_t rows = dims[0], hidden = dims[1], heads = dims[2], kv_heads = dims[3], head_dim = dims[4];
-    int64_t ffn = dims[5], length = dims[6], bf16_bits = dims[7];
+    int64_t ffn = dims[5], length = dims[6], bf16 = dims[7];
     int64_t q_dim = heads * head_dim, kv_dim = kv_heads * head_dim, groups = heads / kv_heads;
     float *h = (float *)pointers[22], *q = h + rows * hidden, *k = q + rows * q_dim, *v = k + rows * kv_dim;
     float *attended = v + rows * kv_dim, *out = attended + rows * q_dim, *gate = out + rows * hidden;
@@ -80,9 +75,9 @@ void decode_layer(float *x, const int64_t *pointers, const int64_t *dims, const 
         #pragma omp single
         for (int64_t r = 0; r < rows; r++)
             rms_norm(x + r * hidden, (const float *)pointers[0], constants[0], h + r * hidden, hidden);
-        project(pointers, bf16_bits, Q, h, q, rows, q_dim, hidden);
-        project(pointers, bf16_bits, K, h, k, rows, kv_dim, hidden);
-        project(pointers, bf16_bits, V, h, v, rows, kv_dim, hidden);
+        project(pointers, bf16, Q, h, q, rows, q_dim, hidden);
+        project(pointers, bf16, K, h, k, rows, kv_dim, hidden);
+        project(pointers, bf16, V, h, v, rows, kv_dim, hidden);
         #pragma omp barrier
         #pragma omp single
         for (int64_t r = 0; r < rows; r++) {
@@ -124,19 +119,19 @@ void decode_layer(float *x, const int64_t *pointers, const int64_t *dims, const 
                 for (int64_t i = 0; i < head_dim; i++) a[i] /= total;
             }
         }
-        project(pointers, bf16_bits, O, attended, out, rows, hidden, q_dim);
+        project(pointers, bf16, O, attended, out, rows, hidden, q_dim);
         #pragma omp barrier
         #pragma omp single
         for (int64_t r = 0; r < rows; r++) {
             for (int64_t i = 0; i < hidden; i++) x[r * hidden + i] += out[r * hidden + i];
             rms_norm(x + r * hidden, (const float *)pointers[15], constants[1], h + r * hidden, hidden);
         }
-        project(pointers, bf16_bits, GATE, h, gate, rows, ffn, hidden);
-        project(pointers, bf16_bits, UP, h, up, rows, ffn, hidden);
+        project(pointers, bf16, GATE, h, gate, rows, ffn, hidden);
+        project(pointers, bf16, UP, h, up, rows, ffn, hidden);
         #pragma omp barrier
         #pragma omp single
         for (int64_t i = 0; i < rows * ffn; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        project(pointers, bf16_bits, DOWN, gate, out, rows, hidden, ffn);
+        project(pointers, bf16, DOWN, gate, out, rows, hidden, ffn);
         #pragma omp barrier
         #pragma omp single
         for (int64_t i = 0; i < rows * hidden; i++) x[i] += out[i];

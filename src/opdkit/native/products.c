@@ -11,18 +11,14 @@
 #include "columns.h"
 
 void rows_matmul(const float *x, const float *w, float *y, int64_t rows, int64_t n, int64_t k, int64_t threads) {
-    int64_t tasks = (n + COLUMNS - 1) / COLUMNS;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < tasks; t++)
-        float_columns(x, w, y, rows, t * COLUMNS, t * COLUMNS + COLUMNS < n ? t * COLUMNS + COLUMNS : n, n, k);
+    #pragma omp parallel num_threads(threads)
+    project_columns(x, w, 0, y, rows, n, k);
 }
 
 void bf16_rows_matmul(const float *x, const uint16_t *w, float *y, int64_t rows, int64_t n, int64_t k,
                       int64_t threads) {
-    int64_t tasks = (n + COLUMNS - 1) / COLUMNS;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < tasks; t++)
-        bf16_columns(x, w, y, rows, t * COLUMNS, t * COLUMNS + COLUMNS < n ? t * COLUMNS + COLUMNS : n, n, k);
+    #pragma omp parallel num_threads(threads)
+    project_columns(x, w, 1, y, rows, n, k);
 }
 
 void bf16_to_float(const uint16_t *src, float *dst, int64_t count, int64_t threads) {
