@@ -30,14 +30,14 @@ OBSERVED_MEMORY_MIB = 16  # per part of a loss block reduced by HeadStats.observ
 def _reduce(logits: torch.Tensor, ids: torch.Tensor, entropy: bool, top_k: int | None
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(log_softmax(logits)[ids], entropy, top-k ids, top-k log-probs)`` in float32 over ``[..., V]`` logits, the
-    top-k taken on the raw logits before any upcast; the entropy is a float32 log-softmax block by block (rows of
-    ``BLOCK_MEMORY_MIB``), the others need none."""
+    top-k taken on the raw logits before any upcast; the entropy from float32 log-probs block by block (rows of
+    ``BLOCK_MEMORY_MIB``), the logits less the token's logsumexp (not a log-softmax taking it again)."""
     token, lse = sampled_from_logits(logits, ids)
     teacher_entropy = topk_ids = topk_logprobs = None
     if entropy:
-        flat = logits.reshape(-1, logits.shape[-1])
+        flat, flat_lse = logits.reshape(-1, logits.shape[-1]), lse.reshape(-1, 1)
         rows = chunk_rows(logits.shape[-1], BLOCK_MEMORY_MIB, live=2)
-        teacher_entropy = torch.cat([full_entropy(flat[i : i + rows].float().log_softmax(-1))
+        teacher_entropy = torch.cat([full_entropy(flat[i : i + rows].float() - flat_lse[i : i + rows])
                                      for i in range(0, flat.shape[0], rows)]).view(logits.shape[:-1])
     if top_k:
         values, topk_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
