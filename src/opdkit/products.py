@@ -128,6 +128,13 @@ class Widened(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+def through(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for activations of another dtype than the layer's weights (a teacher's float32 hidden states
+    and its bf16 LM head, applied where no autocast decides): ``x`` in the weights' dtype, unless the layer is in
+    float32 arithmetic, which widens its weights to float32 ``x`` itself."""
+    return layer(x if is_float32_arithmetic(layer) else x.to(layer.weight.dtype))
+
+
 def other_layers(model: torch.nn.Module) -> list[str]:
     """The kinds of layer holding a matrix that ``float32_arithmetic`` cannot widen (anything but ``nn.Linear`` and
     ``nn.Embedding``, such as GPT-2's ``Conv1D``): their products would meet bf16 weights with float32 inputs."""

@@ -27,7 +27,7 @@ import torch
 from .objectives.bridge import high_loss
 from .objectives.divergence import entropy, kl
 from .objectives.support import restrict, sampled
-from .products import is_float32_arithmetic
+from .products import through
 from .rollout import Rollouts
 from .teachers import TeacherSignal
 
@@ -124,9 +124,7 @@ def _teacher_full(signal: TeacherSignal, row: int) -> torch.Tensor:
     if signal.logprobs is not None:
         return signal.logprobs[row].float()
     with torch.no_grad():
-        hidden = signal.hidden[row]  # in the head's dtype, unless the head widens its weights for float32 arithmetic
-        hidden = hidden if is_float32_arithmetic(signal.head) else hidden.to(signal.head.weight.dtype)
-        return signal.head(hidden).float().log_softmax(-1)
+        return through(signal.head, signal.hidden[row]).float().log_softmax(-1)
 
 
 @torch.no_grad()

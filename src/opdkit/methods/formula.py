@@ -31,6 +31,7 @@ from ..objectives.divergence import distributional, entropy, estimator, kl, phi,
 from ..objectives.policy_gradient import policy_gradient_loss
 from ..objectives.reduce import token_mean
 from ..objectives.support import chunked_full, restrict, sampled_from_logits, student_topk
+from ..products import through
 from ..rollout import Rollouts, from_prefixes
 from ..teachers import Bridge, TeacherSignal
 from . import Method, StateSource, TokenLoss
@@ -223,7 +224,7 @@ class Formula(Method):
         keep = mask.bool()
         if teacher.hidden is not None:
             teacher_hidden, teacher_head, stats = teacher.hidden[keep], teacher.head, teacher.pending
-            teacher_logits = lambda i, j: teacher_head(teacher_hidden[i:j])  # noqa: E731
+            teacher_logits = lambda i, j: through(teacher_head, teacher_hidden[i:j])  # noqa: E731
             if stats is not None:  # a local teacher's statistics, from these blocks as they pass (teachers.local)
                 positions, project = keep.reshape(-1).nonzero().squeeze(-1), teacher_logits
                 teacher_logits = lambda i, j: stats.observe(positions[i:j], project(i, j))  # noqa: E731

@@ -11,6 +11,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from ..products import through
 from ..rollout import Rollouts
 
 Support = Literal["token", "topk", "full"]
@@ -79,7 +80,7 @@ class TeacherSignal:
         if self.logprobs is not None:
             return self.logprobs
         with torch.no_grad():
-            return self.head(self.hidden).float().log_softmax(-1)
+            return through(self.head, self.hidden).float().log_softmax(-1)
 
 
 class Teacher(Protocol):

@@ -18,7 +18,7 @@ from ..decode import decode
 from ..models import autocast
 from ..objectives.divergence import entropy as full_entropy
 from ..objectives.support import chunk_rows, sampled_from_logits
-from ..products import float32_arithmetic, other_layers
+from ..products import float32_arithmetic, other_layers, through
 from ..rollout import Rollouts, sample
 from . import Support, TeacherSignal
 from .context import TeacherContext
@@ -52,9 +52,9 @@ class HeadStats:
     (``methods.formula``); ``complete`` projects the positions no block covered (the masked ones after a loss pass,
     every one without), a block at a time, and returns the four tensors as the teacher stage computed them."""
 
-    def __init__(self, teacher: "LocalTeacher", hidden: torch.Tensor, head: torch.nn.Module, ids: torch.Tensor,
-                 mask: torch.Tensor, entropy: bool, top_k: int | None):
-        self.teacher, self.hidden, self.head, self.ids, self.mask = teacher, hidden, head, ids, mask
+    def __init__(self, hidden: torch.Tensor, head: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                 entropy: bool, top_k: int | None):
+        self.hidden, self.head, self.ids, self.mask = hidden, head, ids, mask
         self.entropy, self.top_k = entropy, min(top_k, head.weight.shape[0]) if top_k else None
 
         def zeros(*shape, dtype=torch.float32):
@@ -88,15 +88,12 @@ class HeadStats:
     @torch.no_grad()
     def complete(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """``(token log-probs * mask, entropy, top-k ids, top-k log-probs)``, the positions not observed projected
-        here, ``BLOCK_MEMORY_MIB`` of logits at a time."""
-        head, teacher = self.head, self.teacher
+        here as the loss projects the others (``products.through``), ``BLOCK_MEMORY_MIB`` of logits at a time."""
         missing = (~self.done).reshape(-1).nonzero().squeeze(-1)
         flat_hidden = self.hidden.reshape(-1, self.hidden.shape[-1])
-        rows = chunk_rows(head.weight.shape[0], BLOCK_MEMORY_MIB, live=3)
+        rows = chunk_rows(self.head.weight.shape[0], BLOCK_MEMORY_MIB, live=3)
         for i in range(0, len(missing), rows):
-            with autocast(teacher.device, teacher.amp_dtype):
-                logits = head(flat_hidden[missing[i : i + rows]])
-            self._fill(missing[i : i + rows], logits)
+            self._fill(missing[i : i + rows], through(self.head, flat_hidden[missing[i : i + rows]]))
         return self.token * self.mask, self.teacher_entropy, self.topk_ids, self.topk_logprobs
 
 
@@ -138,7 +135,7 @@ class LocalTeacher:
             with autocast(self.device, self.amp_dtype):
                 _, hidden = rollouts.completion_logits(self.model, return_hidden=True, logits=False)
             head = self.output_head()
-            return TeacherSignal(hidden=hidden, head=head, pending=HeadStats(self, hidden, head, ids, mask, entropy, k))
+            return TeacherSignal(hidden=hidden, head=head, pending=HeadStats(hidden, head, ids, mask, entropy, k))
         with autocast(self.device, self.amp_dtype):
             logits = rollouts.completion_logits(self.model)
         token, teacher_entropy, topk_ids, topk_logprobs = _reduce(logits, ids, entropy, k)
