@@ -1,6 +1,6 @@
 """Where one training step's memory goes, on `bench/vs_trl.py`'s SmolLM2 work, in one process.
 
-    .venv/bin/python bench/step_memory.py [--dtype bf16|fp32] [--threads 2]
+    .venv/bin/python bench/step_memory.py [--dtype bf16|fp32] [--moments auto|8bit] [--threads 2]
 
 Sets up `opd train`'s run for vs_trl's config, takes one step (which allocates the optimizer's state), then takes
 a second stage by stage under ``torch.profiler``'s memory timeline and prints: the tensors the run holds (student,
@@ -34,6 +34,7 @@ def mib(tensors) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="both models' weights")
+    parser.add_argument("--moments", choices=["auto", "8bit"], default="auto", help="AdamW's (optim.moments)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     import numpy as np
@@ -49,7 +50,7 @@ def main() -> None:
 
     print("imported: " + resident())
     work = Path(tempfile.mkdtemp())
-    config = vs_trl.ours_config("smollm2", work, 0, args.threads, 2, 32, args.dtype)
+    config = vs_trl.ours_config("smollm2", work, 0, args.threads, 2, 32, args.dtype, args.moments)
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     run = train.setup(load_config(work / "config.yaml"))
     optimizer, scheduler = train.optimizer_and_schedule(run)

@@ -14,7 +14,8 @@
   computing in float32 on them where the precision is float32 (``student.dtype: bf16``);
 - the optimizer: seconds and extra peak memory of one AdamW step over the student's parameters, torch's ``fused``
   against ``foreach`` and the per-parameter loop on float32 weights, and opdkit's on bf16 ones
-  (``student.dtype: bf16``), each in a fresh process (peak RSS is per process).
+  (``student.dtype: bf16``) and with 8-bit moments on either (``optim.moments: 8bit``), each in a fresh process
+  (peak RSS is per process).
 """
 
 from __future__ import annotations
@@ -110,12 +111,12 @@ def optimizer_step(mode: str) -> dict:
 
     from opdkit.optimizer import AdamW
 
-    model = student().to(torch.bfloat16 if mode == "opdkit-bf16" else torch.float32)
+    model = student().to(torch.bfloat16 if mode in ("opdkit-bf16", "opdkit-bf16-8bit") else torch.float32)
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p)
-    if mode == "opdkit-bf16":
-        optimizer = AdamW(params, lr=1e-5)
+    if mode.startswith("opdkit"):
+        optimizer = AdamW(params, lr=1e-5, moments="8bit" if mode.endswith("8bit") else "auto")
     else:
         kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[mode]
         optimizer = torch.optim.AdamW(params, lr=1e-5, **kwargs)
@@ -156,11 +157,11 @@ def main() -> None:
           "(ratio to ours):")
     for name, value in ms.items():
         print(f"  {name:34s} {value:6.1f}  ({value / ms['ours']:.2f}x)")
-    for mode in ("fused", "foreach", "loop", "opdkit-bf16"):
+    for mode in ("fused", "foreach", "loop", "opdkit-bf16", "opdkit-fp32-8bit", "opdkit-bf16-8bit"):
         out = subprocess.run([sys.executable, __file__, "--optimizer", mode, "--threads", str(args.threads)],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"AdamW {mode:11s} over {r['parameters_m']:.0f}M parameters: {r['seconds']:.3f} s per step, "
+        print(f"AdamW {mode:16s} over {r['parameters_m']:.0f}M parameters: {r['seconds']:.3f} s per step, "
               f"{r['extra_peak_mib']:.0f} MiB peak above its state")
 
 

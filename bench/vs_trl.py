@@ -13,8 +13,9 @@ gradient clipping at 1.0, ``--steps`` optimizer steps, the same number of torch 
 (``opd train``: float32 weights under ``precision: auto``), ``ours-bf16`` (the same with ``student.dtype: bf16``
 and ``teacher.dtype: bf16``: bf16 weights for both models, and the student's gradients and AdamW moments in bf16
 with stochastic rounding; on a processor where ``auto`` is float32 both compute in float32 on their bf16 weights),
+``ours-8bit`` (``ours-bf16`` with ``optim.moments: 8bit``: the AdamW moments in 8-bit codes, half of bf16's memory),
 ``trl-fp32`` and ``trl-bf16`` (TRL's ``bf16`` flag). Each runs in its own fresh process, one at a time; each round
-runs all four, its starting variant rotated from round to round to cancel drift.
+runs all five, its starting variant rotated from round to round to cancel drift.
 
 Per run: the median step time after the first step (opdkit: the sum of its logged stage times; TRL: wall
 time from ``on_step_begin`` to ``on_step_end``, generation included), opdkit's per-stage split, the peak RSS
@@ -41,8 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("ours", "ours-bf16", "trl-fp32", "trl-bf16")
-OURS, TRL = VARIANTS[:2], VARIANTS[2:]
+VARIANTS = ("ours", "ours-bf16", "ours-8bit", "trl-fp32", "trl-bf16")
+OURS, TRL = VARIANTS[:3], VARIANTS[3:]
 STAGES = ("rollout", "teacher", "forward_backward", "optimizer", "diagnostics")
 TRAIN_PROMPTS, BATCH_SIZE, LEARNING_RATE = 64, 4, 1e-5
 HELDOUT_PROMPTS, EVAL_LENGTH, EVAL_BATCH = 32, 32, 16
@@ -76,7 +77,7 @@ def peak_rss_gb() -> float:
 # ---- the children: one variant, or the held-out evaluation, per fresh process ----------------------------
 
 def ours_config(pair: str, workdir: Path, seed: int = 0, threads: int = 2, steps: int = 10,
-                max_completion_length: int = 32, dtype: str = "fp32") -> dict:
+                max_completion_length: int = 32, dtype: str = "fp32", moments: str = "auto") -> dict:
     """The ``opd train`` config of the bench's work (its 64 training prompts written into ``workdir``); also what
     ``bench/step_profile.py`` profiles."""
     from opdkit.data import load_examples
@@ -93,17 +94,18 @@ def ours_config(pair: str, workdir: Path, seed: int = 0, threads: int = 2, steps
         "objective": {"method": "gkd", "beta": 1.0, "lmbda": 1.0},
         "optim": {"steps": steps, "learning_rate": LEARNING_RATE, "warmup_steps": 0, "min_lr_ratio": 1.0,
                   "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "gradient_accumulation_steps": 1,
-                  "max_grad_norm": 1.0},
+                  "max_grad_norm": 1.0, "moments": moments},
         "checkpoint": {"every": 0},
     }
 
 
-def run_ours(args, workdir: Path, dtype: str) -> dict:
+def run_ours(args, workdir: Path, dtype: str, moments: str = "auto") -> dict:
     import yaml
 
     from opdkit.cli import main as opd
 
-    config = ours_config(args.pair, workdir, args.seed, args.threads, args.steps, args.max_completion_length, dtype)
+    config = ours_config(args.pair, workdir, args.seed, args.threads, args.steps, args.max_completion_length, dtype,
+                         moments)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     if opd(["train", str(workdir / "config.yaml")]) != 0:
         raise SystemExit("opd train failed")
@@ -188,8 +190,11 @@ def child(args) -> None:
     if args.variant == "eval":
         result = run_eval(args, workdir)
     else:
-        result = (run_ours(args, workdir, "bf16" if args.variant == "ours-bf16" else "fp32") if args.variant in OURS
-                  else run_trl(args, workdir, args.variant == "trl-bf16"))
+        if args.variant in OURS:
+            result = run_ours(args, workdir, "fp32" if args.variant == "ours" else "bf16",
+                              "8bit" if args.variant == "ours-8bit" else "auto")
+        else:
+            result = run_trl(args, workdir, args.variant == "trl-bf16")
         import torch
 
         result["torch_threads"] = torch.get_num_threads()

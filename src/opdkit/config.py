@@ -765,6 +765,10 @@ class OptimConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (null: no clipping)")
     max_nonfinite_steps: int = Field(3, ge=1, description="stop after this many skipped non-finite steps in a row")
+    moments: Literal["auto", "8bit"] = Field(
+        "auto", description="AdamW's two moments: auto keeps them in the weights' dtype (float32, or bf16 with "
+        "student.dtype bf16); 8bit codes them in 8 bits, blocks of 256 scaled by their largest value (opdkit.optimizer), "
+        "a quarter of float32's memory and half of bf16's, for tensors of 4,096 elements or more")
     gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward pass "
                                          "instead of keeping them (transformers' non-reentrant checkpointing): less "
                                          "memory for about one more forward pass of the student per step")
@@ -1018,6 +1022,7 @@ class Config(_Strict):
             "teacher bridges (objective.near_future.mode: teacher_bridge)": objective.teacher_bridge,
             "an EMA self teacher (teacher.ema)": any(s.kind == "self" and s.ema is not None for s in self.teacher_specs()),
             "bf16 weights (student.dtype: bf16)": self.student.dtype == "bf16",
+            "8-bit moments (optim.moments: 8bit)": self.optim.moments == "8bit",
         }
         for what, present in refused.items():
             if present:

@@ -216,12 +216,12 @@ def lr_lambda(config: Config):
 def optimizer_and_schedule(run: Run):
     """The run's AdamW over ``optimizer_groups`` and its learning-rate schedule (``lr_lambda``). float32 weights:
     torch's fused AdamW, one kernel over all parameters, measured here twice as fast as foreach, without its
-    temporaries; bf16 weights (``student.dtype``): ``opdkit.optimizer.AdamW``, the same arithmetic with stochastic
-    rounding."""
+    temporaries; bf16 weights (``student.dtype``) or 8-bit moments (``optim.moments``): ``opdkit.optimizer.AdamW``,
+    the same arithmetic with stochastic rounding."""
     optim = run.config.optim
-    if run.config.student.dtype == "bf16":
+    if run.config.student.dtype == "bf16" or optim.moments == "8bit":
         optimizer = AdamW(optimizer_groups(run), lr=optim.learning_rate, betas=optim.adam_betas,
-                          weight_decay=optim.weight_decay, seed=run.config.seed)
+                          weight_decay=optim.weight_decay, seed=run.config.seed, moments=optim.moments)
     else:
         optimizer = torch.optim.AdamW(optimizer_groups(run), lr=optim.learning_rate, fused=True,
                                       betas=optim.adam_betas, weight_decay=optim.weight_decay)

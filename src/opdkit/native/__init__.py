@@ -4,7 +4,9 @@ first use for this processor and cached in ``native/`` of opdkit's cache (``$OPD
 its eager torch equivalent (the same arithmetic, slower).
 
 - ``adamw_bf16`` (``opdkit.optimizer``): an AdamW step on bf16 weights with stochastic rounding. Plain C called
-  through ``ctypes``, which lets go of the GIL, so the optimizer splits a tensor over threads.
+  through ``ctypes``, which lets go of the GIL, so the optimizer splits a tensor over threads. ``adamw_8bit``: the
+  same step on float32 or bf16 weights whose moments are 8-bit codes (``optim.moments: 8bit``). Both share
+  ``rounding.h``.
 - ``products.c`` (``opdkit.products``): ``rows_matmul`` and ``bf16_rows_matmul``, a projection of a few float32 rows
   through float32 or bf16 weights, each weight read once for all of them (the decode step's products), and
   ``bf16_to_float``. Their threads are OpenMP's, the runtime torch itself loaded; a compiler without OpenMP builds
@@ -32,6 +34,7 @@ FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
 NATIVE = ["-march=native"]
 ARGUMENTS = {  # each kernel's C signature, for ctypes
     "adamw_bf16": [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 7 + [ctypes.c_uint32],
+    "adamw_8bit": [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_float] * 7 + [ctypes.c_uint32],
     "rows_matmul": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4,
     "bf16_rows_matmul": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4,
     "bf16_to_float": [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2,

@@ -5,30 +5,9 @@
  * as written, with fmaf exactly where torch's vectorised kernels fuse (lerp, addcmul). The moments come out as the
  * eager path's to the bit; the square root here is correctly rounded where torch's vectorised one is not always, so
  * a weight can round to the neighbouring bf16 value about once in 65,536 updates (tests/test_optimizer.py). */
-#include <stdint.h>
-#include <string.h>
 #include <math.h>
 
-static inline float from_bf16(uint16_t b) {
-    uint32_t bits = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t round_stochastic(float f, uint32_t noise) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    return (uint16_t)((bits + noise) >> 16);
-}
-
-static inline uint32_t noise(int64_t index, uint32_t key) {
-    uint32_t x = ((uint32_t)index * 0x9e3779b1u) ^ key;
-    x = ((x >> 16) ^ x) * 0x45d9f3bu;
-    x = ((x >> 16) ^ x) * 0x45d9f3bu;
-    x = (x >> 16) ^ x;
-    return x & 0xffffu;
-}
+#include "rounding.h"
 
 void adamw_bf16(uint16_t *restrict weight, const uint16_t *restrict grad, uint16_t *restrict exp_avg,
                 uint16_t *restrict exp_avg_sq,
