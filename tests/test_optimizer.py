@@ -317,3 +317,28 @@ def test_clipping_gives_torchs_clip_grad_norm_bits_and_skips_only_a_scaling_by_o
     assert norm == float(torch.nn.utils.clip_grad_norm_(theirs, max_norm))
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
     assert all(torch.equal(a.grad, b) for a, b in zip(ours, untouched)) == (max_norm > norm)
+
+
+@pytest.mark.parametrize("kind", ["torch fused", "bf16", "8-bit"])
+def test_state_allocated_before_the_first_step_trains_as_the_lazily_created_one(kind):
+    """``allocate_state`` creates, before any step, the state the first step would (zeros, step 0): the same
+    keys, dtypes and devices, and the same weights and state, to the bit, after a few steps."""
+    from opdkit.optimizer import allocate_state
+
+    dtype = torch.float32 if kind == "torch fused" else torch.bfloat16
+    make = {"torch fused": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
+            "bf16": lambda p: AdamW(p, lr=1e-3), "8-bit": lambda p: AdamW(p, lr=1e-3, moments="8bit")}[kind]
+    early, lazy = params(dtype), params(dtype)
+    frozen = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    a, b = make(early + [frozen]), make(lazy)
+    allocate_state(a)
+    assert frozen not in a.state and all(int(a.state[p]["step"]) == 0 for p in early)
+    for step in range(3):
+        gradients(early, step), gradients(lazy, step)
+        a.step(), b.step()
+    for x, y in zip(early, lazy):
+        assert torch.equal(x, y)
+        assert a.state[x].keys() == b.state[y].keys()
+        for key, value in a.state[x].items():
+            other = b.state[y][key]
+            assert value.dtype == other.dtype and value.device == other.device and torch.equal(value, other), key

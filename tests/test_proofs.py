@@ -200,13 +200,15 @@ def test_full_vocabulary_divergences_match_float64_reference(name):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", ["same", "weighted"])
 @pytest.mark.parametrize("T", [1.0, 1.5])
-def test_chunked_full_vocabulary_equals_unchunked(name, bias, rows, T):
+@pytest.mark.parametrize("chunk_size", [8, 64], ids=["several blocks", "one block"])
+def test_chunked_full_vocabulary_equals_unchunked(name, bias, rows, T, chunk_size):
     """Both heads block by block, the gradient taken in forward (in closed form for the KLs, by autograd for the
     rest) with a uniform upstream gradient or recomputed with row weights: the same losses, gradients and
-    stats as the whole computation."""
+    stats as the whole computation. One block of fewer rows than the head's width keeps its logits' gradient for
+    backward to take the head's from, the others sum the head's gradient as they go."""
     g = torch.Generator().manual_seed(8)
-    head, teacher_head = torch.nn.Linear(16, 300, bias=bias), torch.nn.Linear(24, 300)
-    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    head, teacher_head = torch.nn.Linear(64, 300, bias=bias), torch.nn.Linear(24, 300)
+    hidden = torch.randn(37, 64, generator=g, requires_grad=True)
     teacher_hidden = torch.randn(37, 24, generator=g)
     upstream = torch.full((37,), 0.3) if rows == "same" else torch.rand(37, generator=g)
     fn = lambda s, t: distributional(name, s, t, beta=0.5, alpha=0.1)  # noqa: E731
@@ -215,7 +217,7 @@ def test_chunked_full_vocabulary_equals_unchunked(name, bias, rows, T):
     params = [hidden, head.weight] + ([head.bias] if bias else [])
     grads_plain = torch.autograd.grad((plain * upstream).sum(), params)
     chunked, entropy, reverse_kl = chunked_full(hidden, head, lambda i, j: teacher_head(teacher_hidden[i:j]), name,
-                                                beta=0.5, alpha=0.1, temperature=T, chunk_size=8)
+                                                beta=0.5, alpha=0.1, temperature=T, chunk_size=chunk_size)
     grads_chunked = torch.autograd.grad((chunked * upstream).sum(), params)
     assert torch.allclose(plain, chunked, atol=1e-5)
     for a, b in zip(grads_plain, grads_chunked):

@@ -143,6 +143,25 @@ class AdamW(torch.optim.Optimizer):
         return [self.threads.submit(self.kernel, *args, bounds[i], bounds[i + 1], *constants) for i in range(parts)]
 
 
+def allocate_state(optimizer: torch.optim.Optimizer) -> None:
+    """Every trained parameter's optimizer state, as the first step would create it (zeros, step 0), allocated now:
+    created by the first step it lands where that step's temporaries were freed, and every later step's temporaries
+    go above it (on the SmolLM2 pair with 8-bit moments, a main heap of 800 MiB after two steps, against 685 with
+    the state allocated first, from malloc_info). ``opdkit.optimizer.AdamW``'s state, or torch's fused AdamW's
+    (its ``_init_group``'s); any other optimizer creates its own at its first step."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not param.requires_grad or optimizer.state.get(param):
+                continue
+            state = optimizer.state[param]
+            if isinstance(optimizer, AdamW):
+                state.update(optimizer.initial_state(param))
+            elif type(optimizer) is torch.optim.AdamW and group["fused"] and not group["amsgrad"]:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                for name in ("exp_avg", "exp_avg_sq"):
+                    state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
 def hyperparameters(group: dict, step: int) -> dict:
     beta1, beta2 = group["betas"]
     return {"lr": group["lr"], "decay": group["weight_decay"], "beta1": beta1, "beta2": beta2, "eps": group["eps"],

@@ -39,7 +39,7 @@ from .models import (autocast, context_length, enable_gradient_checkpointing, ke
 from .objectives import credit, gates, groups
 from .objectives.divergence import entropy
 from .objectives.reduce import aggregation_weights, token_sum
-from .optimizer import AdamW
+from .optimizer import AdamW, allocate_state
 from .products import float32_arithmetic, other_layers
 from .rollout import Rollouts, from_dataset, grouped, sample
 from .served_rollout import ServedStudent
@@ -225,6 +225,7 @@ def optimizer_and_schedule(run: Run):
     else:
         optimizer = torch.optim.AdamW(optimizer_groups(run), lr=optim.learning_rate, fused=True,
                                       betas=optim.adam_betas, weight_decay=optim.weight_decay)
+    allocate_state(optimizer)  # before any step's temporaries
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run.config))
 
 

@@ -183,25 +183,35 @@ class _FusedHeadDivergence(torch.autograd.Function):
         n = hidden.shape[0]
         loss, entropy, reverse_kl = (hidden.new_zeros(n, dtype=torch.float32) for _ in range(3))
         hidden_grad = torch.zeros(n, weight.shape[1], dtype=torch.float32, device=hidden.device)
-        weight_grad = bias_grad = None  # [V, d]: the first block's, then a sum in float32 (no zeros to add to)
+        weight_grad = bias_grad = logits_grad = None  # [V, d]: the first block's, then a sum in float32
+        # one block of fewer rows than the head's width: keep its [rows, V] logits' gradient (float32) for backward
+        # to take the head's gradient from, rather than a [V, d] one held from here to there
+        deferred = n <= block.size and n * 4 < weight.shape[1] * weight.element_size()
         accumulate = weight.dtype if n <= block.size else torch.float32
         for i, j, block_loss, logits_grad, block_entropy, block_kl in _FusedHeadDivergence._blocks(block, hidden, weight, bias):
             loss[i:j], entropy[i:j], reverse_kl[i:j] = block_loss, block_entropy, block_kl
             hidden_grad[i:j] = times(logits_grad, weight)  # the [rows, V] block cast, never the [V, d] head
-            weight_grad = _add_weight_gradient(weight_grad, logits_grad, hidden[i:j], accumulate)
-            if bias is not None:
-                bias_grad = _add(bias_grad, logits_grad.sum(0))
-        weight_grad, bias_grad = _head_grads(weight_grad, bias_grad, weight, bias)
-        ctx.save_for_backward(hidden, weight, bias, hidden_grad, weight_grad, bias_grad)
+            if not deferred:
+                weight_grad = _add_weight_gradient(weight_grad, logits_grad, hidden[i:j], accumulate)
+                if bias is not None:
+                    bias_grad = _add(bias_grad, logits_grad.sum(0))
+        if not deferred:
+            weight_grad, bias_grad, logits_grad = *_head_grads(weight_grad, bias_grad, weight, bias), None
+        ctx.save_for_backward(hidden, weight, bias, hidden_grad, weight_grad, bias_grad, logits_grad)
         ctx.mark_non_differentiable(entropy, reverse_kl)
         return loss, entropy, reverse_kl
 
     @staticmethod
     def backward(ctx, upstream, _entropy, _reverse_kl):
-        hidden, weight, bias, hidden_grad, weight_grad, bias_grad = ctx.saved_tensors
+        hidden, weight, bias, hidden_grad, weight_grad, bias_grad, logits_grad = ctx.saved_tensors
         grads = [(upstream.unsqueeze(-1) * hidden_grad).to(hidden.dtype), None, None]
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            if upstream.numel() and bool((upstream == upstream[0]).all()):  # one scale for every row
+            uniform = upstream.numel() and bool((upstream == upstream[0]).all())  # one scale for every row
+            if uniform and logits_grad is not None:  # the one block's gradient scaled, then the head's taken once
+                logits_grad.mul_(upstream[0])
+                grads[1] = _add_weight_gradient(None, logits_grad, hidden, weight.dtype) if ctx.needs_input_grad[1] else None
+                grads[2] = logits_grad.sum(0) if ctx.needs_input_grad[2] else None
+            elif uniform:
                 grads[1] = weight_grad.mul_(upstream[0]) if ctx.needs_input_grad[1] else None  # in place: no copy
                 grads[2] = bias_grad.mul_(upstream[0]) if ctx.needs_input_grad[2] else None
             else:  # row weights differ: each block once more, its logits' gradient weighted by them
