@@ -1,6 +1,7 @@
 """A student and a teacher of real sizes on this machine: two optimizer steps and the peak memory they took.
 
-    .venv/bin/python bench/scale_memory.py [--teacher-dtype auto|fp32|bf16] [--student-dtype fp32|bf16] [--steps 2] [--length 256]
+    .venv/bin/python bench/scale_memory.py [--teacher-dtype auto|fp32|bf16] [--student-dtype fp32|bf16]
+        [--moments auto|8bit] [--steps 2] [--length 256]
 
 A randomly initialised Qwen2-0.5B-shaped student (24 layers, width 896) and a Qwen2-1.5B-shaped teacher (28
 layers, width 1536), both with Qwen's 151,936-token vocabulary, built from ``transformers`` configs and saved
@@ -63,7 +64,7 @@ def train(workdir: Path, args) -> dict:
         "data": {"train": "builtin:smollm2/train"},
         "rollout": {"batch_size": 2, "max_completion_length": args.length, "temperature": 1.0},
         "objective": {"method": "gkd", "beta": 1.0, "lmbda": 1.0},
-        "optim": {"steps": args.steps, "learning_rate": 1e-5, "warmup_steps": 0},
+        "optim": {"steps": args.steps, "learning_rate": 1e-5, "warmup_steps": 0, "moments": args.moments},
         "checkpoint": {"every": 0, "keep": 1},
     }
     path = workdir / "config.json"  # YAML is a superset of JSON
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--teacher-dtype", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--student-dtype", default="fp32", choices=["fp32", "bf16"],
                         help="student.dtype: bf16 keeps its weights, gradients and AdamW moments in bf16")
+    parser.add_argument("--moments", default="auto", choices=["auto", "8bit"], help="optim.moments")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--length", type=int, default=256, help="new tokens per rollout")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -100,7 +102,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(machine_description(resolve_precision("auto", pick_device())))
-    print(f"student Qwen2-0.5B-shaped (student.dtype {args.student_dtype}), teacher Qwen2-1.5B-shaped (teacher.dtype "
+    print(f"student Qwen2-0.5B-shaped (student.dtype {args.student_dtype}, optim.moments {args.moments}), teacher Qwen2-1.5B-shaped (teacher.dtype "
           f"{args.teacher_dtype}), vocabulary "
           f"{VOCAB:,}, batch 2 x {args.length} new tokens, {args.steps} optimizer steps")
     print(f"peak RSS of the training process: {result['peak_rss_gib']:.2f} GiB")

@@ -3,6 +3,7 @@
     .venv/bin/python bench/vs_trl.py --pair smollm2 --rounds 2 --steps 10
     .venv/bin/python bench/vs_trl.py --pair arith --rounds 2 --steps 10
     .venv/bin/python bench/vs_trl.py --pair smollm2 --rounds 1 --seed 1     # another seed for both trainers
+    .venv/bin/python bench/vs_trl.py --rounds 1 --seed 2 --variants ours-bf16 ours-8bit   # some variants only
 
 TRL is an optional extra: ``pip install -e '.[bench]'``.
 
@@ -219,7 +220,8 @@ def spawn(args, variant: str, workdir: Path) -> dict:
 
 def run_round(args, index: int, root: Path, before: bool) -> list[dict]:
     """All variants, the starting one rotated by ``index``, then one evaluation of their students."""
-    order = VARIANTS[index % len(VARIANTS):] + VARIANTS[:index % len(VARIANTS)]
+    variants = args.variants
+    order = variants[index % len(variants):] + variants[:index % len(variants)]
     runs = [{"round": index, "variant": v, **spawn(args, v, root / f"round{index}-{v}")} for v in order]
     students = {run["variant"]: run.pop("student") for run in runs}
     if before:
@@ -237,15 +239,17 @@ def summarize(runs: list[dict]) -> dict:
     def median(variant: str, key: str) -> float:
         return statistics.median(r[key] for r in runs if r["variant"] == variant)
 
-    table = {v: {key: median(v, key) for key in ("median_step_s", "peak_rss_gb", "reverse_kl")} for v in VARIANTS}
-    for ours in OURS:
+    ran = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    table = {v: {key: median(v, key) for key in ("median_step_s", "peak_rss_gb", "reverse_kl")} for v in ran}
+    ours_ran, trl_ran = [v for v in OURS if v in ran], [v for v in TRL if v in ran]
+    for ours in ours_ran:
         table[ours]["stages_s"] = {s: statistics.median(r["stages_s"][s] for r in runs if r["variant"] == ours)
                                    for s in STAGES}
-    fastest = min(TRL, key=lambda v: table[v]["median_step_s"])
+    fastest = min(trl_ran, key=lambda v: table[v]["median_step_s"]) if trl_ran else None
     ratios = {f"{ours} / {name}": {"time": table[ours]["median_step_s"] / table[v]["median_step_s"],
                                    "memory": table[ours]["peak_rss_gb"] / table[v]["peak_rss_gb"]}
-              for ours in OURS
-              for name, v in (("trl-fp32", "trl-fp32"), ("trl-bf16", "trl-bf16"), (f"TRL's fastest ({fastest})", fastest))}
+              for ours in ours_ran
+              for name, v in [(v, v) for v in trl_ran] + ([(f"TRL's fastest ({fastest})", fastest)] if fastest else [])}
     return {"medians": table, "before_reverse_kl": median("before", "reverse_kl"), "trl_fastest": fastest,
             "ratios": ratios}
 
@@ -273,7 +277,7 @@ def report(runs: list[dict], summary: dict, host: dict) -> None:
     print(f"{'variant':<10}{'step s':>10}{'RSS GB':>10}{'rev. KL':>10}")
     for variant, row in summary["medians"].items():
         print(f"{variant:<10}{row['median_step_s']:>10.3f}{row['peak_rss_gb']:>10.2f}{row['reverse_kl']:>10.4f}")
-    for ours in OURS:
+    for ours in [v for v in OURS if v in summary["medians"]]:
         print(f"{ours} stages: " + ", ".join(f"{s} {t:.3f} s" for s, t in summary["medians"][ours]["stages_s"].items()))
     for name, ratio in summary["ratios"].items():
         print(f"{name:<35} time {ratio['time']:.2f}x  memory {ratio['memory']:.2f}x")
@@ -284,6 +288,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pair", choices=["smollm2", "arith"], default="smollm2")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="which to run (default: all); ratios to TRL need a TRL variant among them")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
     parser.add_argument("--max-completion-length", type=int, default=32)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (both sides)")
@@ -306,7 +312,8 @@ def main() -> None:
     report(runs, summary, host)
     output = Path(args.output or Path(__file__).parent / "results" / f"vs_trl-{args.pair}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("pair", "rounds", "steps", "max_completion_length", "threads", "seed")}
+    settings = {k: getattr(args, k) for k in ("pair", "rounds", "steps", "max_completion_length", "threads", "seed",
+                                              "variants")}
     settings |= {"train_prompts": TRAIN_PROMPTS, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
                  "heldout_prompts": HELDOUT_PROMPTS, "eval_max_completion_length": EVAL_LENGTH}
     output.write_text(json.dumps({"settings": settings, "machine": host, "runs": runs, "summary": summary}, indent=2))

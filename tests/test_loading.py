@@ -73,3 +73,20 @@ def test_loading_in_bf16_does_not_hold_the_float32_file_in_resident_memory(llama
              for how in ("mmap", "pread")}
     file_mib = (llama / "whole" / "model.safetensors").stat().st_size / 2**20
     assert peaks["mmap"] - peaks["pread"] > 0.6 * file_mib, (peaks, file_mib)
+
+
+def test_weights_stored_in_the_dtype_asked_for_are_mapped_as_from_pretrained_maps_them(llama, monkeypatch):
+    """A float32 file loaded in float32 is the model itself once mapped (no copy): ``pread`` is only for a
+    conversion."""
+    from opdkit.models import stored_float_dtypes
+
+    assert stored_float_dtypes([llama / "whole" / "model.safetensors"]) == {"F32"}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read with pread")
+
+    monkeypatch.setattr("safetensors.safe_open", refuse)
+    model = from_folder(llama / "whole", torch.float32)
+    assert model.dtype == torch.float32 and model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(AssertionError, match="read with pread"):
+        from_folder(llama / "whole", torch.bfloat16)

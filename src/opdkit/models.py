@@ -66,12 +66,14 @@ def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype
 
 
 def from_folder(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
-    """``from_pretrained(folder, dtype=dtype)``, its safetensors files read with ``pread`` instead of mapped: pages of
-    a mapped file count in the process's resident memory until loading ends, so a float32 file loaded in bf16 held the
-    whole file beside the bf16 copy (0.49 GB more at the peak of loading the SmolLM2 teacher, 1.09 against 0.61 GB);
-    read pages pass through the page cache, which is not the process's. The same keys, conversions and tying as
-    ``from_pretrained``'s own (its ``state_dict`` path), and the folder's generation config. Other weights (``.bin``),
-    quantized checkpoints and a ``safetensors`` without ``pread`` load through ``from_pretrained`` as they are."""
+    """``from_pretrained(folder, dtype=dtype)``. Where the weights are stored in another dtype (a float32 file loaded
+    in bf16), its safetensors files are read with ``pread`` instead of mapped: a mapped file's pages count in the
+    process's resident memory until loading ends, beside the converted copy (the SmolLM2 teacher in bf16: a peak 0.77
+    GB above the start of loading mapped, 0.28 read; ``bench/load_memory.py``), while read pages pass through the
+    page cache, which is not the process's. Stored in ``dtype`` already, the mapped file is the model, no copy
+    (0.03 GB against 0.54 read), and ``from_pretrained`` maps it. The same keys, conversions and tying as
+    ``from_pretrained``'s own (its ``state_dict`` path), and the folder's generation config. Other weights
+    (``.bin``), quantized checkpoints and a ``safetensors`` without ``pread`` load through ``from_pretrained``."""
     from safetensors import safe_open
     from transformers import AutoConfig, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -80,7 +82,8 @@ def from_folder(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
     files = (sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
              if index.is_file() else [folder / "model.safetensors"])
     config = AutoConfig.from_pretrained(folder)
-    if not all(f.is_file() for f in files) or getattr(config, "quantization_config", None) is not None:
+    if (not all(f.is_file() for f in files) or getattr(config, "quantization_config", None) is not None
+            or stored_float_dtypes(files) <= {SAFETENSORS_DTYPES.get(dtype)}):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     with contextlib.ExitStack() as stack:
         try:
@@ -94,6 +97,20 @@ def from_folder(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
         model.generation_config = GenerationConfig.from_pretrained(folder)
     model.config._name_or_path = str(folder)
     return model
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def stored_float_dtypes(files: list[Path]) -> set[str]:
+    """The floating-point dtypes (safetensors' names: ``F32``, ``BF16``, ...) the files' tensors are stored in, from
+    their headers (an 8-byte length, then JSON)."""
+    found = set()
+    for path in files:
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        found |= {entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+    return {name for name in found if name.startswith(("F", "BF"))}
 
 
 def weights_dtype(name: str, auto: torch.dtype = torch.float32) -> torch.dtype:

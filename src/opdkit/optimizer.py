@@ -292,8 +292,9 @@ def update_8bit_eager(weight, grad, exp_avg, exp_avg_scale, exp_avg_sqrt, exp_av
 
 def _keep_8bit_state(optimizer: AdamW, state_dict: dict) -> None:
     """torch's ``load_state_dict`` casts every state tensor but ``step`` to its parameter's dtype: keep the 8-bit
-    codes and their float32 scales aside, by parameter index, for ``_restore_8bit_state``."""
-    optimizer._loaded_8bit = {index: {k: v.clone() for k, v in state.items() if k in EIGHT_BIT}
+    codes and their float32 scales aside, by parameter index, for ``_restore_8bit_state`` (torch casts copies: the
+    saved tensors themselves are untouched)."""
+    optimizer._loaded_8bit = {index: {k: v for k, v in state.items() if k in EIGHT_BIT}
                               for index, state in state_dict["state"].items() if "exp_avg_sqrt" in state}
 
 
