@@ -2,17 +2,16 @@
 against the same arithmetic in torch operators, and runs that train, save and resume in bf16."""
 
 import copy
-import shutil
 
 import pytest
 import torch
 
-from opdkit import checkpoint
 from opdkit.config import load_config
 from opdkit.errors import OPDError
 from opdkit.native import kernel
 from opdkit.optimizer import AdamW, noise, round_stochastic
 from opdkit.train import setup, train
+from optimizer_checks import resumes_exactly, step_alike
 
 needs_compiler = pytest.mark.skipif(kernel("adamw_bf16") is None, reason="no C compiler to build the kernel")
 
@@ -209,13 +208,7 @@ def test_a_bf16_student_learns_saves_bf16_and_resumes_exactly(tiny_config, tmp_p
     assert final.dtype == torch.bfloat16
     assert all(torch.equal(a, b) for a, b in zip(final.parameters(), run.student.parameters()))
 
-    run_dir = tmp_path / "run"
-    shutil.rmtree(run_dir / "checkpoint-4")
-    shutil.rmtree(run_dir / "final")
-    resumed = setup(checkpoint.resume_config(run_dir))
-    train(resumed, resume=True)
-    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in run.history]
-    assert all(torch.equal(a, b) for a, b in zip(run.student.parameters(), resumed.student.parameters()))
+    resumes_exactly(run, tmp_path / "run", 4)
 
 
 def test_a_bf16_head_gets_its_gradient_in_bf16_from_one_block_and_summed_in_float32_from_several():
@@ -333,12 +326,4 @@ def test_state_allocated_before_the_first_step_trains_as_the_lazily_created_one(
     a, b = make(early + [frozen]), make(lazy)
     allocate_state(a)
     assert frozen not in a.state and all(int(a.state[p]["step"]) == 0 for p in early)
-    for step in range(3):
-        gradients(early, step), gradients(lazy, step)
-        a.step(), b.step()
-    for x, y in zip(early, lazy):
-        assert torch.equal(x, y)
-        assert a.state[x].keys() == b.state[y].keys()
-        for key, value in a.state[x].items():
-            other = b.state[y][key]
-            assert value.dtype == other.dtype and value.device == other.device and torch.equal(value, other), key
+    step_alike(a, b, early, lazy, gradients)

@@ -3,17 +3,16 @@ against the same arithmetic in torch operators, the codes' rounding, how close i
 that train and resume with it."""
 
 import copy
-import shutil
 
 import pytest
 import torch
 
-from opdkit import checkpoint
 from opdkit.config import load_config
 from opdkit.errors import OPDError
 from opdkit.native import kernel
 from opdkit.optimizer import BLOCK, MIN_8BIT, AdamW, code_values, encode_m, encode_s
 from opdkit.train import setup, train
+from optimizer_checks import resumes_exactly, step_alike
 
 needs_compiler = pytest.mark.skipif(kernel("adamw_8bit") is None, reason="no C compiler to build the kernel")
 SHAPES = ((300, 70), (5,), ((1 << 20) + 77,))  # blocks of 256 and a shorter last one; one tensor under MIN_8BIT
@@ -48,13 +47,7 @@ def test_the_c_kernel_computes_what_the_torch_operators_compute_to_the_bit(dtype
     fused, eager = params(dtype), params(dtype)
     a = AdamW(fused, lr=1e-3, betas=(beta1, 0.999), weight_decay=0.1, fused=True, moments="8bit")
     b = AdamW(eager, lr=1e-3, betas=(beta1, 0.999), weight_decay=0.1, fused=False, moments="8bit")
-    for step in range(3):
-        gradients(fused, step), gradients(eager, step)
-        a.step(), b.step()
-    for x, y in zip(fused, eager):
-        assert torch.equal(x, y)
-        assert a.state[x].keys() == b.state[y].keys()
-        assert all(torch.equal(a.state[x][k], b.state[y][k]) for k in a.state[x])
+    step_alike(a, b, fused, eager, gradients)
     big, small = a.state[fused[2]], a.state[fused[1]]
     assert big["exp_avg"].dtype == big["exp_avg_sqrt"].dtype == torch.uint8 and big["exp_avg"].shape == fused[2].shape
     assert big["exp_avg_scale"].dtype == torch.float32 and big["exp_avg_scale"].numel() == -(-fused[2].numel() // BLOCK)
@@ -197,12 +190,7 @@ def test_a_run_with_8bit_moments_learns_and_resumes_exactly(tiny_config, tmp_pat
     state = torch.load(run_dir / "checkpoint-4" / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
     coded = [s for s in state.values() if "exp_avg_sqrt" in s]
     assert coded and all(s["exp_avg"].dtype == torch.uint8 for s in coded)
-    shutil.rmtree(run_dir / "checkpoint-4")
-    shutil.rmtree(run_dir / "final")
-    resumed = setup(checkpoint.resume_config(run_dir))
-    train(resumed, resume=True)
-    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in run.history]
-    assert all(torch.equal(a, b) for a, b in zip(run.student.parameters(), resumed.student.parameters()))
+    resumes_exactly(run, run_dir, 4)
 
 
 def test_without_a_compiler_8bit_moments_run_in_torch_operators(monkeypatch, tmp_path):
