@@ -120,27 +120,27 @@ class AdamW(torch.optim.Optimizer):
 
     def update_8bit_fused(self, weight, grad, exp_avg, exp_avg_scale, exp_avg_sqrt, exp_avg_sqrt_scale, hyper: dict,
                           key: int) -> list:
-        """Queues ``native/adamw_8bit.c`` over one tensor's blocks (split among the threads when large)."""
-        n, blocks = weight.numel(), exp_avg_scale.numel()
-        args = [t.data_ptr() for t in (weight, grad, exp_avg, exp_avg_scale, exp_avg_sqrt, exp_avg_sqrt_scale)]
-        constants = [1 - hyper["lr"] * hyper["decay"], 1 - hyper["beta1"], hyper["beta2"], 1 - hyper["beta2"],
-                     hyper["root_correction"], hyper["eps"], -hyper["step_size"], key]
-        bf16 = int(weight.dtype == torch.bfloat16)
-        parts = torch.get_num_threads() if n >= THREADED else 1
-        bounds = [blocks * i // parts for i in range(parts + 1)]
-        return [self.threads.submit(self.kernel_8bit, *args, bounds[i], bounds[i + 1], n, bf16, *constants)
-                for i in range(parts)]
+        """Queues ``native/adamw_8bit.c`` over one tensor's blocks; returns the calls to wait on."""
+        tensors = (weight, grad, exp_avg, exp_avg_scale, exp_avg_sqrt, exp_avg_sqrt_scale)
+        return self._queue(self.kernel_8bit, tensors, exp_avg_scale.numel(), weight.numel(),
+                           (weight.numel(), int(weight.dtype == torch.bfloat16)), hyper, key)
 
     def update_fused(self, weight, grad, exp_avg, exp_avg_sq, hyper: dict, key: int) -> list:
-        """Queues the kernel's update of one bf16 tensor on the threads (a large one split among them); returns the
-        calls to wait on. The parameters are independent, so every thread stays busy across them."""
-        n = weight.numel()
-        args = [t.data_ptr() for t in (weight, grad, exp_avg, exp_avg_sq)]
+        """Queues the kernel's update of one bf16 tensor; returns the calls to wait on."""
+        return self._queue(self.kernel, (weight, grad, exp_avg, exp_avg_sq), weight.numel(), weight.numel(), (),
+                           hyper, key)
+
+    def _queue(self, function, tensors, units: int, n: int, extra: tuple, hyper: dict, key: int) -> list:
+        """``function(*addresses, begin, end, *extra, *constants)`` over ``[0, units)`` (elements, or blocks of
+        them) on the threads, split among them where the tensor has ``THREADED`` elements or more. The parameters
+        are independent, so every thread stays busy across them."""
         constants = [1 - hyper["lr"] * hyper["decay"], 1 - hyper["beta1"], hyper["beta2"], 1 - hyper["beta2"],
                      hyper["root_correction"], hyper["eps"], -hyper["step_size"], key]
+        addresses = [t.data_ptr() for t in tensors]
         parts = torch.get_num_threads() if n >= THREADED else 1
-        bounds = [n * i // parts for i in range(parts + 1)]
-        return [self.threads.submit(self.kernel, *args, bounds[i], bounds[i + 1], *constants) for i in range(parts)]
+        bounds = [units * i // parts for i in range(parts + 1)]
+        return [self.threads.submit(function, *addresses, bounds[i], bounds[i + 1], *extra, *constants)
+                for i in range(parts)]
 
 
 def allocate_state(optimizer: torch.optim.Optimizer) -> None:
@@ -195,18 +195,24 @@ def round_stochastic(values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return values.to(torch.bfloat16)  # exact: the low 16 bits are zero
 
 
+def adamw_arithmetic(w, g, m, v, hyper: dict, root) -> torch.Tensor:
+    """torch's AdamW on float32 tensors, in place: decoupled weight decay, the moments' update, the bias-corrected
+    step over ``root(v)`` (torch's square root, or a correctly rounded one), which it returns."""
+    w.mul_(1 - hyper["lr"] * hyper["decay"])
+    m.lerp_(g, 1 - hyper["beta1"])
+    v.mul_(hyper["beta2"]).addcmul_(g, g, value=1 - hyper["beta2"])
+    s = root(v)
+    w.addcdiv_(m, (s / hyper["root_correction"]).add_(hyper["eps"]), value=-hyper["step_size"])
+    return s
+
+
 def update_eager(weight, grad, exp_avg, exp_avg_sq, hyper: dict, key: int | None) -> None:
     """One AdamW step on flat tensors in torch operators, slice by slice: in place for float32 ones (``key``
     None), through float32 copies rounded back with ``key``'s noise for bf16 ones."""
-    beta1, beta2 = hyper["beta1"], hyper["beta2"]
     for start in range(0, weight.numel(), SLICE):
         part = slice(start, start + SLICE)
         w, m, v = (t[part].float() for t in (weight, exp_avg, exp_avg_sq))  # views of float32 state, else copies
-        g = grad[part].float()
-        w.mul_(1 - hyper["lr"] * hyper["decay"])
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        w.addcdiv_(m, v.sqrt().div_(hyper["root_correction"]).add_(hyper["eps"]), value=-hyper["step_size"])
+        adamw_arithmetic(w, grad[part].float(), m, v, hyper, torch.sqrt)
         if key is not None:
             r = noise(torch.arange(start, start + len(w), device=w.device), key)
             for target, value in ((weight, w), (exp_avg, m), (exp_avg_sq, v)):
@@ -257,11 +263,16 @@ def encode_s(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return torch.where(a >= 112 << 23, (low_bits >> 19) - S_BASE + 1 + up, (a != 0).long()).to(torch.uint8)
 
 
+def correctly_rounded_sqrt(v: torch.Tensor) -> torch.Tensor:
+    """C's ``sqrtf``, which the 8-bit kernel's codes follow: torch's vectorised float32 square root is not always
+    correctly rounded, a float64 one rounded to float32 is."""
+    return v.double().sqrt().float()
+
+
 def update_8bit_eager(weight, grad, exp_avg, exp_avg_scale, exp_avg_sqrt, exp_avg_sqrt_scale, hyper: dict,
                       key: int) -> None:
     """``native/adamw_8bit.c`` in torch operators, a slice of whole blocks at a time (flat tensors; the last block
     padded with zeros, which change no scale)."""
-    beta1, beta2 = hyper["beta1"], hyper["beta2"]
     m_values, s_values = code_values(weight.device)
     n = weight.numel()
     for start in range(0, n, SLICE):
@@ -271,11 +282,7 @@ def update_8bit_eager(weight, grad, exp_avg, exp_avg_scale, exp_avg_sqrt, exp_av
         w, g = (F.pad(t[start:end].float(), (0, pad)).view(-1, BLOCK) for t in (weight, grad))
         m = F.pad(m_values[exp_avg[start:end].long()], (0, pad)).view(-1, BLOCK) * exp_avg_scale[blocks, None]
         s0 = F.pad(s_values[exp_avg_sqrt[start:end].long()], (0, pad)).view(-1, BLOCK) * exp_avg_sqrt_scale[blocks, None]
-        w.mul_(1 - hyper["lr"] * hyper["decay"])
-        m.lerp_(g, 1 - beta1)
-        v = (s0 * s0).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        s = v.double().sqrt().float()  # correctly rounded, as C's sqrtf (torch's float32 one is not, always)
-        w.addcdiv_(m, (s / hyper["root_correction"]).add_(hyper["eps"]), value=-hyper["step_size"])
+        s = adamw_arithmetic(w, g, m, s0 * s0, hyper, correctly_rounded_sqrt)
         w = w.view(-1)[: end - start]
         if weight.dtype == torch.float32:
             weight[start:end] = w
