@@ -80,7 +80,9 @@ def chunked_full(hidden: torch.Tensor, head: torch.nn.Module, teacher_logits: Ca
     model exists. Each block's gradient with respect to its logits is taken in the forward pass (in closed form
     where the divergence is a KL, by autograd otherwise) and folded at once into the gradients of ``h`` and of
     the head (``[N, d]`` and ``[V, d]``): backward costs nothing more when every row gets the same upstream
-    gradient (a token mean) and recomputes each block once otherwise (a sequence mean, position weights)."""
+    gradient (a token mean) and recomputes each block once otherwise (a sequence mean, position weights). One
+    block of fewer rows than the head's width keeps its logits' gradient instead, for backward to scale row by row
+    and take the head's gradient from, whatever the upstream gradient."""
     direction = kl_direction(divergence, beta, alpha)
     if chunk_size is None:
         chunk_size = chunk_rows(head.weight.shape[0], memory_mib, live=4 if direction else 12)
@@ -185,7 +187,8 @@ class _FusedHeadDivergence(torch.autograd.Function):
         hidden_grad = torch.zeros(n, weight.shape[1], dtype=torch.float32, device=hidden.device)
         weight_grad = bias_grad = logits_grad = None  # [V, d]: the first block's, then a sum in float32
         # one block of fewer rows than the head's width: keep its [rows, V] logits' gradient (float32) for backward
-        # to take the head's gradient from, rather than a [V, d] one held from here to there
+        # to scale by the rows' upstream gradients and take the head's from, rather than a [V, d] one held from here
+        # to there (and the block computed again for row weights)
         deferred = n <= block.size and n * 4 < weight.shape[1] * weight.element_size()
         accumulate = weight.dtype if n <= block.size else torch.float32
         for i, j, block_loss, logits_grad, block_entropy, block_kl in _FusedHeadDivergence._blocks(block, hidden, weight, bias):
@@ -206,12 +209,11 @@ class _FusedHeadDivergence(torch.autograd.Function):
         hidden, weight, bias, hidden_grad, weight_grad, bias_grad, logits_grad = ctx.saved_tensors
         grads = [(upstream.unsqueeze(-1) * hidden_grad).to(hidden.dtype), None, None]
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            uniform = upstream.numel() and bool((upstream == upstream[0]).all())  # one scale for every row
-            if uniform and logits_grad is not None:  # the one block's gradient scaled, then the head's taken once
-                logits_grad.mul_(upstream[0])
+            if logits_grad is not None:  # the one block's gradient, each row scaled, then the head's taken once
+                logits_grad.mul_(upstream.unsqueeze(-1))
                 grads[1] = _add_weight_gradient(None, logits_grad, hidden, weight.dtype) if ctx.needs_input_grad[1] else None
                 grads[2] = logits_grad.sum(0) if ctx.needs_input_grad[2] else None
-            elif uniform:
+            elif upstream.numel() and bool((upstream == upstream[0]).all()):  # one scale for every row
                 grads[1] = weight_grad.mul_(upstream[0]) if ctx.needs_input_grad[1] else None  # in place: no copy
                 grads[2] = bias_grad.mul_(upstream[0]) if ctx.needs_input_grad[2] else None
             else:  # row weights differ: each block once more, its logits' gradient weighted by them
