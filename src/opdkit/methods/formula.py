@@ -221,19 +221,21 @@ class Formula(Method):
         """Full-vocabulary divergence from the student's hidden states and the teacher's (or its log-probs),
         both LM heads applied ``vocab_chunk_size`` positions at a time; ``[B, C]`` losses and stats."""
         o, mask = self.objective, rollouts.completion_mask
-        keep = mask.bool()
+        keep, normalised = mask.bool(), False
         if teacher.hidden is not None:
             teacher_hidden, teacher_head, stats = teacher.hidden[keep], teacher.head, teacher.pending
             teacher_logits = lambda i, j: through(teacher_head, teacher_hidden[i:j])  # noqa: E731
             if stats is not None:  # a local teacher's statistics, from these blocks as they pass (teachers.local)
                 positions, project = keep.reshape(-1).nonzero().squeeze(-1), teacher_logits
                 teacher_logits = lambda i, j: stats.observe(positions[i:j], project(i, j))  # noqa: E731
+                normalised = True  # observe hands over log-probs: the blocks skip their logsumexp
         else:
             teacher_rows = teacher.logprobs[keep]
             teacher_logits = lambda i, j: teacher_rows[i:j].clone()  # noqa: E731 (chunked_full overwrites it)
         per_token, student_entropy, reverse_kl = chunked_full(
             hidden[keep], self.head, teacher_logits, o.divergence, beta=o.beta, alpha=o.alpha,
-            temperature=o.temperature, chunk_size=o.vocab_chunk_size, memory_mib=o.chunk_memory_mib)
+            temperature=o.temperature, chunk_size=o.vocab_chunk_size, memory_mib=o.chunk_memory_mib,
+            teacher_logprobs=normalised)
         scatter = lambda values: torch.zeros_like(mask, dtype=values.dtype).masked_scatter(keep, values)  # noqa: E731
         return scatter(per_token), {"student_entropy": scatter(student_entropy), "reverse_kl_full": scatter(reverse_kl)}
 

@@ -70,11 +70,13 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def chunked_full(hidden: torch.Tensor, head: torch.nn.Module, teacher_logits: Callable[[int, int], torch.Tensor],
                  divergence: str, *, beta: float = 0.5, alpha: float = 0.5, temperature: float = 1.0,
-                 chunk_size: int | None = None, memory_mib: float = 256.0):
+                 chunk_size: int | None = None, memory_mib: float = 256.0, teacher_logprobs: bool = False):
     """``(loss, entropy, reverse_kl)`` per row of ``hidden [N, d]``: ``distributional(divergence)`` between
     ``log_softmax(head(h) / T)`` and ``log_softmax(teacher_logits(i, j) / T)``, and, without gradient, the student's
     entropy at ``T = 1`` and ``KL(student || teacher)`` at ``T``. ``teacher_logits(i, j)`` returns a fresh
-    ``[j - i, V]`` tensor of the teacher's logits (or log-probs) for rows ``i:j``; it is overwritten.
+    ``[j - i, V]`` tensor of the teacher's logits (or log-probs) for rows ``i:j``; it is overwritten. With
+    ``teacher_logprobs`` it returns float32 log-probs normalised already (a local teacher's ``HeadStats.observe``,
+    which takes their logsumexp for its own statistics), which the blocks use as they are at ``T = 1``.
 
     Rows go ``chunk_size`` at a time (default: as many as fit ``memory_mib``), so no ``[N, V]`` tensor of either
     model exists. Each block's gradient with respect to its logits is taken in the forward pass (in closed form
@@ -87,16 +89,17 @@ def chunked_full(hidden: torch.Tensor, head: torch.nn.Module, teacher_logits: Ca
     if chunk_size is None:
         chunk_size = chunk_rows(head.weight.shape[0], memory_mib, live=4 if direction else 12)
     block = _Block(teacher_logits, direction, lambda s, t: distributional(divergence, s, t, beta=beta, alpha=alpha),
-                   chunk_size, temperature)
+                   chunk_size, temperature, teacher_logprobs)
     return _FusedHeadDivergence.apply(hidden, head.weight, head.bias, block)
 
 
 class _Block:
     """One block of rows: the loss, its gradient with respect to the student's logits, and the stats."""
 
-    def __init__(self, teacher_logits, direction, divergence, size, temperature):
+    def __init__(self, teacher_logits, direction, divergence, size, temperature, teacher_logprobs):
         self.teacher_logits, self.direction, self.divergence = teacher_logits, direction, divergence
         self.size, self.temperature = size, temperature
+        self.normalised = teacher_logprobs and temperature == 1.0  # the teacher's rows need no logsumexp
 
     def __call__(self, i: int, j: int, logits: torch.Tensor, upstream: torch.Tensor | None = None):
         """``(loss, logits_grad, entropy, reverse_kl)`` for rows ``i:j`` given their float32 student logits
@@ -118,7 +121,8 @@ class _Block:
             entropy = -_dot(p, student) if entropy is None else entropy
         else:
             student = logits.sub_(logits.logsumexp(-1, keepdim=True))
-            teacher = teacher.sub_(teacher.logsumexp(-1, keepdim=True))
+            if not self.normalised:
+                teacher = teacher.sub_(teacher.logsumexp(-1, keepdim=True))
             p = student.exp()
             entropy = -_dot(p, student) if entropy is None else entropy
             if self.direction == "forward":  # KL(q || p); d/dz = (p - q) / T
@@ -140,7 +144,7 @@ class _Block:
         with torch.enable_grad():
             logits = logits.requires_grad_()
             student = logits.log_softmax(-1)
-            teacher = teacher.log_softmax(-1)
+            teacher = teacher if self.normalised else teacher.log_softmax(-1)
             loss = self.divergence(student, teacher)
             weights = torch.ones_like(loss) if upstream is None else upstream
             (grad,) = torch.autograd.grad(loss, logits, weights)

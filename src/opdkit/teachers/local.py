@@ -68,17 +68,27 @@ class HeadStats:
     @torch.no_grad()
     def observe(self, positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Record the statistics of the flat ``positions`` (indices into ``[B * C]``) from their raw logits
-        ``[n, V]``, a few rows at a time (``OBSERVED_MEMORY_MIB``); returns ``logits`` untouched."""
-        if bool(self.done.view(-1)[positions].all()):  # seen already (a loss pass run again: its backward)
-            return logits
+        ``[n, V]``, a few rows at a time (``OBSERVED_MEMORY_MIB``); returns their float32 log-probs, normalised in
+        place by the logsumexp those statistics take, so that the loss's block takes none of its own
+        (``chunked_full``'s ``teacher_logprobs``)."""
+        logits = logits.float()
+        if bool(self.done.view(-1)[positions].all()):  # seen already (a loss pass run again): normalised only
+            return logits.sub_(logits.logsumexp(-1, keepdim=True))
         rows = chunk_rows(logits.shape[-1], OBSERVED_MEMORY_MIB, live=2)
         for i in range(0, len(positions), rows):
             self._fill(positions[i : i + rows], logits[i : i + rows])
         return logits
 
     def _fill(self, positions: torch.Tensor, logits: torch.Tensor) -> None:
-        token, teacher_entropy, topk_ids, topk_logprobs = _reduce(logits, self.ids.reshape(-1)[positions],
-                                                                  self.entropy, self.top_k)
+        """The statistics of ``positions`` from their float32 logits, which become their log-probs in place: the
+        top-k on the raw logits, the entropy on the log-probs (the values of ``_reduce``, without its copy)."""
+        token, lse = sampled_from_logits(logits, self.ids.reshape(-1)[positions])
+        topk_ids = topk_logprobs = None
+        if self.top_k:
+            values, topk_ids = logits.topk(self.top_k, dim=-1)
+            topk_logprobs = values - lse.unsqueeze(-1)
+        logprobs = logits.sub_(lse.unsqueeze(-1))
+        teacher_entropy = full_entropy(logprobs) if self.entropy else None
         for store, values in ((self.token, token), (self.teacher_entropy, teacher_entropy),
                               (self.topk_ids, topk_ids), (self.topk_logprobs, topk_logprobs)):
             if store is not None:
@@ -93,7 +103,7 @@ class HeadStats:
         flat_hidden = self.hidden.reshape(-1, self.hidden.shape[-1])
         rows = chunk_rows(self.head.weight.shape[0], BLOCK_MEMORY_MIB, live=3)
         for i in range(0, len(missing), rows):
-            self._fill(missing[i : i + rows], through(self.head, flat_hidden[missing[i : i + rows]]))
+            self._fill(missing[i : i + rows], through(self.head, flat_hidden[missing[i : i + rows]]).float())
         return self.token * self.mask, self.teacher_entropy, self.topk_ids, self.topk_logprobs
 
 
