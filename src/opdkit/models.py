@@ -82,14 +82,15 @@ def from_folder(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
     files = (sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
              if index.is_file() else [folder / "model.safetensors"])
     config = AutoConfig.from_pretrained(folder)
+    mapped = lambda: AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype)  # noqa: E731
     if (not all(f.is_file() for f in files) or getattr(config, "quantization_config", None) is not None
             or stored_float_dtypes(files) <= {SAFETENSORS_DTYPES.get(dtype)}):
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        return mapped()
     with contextlib.ExitStack() as stack:
         try:
             handles = [stack.enter_context(safe_open(str(f), framework="pt", backend="pread")) for f in files]
         except TypeError:  # a safetensors before its pread backend
-            return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            return mapped()
         state = {key: handle.get_slice(key) for handle in handles for key in handle.keys()}
         model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(None, config=config, state_dict=state,
                                                                           dtype=dtype)
