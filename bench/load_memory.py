@@ -48,6 +48,14 @@ print(json.dumps({"before": before, "peak": peak, "after": status(), "seconds": 
 """
 
 
+def measure(model: str, how: str, dtype: str, threads: int) -> dict:
+    """One load in a fresh process (``how``: ``mmap`` for ``from_pretrained``, ``pread`` for ``from_folder``):
+    resident memory before, at the peak and after, in GB (total, anonymous, file-backed), and its seconds."""
+    out = subprocess.run([sys.executable, "-c", CHILD, model, how, dtype, str(threads)], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="builtin:smollm2/teacher")
@@ -56,9 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{args.model} in {args.dtype}: resident memory above the start of loading, GB")
     for how, name in (("mmap", "from_pretrained"), ("pread", "models.from_folder")):
-        out = subprocess.run([sys.executable, "-c", CHILD, args.model, how, args.dtype, str(args.threads)],
-                             check=True, capture_output=True, text=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = measure(args.model, how, args.dtype, args.threads)
         above = {k: r["peak"][k] - r["before"][k] for k in ("VmRSS", "RssAnon", "RssFile")}
         print(f"  {name:28s} peak +{above['VmRSS']:.3f} (anonymous +{above['RssAnon']:.3f}, file +{above['RssFile']:.3f})"
               f", settled +{r['after']['VmRSS'] - r['before']['VmRSS']:.3f}, {r['seconds']:.2f} s")

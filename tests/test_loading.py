@@ -2,14 +2,11 @@
 (weights, tying, generation config; one file or shards), and a load peak without the file's pages, measured in
 fresh processes."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from conftest import load_bench
 from opdkit.models import from_folder, load_model
 
 
@@ -42,35 +39,13 @@ def test_it_loads_what_from_pretrained_loads(llama, folder, dtype):
     assert load_model(str(llama / folder), dtype=dtype).config._name_or_path == str(llama / folder)
 
 
-PEAK = """
-import sys, threading, time, torch
-from pathlib import Path
-from transformers import AutoModelForCausalLM
-from opdkit.models import from_folder
-torch.set_num_threads(1)
-resident = lambda: int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024  # MiB
-before, peak, done = resident(), [0.0], threading.Event()
-def watch():
-    while not done.is_set():
-        peak[0] = max(peak[0], resident())
-        time.sleep(0.0005)
-watcher = threading.Thread(target=watch)
-watcher.start()
-load = from_folder if sys.argv[2] == "pread" else lambda f, dtype: AutoModelForCausalLM.from_pretrained(f, dtype=dtype)
-model = load(Path(sys.argv[1]), torch.bfloat16)
-done.set()
-watcher.join()
-print(peak[0] - before)
-"""
-
-
 def test_loading_in_bf16_does_not_hold_the_float32_file_in_resident_memory(llama):
     """A mapped file's pages count in the process's resident memory until loading ends; read ones do not. Loading the
     54 MB float32 file in bf16 (resident memory sampled every half millisecond, above where it stood before): the
     mapped load holds the file beside the 27 MB bf16 copy, ours the copy and a tensor in float32 at a time."""
-    peaks = {how: float(subprocess.run([sys.executable, "-c", PEAK, str(llama / "whole"), how], check=True,
-                                       capture_output=True, text=True).stdout.split()[-1])
-             for how in ("mmap", "pread")}
+    measure = load_bench("load_memory").measure  # the bench's own measurement (GB)
+    loads = {how: measure(str(llama / "whole"), how, "bf16", 1) for how in ("mmap", "pread")}
+    peaks = {how: 1024 * (r["peak"]["VmRSS"] - r["before"]["VmRSS"]) for how, r in loads.items()}  # MiB
     file_mib = (llama / "whole" / "model.safetensors").stat().st_size / 2**20
     assert peaks["mmap"] - peaks["pread"] > 0.6 * file_mib, (peaks, file_mib)
 
