@@ -283,12 +283,9 @@ def update_8bit_eager(weight, grad, exp_avg, exp_avg_scale, exp_avg_sqrt, exp_av
         m = F.pad(m_values[exp_avg[start:end].long()], (0, pad)).view(-1, BLOCK) * exp_avg_scale[blocks, None]
         s0 = F.pad(s_values[exp_avg_sqrt[start:end].long()], (0, pad)).view(-1, BLOCK) * exp_avg_sqrt_scale[blocks, None]
         s = adamw_arithmetic(w, g, m, s0 * s0, hyper, correctly_rounded_sqrt)
-        w = w.view(-1)[: end - start]
-        if weight.dtype == torch.float32:
-            weight[start:end] = w
-        else:
-            weight[start:end] = round_stochastic(w, noise(torch.arange(start, end, device=w.device), key))
-        r = hash32(torch.arange(start, end, device=w.device), key ^ KEY_MOMENTS)
+        w, indices = w.view(-1)[: end - start], torch.arange(start, end, device=w.device)
+        weight[start:end] = w if weight.dtype == torch.float32 else round_stochastic(w, noise(indices, key))
+        r = hash32(indices, key ^ KEY_MOMENTS)
         for values, scale, codes, encode, noise_16 in ((m, exp_avg_scale, exp_avg, encode_m, r & 0xFFFF),
                                                        (s, exp_avg_sqrt_scale, exp_avg_sqrt, encode_s, r >> 16)):
             top = values.abs().amax(-1)
