@@ -882,6 +882,11 @@ class Config(_Strict):
         "AVX512-BF16), float32 elsewhere; the student's weights stay fp32 unless student.dtype is bf16"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    allocator: Literal["auto", "system"] = Field(
+        "auto", description="CPU tensors made by training steps: auto: on a CPU, a best-fit range of their own "
+        "(opdkit/native/tensor_heap.cpp, where a C++ compiler builds it), a lower peak and the same one in every run; "
+        "system: torch's default, glibc's heap"
+    )
     student: StudentSpec
     teacher: TeacherSpec | None = Field(None, description="the teacher (one of the kinds below); or several under "
                                         "teachers:")

@@ -253,27 +253,6 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0))))
 
 
-def keep_freed_memory() -> None:
-    """Let glibc's allocator keep and reuse the memory a step frees instead of handing it back to the system.
-
-    By default every block over 32 MiB (a ``[V, d]`` gradient, a ``[rows, V]`` loss block) is a fresh ``mmap``
-    whose pages the kernel faults in and zeroes at first touch, and freed heap is trimmed back: on the SmolLM2
-    pair that made the student's forward and backward take 0.4 to 1.3 s from step to step, against a steady
-    0.4 s with the memory kept (``docs/performance.md``). The peak is the same either way: it is set by the
-    largest step. A no-op where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold, largest = -1, -3, ctypes.c_int(2**31 - 1)
-    mallopt(m_mmap_threshold, largest)
-    mallopt(m_trim_threshold, largest)
-
-
 def machine_description(amp_dtype: torch.dtype) -> str:
     """What a run's figures depend on: the processor (or CUDA device), the CPU's bf16 matrix units (AMX,
     AVX512-BF16 or none), torch's CPU threads and the precision in use."""

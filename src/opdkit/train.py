@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 
 from . import checkpoint, detectors, version
+from .allocator import keep_freed_memory, use_tensor_heap
 from .config import Config, dump_config
 from .console import RunView
 from .data import PromptSampler, load_examples, read_jsonl, validate_lengths
@@ -32,9 +33,10 @@ from .distributed import Processes
 from .errors import Interrupted, OPDError
 from .evaluate import Evaluator
 from .faults import StopSignals, diagnose, save_batch
+from .lean_layers import keep_fewer_activations
 from .lora import adapter_folder, require_peft
 from .methods import Method, build_method
-from .models import (autocast, context_length, enable_gradient_checkpointing, keep_freed_memory, load_model,
+from .models import (autocast, context_length, enable_gradient_checkpointing, load_model,
                      load_student, load_tokenizer, machine_description, pick_device, resolve_precision, set_threads)
 from .objectives import credit, gates, groups
 from .objectives.divergence import entropy
@@ -156,6 +158,7 @@ def setup(config: Config, student_path: str | None = None) -> Run:
                        "(bf16 arithmetic, emulated where the processor has no bf16 units), or student.dtype: fp32")
     if float32_student:
         float32_arithmetic(student)
+    keep_fewer_activations(student)  # the same values and gradients, fewer activations kept for backward
     if config.optim.gradient_checkpointing:
         enable_gradient_checkpointing(student, config.student.disable_dropout)
     method.attach(student)
@@ -217,7 +220,8 @@ def optimizer_and_schedule(run: Run):
     """The run's AdamW over ``optimizer_groups`` and its learning-rate schedule (``lr_lambda``). float32 weights:
     torch's fused AdamW, one kernel over all parameters, measured here twice as fast as foreach, without its
     temporaries; bf16 weights (``student.dtype``) or 8-bit moments (``optim.moments``): ``opdkit.optimizer.AdamW``,
-    the same arithmetic with stochastic rounding."""
+    the same arithmetic with stochastic rounding. Tensors made after these (the steps') come from the tensor heap
+    (``allocator``)."""
     optim = run.config.optim
     if run.config.student.dtype == "bf16" or optim.moments == "8bit":
         optimizer = AdamW(optimizer_groups(run), lr=optim.learning_rate, betas=optim.adam_betas,
@@ -226,6 +230,7 @@ def optimizer_and_schedule(run: Run):
         optimizer = torch.optim.AdamW(optimizer_groups(run), lr=optim.learning_rate, fused=True,
                                       betas=optim.adam_betas, weight_decay=optim.weight_decay)
     allocate_state(optimizer)  # before any step's temporaries
+    use_tensor_heap(run.config.allocator, run.device)  # what steps make, apart from what lasts
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run.config))
 
 

@@ -13,6 +13,9 @@ its eager torch equivalent (the same arithmetic, slower).
   them single-threaded.
 - ``decode_layer.c`` (``opdkit.llama_step``): a whole Llama-family decoder layer for one new token per row, its
   products by the same loops as ``products.c`` (``columns.h``).
+- ``tensor_heap.cpp`` (``opdkit.memory``): torch's CPU allocator for a run's tensors, best fit over an address
+  range of their own. C++ against torch's own headers and ``libc10`` (``torch_library``), built by the system's C++
+  compiler; the cache key names torch's version.
 """
 
 from __future__ import annotations
@@ -61,27 +64,55 @@ def kernel(name: str):
     if compiler is None:
         return None
     source_name = SOURCES.get(name, name)
-    source = Path(__file__).with_name(f"{source_name}.c")
     openmp = OPENMP.get(source_name, [])
-    key = "\n".join([compiler, *FLAGS, *NATIVE, *openmp, processor()]).encode()
-    headers = b"".join(header.read_bytes() for header in sorted(source.parent.glob("*.h")))  # columns.h
-    library = cache_dir() / f"{source_name}-{hashlib.sha256(source.read_bytes() + headers + key).hexdigest()[:16]}.so"
-    if not library.is_file():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:  # built aside, then renamed: atomic
-            built = Path(scratch) / library.name
-            tries = [FLAGS + NATIVE + openmp, FLAGS + openmp] + ([FLAGS + NATIVE, FLAGS] if openmp else [])
-            if not any(_compile(compiler, flags, source, built) for flags in tries):
-                return None
-            built.replace(library)
+    tries = [FLAGS + NATIVE + openmp, FLAGS + openmp] + ([FLAGS + NATIVE, FLAGS] if openmp else [])
+    library = _built(compiler, Path(__file__).with_name(f"{source_name}.c"), tries, ["-lm"], processor())
+    if library is None:
+        return None
     function = getattr(ctypes.CDLL(str(library)), name)
     function.argtypes, function.restype = ARGUMENTS[name], RESULTS.get(name)
     return function
 
 
-def _compile(compiler: str, flags: list[str], source: Path, output: Path) -> bool:
+@cache
+def torch_library(name: str) -> ctypes.CDLL | None:
+    """``native/<name>.cpp`` built against the torch this process imported (its headers, ``libc10``, its C++ ABI)
+    and loaded, or None without a working C++ compiler."""
+    import torch
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        return None
+    lib = library_paths()[0]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    flags = ["-O2", "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+             *(f"-I{path}" for path in include_paths())]
+    libraries = [f"-L{lib}", "-lc10", f"-Wl,-rpath,{lib}"]
+    library = _built(compiler, Path(__file__).with_name(f"{name}.cpp"), [flags], libraries, torch.__version__)
+    return None if library is None else ctypes.CDLL(str(library))
+
+
+def _built(compiler: str, source: Path, tries: list[list[str]], libraries: list[str], key: str) -> Path | None:
+    """The shared library built from ``source`` by the first set of flags in ``tries`` that compiles, linked with
+    ``libraries``, cached under a name hashing the source, the headers beside it, the compiler, the flags and ``key``
+    (what else the build depends on); None if none compiles."""
+    headers = b"".join(header.read_bytes() for header in sorted(source.parent.glob("*.h")))  # columns.h, rounding.h
+    digest = hashlib.sha256(source.read_bytes() + headers + "\n".join([compiler, *tries[0], *libraries, key]).encode())
+    library = cache_dir() / f"{source.stem}-{digest.hexdigest()[:16]}.so"
+    if not library.is_file():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:  # built aside, then renamed: atomic
+            built = Path(scratch) / library.name
+            if not any(_compile(compiler, flags, source, built, libraries) for flags in tries):
+                return None
+            built.replace(library)
+    return library
+
+
+def _compile(compiler: str, flags: list[str], source: Path, output: Path, libraries: list[str]) -> bool:
     try:
-        done = subprocess.run([compiler, *flags, str(source), "-o", str(output), "-lm"], capture_output=True)
+        done = subprocess.run([compiler, *flags, str(source), "-o", str(output), *libraries], capture_output=True)
     except OSError:  # CC names no program
         return False
     return done.returncode == 0
