@@ -1,13 +1,13 @@
 """Where one training step's memory goes, on `bench/vs_trl.py`'s SmolLM2 work, in one process.
 
-    .venv/bin/python bench/step_memory.py [--dtype bf16|fp32] [--moments auto|8bit] [--threads 2]
+    .venv/bin/python bench/step_memory.py [--dtype bf16|fp32] [--moments auto|8bit] [--allocator auto|system]
 
 Sets up `opd train`'s run for vs_trl's config, takes one step (which allocates the optimizer's state), then takes
 a second stage by stage under ``torch.profiler``'s memory timeline and prints: the tensors the run holds (student,
 teacher, AdamW state), the peak of live tensors above that state in each stage (rollout, teacher, the student's
-forward with the loss, backward), and the process's resident memory (all of it, and its anonymous part) after
-imports and after the first step. What resident memory holds beyond imports, state and a stage's peak is heap that the
-allocator keeps between blocks still in use.
+forward with the loss, backward), the process's resident memory (all of it, and its anonymous part) after imports and
+after the first step, and with ``allocator: auto`` the most the tensor heap has held. What resident memory holds
+beyond imports, state and a stage's peak is memory the allocator keeps between blocks still in use.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="both models' weights")
     parser.add_argument("--moments", choices=["auto", "8bit"], default="auto", help="AdamW's (optim.moments)")
+    parser.add_argument("--allocator", choices=["auto", "system"], default="auto", help="for the steps' tensors")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     import numpy as np
@@ -45,18 +46,21 @@ def main() -> None:
 
     import vs_trl
     from opdkit import train
+    from opdkit.allocator import tensor_heap_usage
     from opdkit.config import load_config
     from opdkit.teachers import teacher_request
 
     print("imported: " + resident())
     work = Path(tempfile.mkdtemp())
-    config = vs_trl.ours_config("smollm2", work, 0, args.threads, 2, 32, args.dtype, args.moments)
+    config = vs_trl.ours_config("smollm2", work, 0, args.threads, 2, 32, args.dtype, args.moments, args.allocator)
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     run = train.setup(load_config(work / "config.yaml"))
     optimizer, scheduler = train.optimizer_and_schedule(run)
     rng = random.Random(0)
     train.train_step(run, optimizer, scheduler, rng)
     print("after one step: " + resident())
+    if heap := tensor_heap_usage():
+        print(f"tensor heap: at most {heap.peak / 2**20:.1f} MiB held (blocks in use and gaps between them)")
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     print(f"tensors held: student {mib(run.student.parameters()):.0f} MiB, teacher "
           f"{mib(run.teacher.model.parameters()):.0f} MiB, AdamW state {mib(state):.0f} MiB")

@@ -15,8 +15,9 @@ gradient clipping at 1.0, ``--steps`` optimizer steps, the same number of torch 
 and ``teacher.dtype: bf16``: bf16 weights for both models, and the student's gradients and AdamW moments in bf16
 with stochastic rounding; on a processor where ``auto`` is float32 both compute in float32 on their bf16 weights),
 ``ours-8bit`` (``ours-bf16`` with ``optim.moments: 8bit``: the AdamW moments in 8-bit codes, half of bf16's memory),
-``trl-fp32`` and ``trl-bf16`` (TRL's ``bf16`` flag). Each runs in its own fresh process, one at a time; each round
-runs all five, its starting variant rotated from round to round to cancel drift.
+``ours-8bit-system`` (``ours-8bit`` with ``allocator: system``: the steps' tensors in glibc's heap rather than the
+tensor heap), ``trl-fp32`` and ``trl-bf16`` (TRL's ``bf16`` flag). Each runs in its own fresh process, one at a time;
+each round runs all six, its starting variant rotated from round to round to cancel drift.
 
 Per run: the median step time after the first step (opdkit: the sum of its logged stage times; TRL: wall
 time from ``on_step_begin`` to ``on_step_end``, generation included), opdkit's per-stage split, the peak RSS
@@ -43,8 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("ours", "ours-bf16", "ours-8bit", "trl-fp32", "trl-bf16")
-OURS, TRL = VARIANTS[:3], VARIANTS[3:]
+VARIANTS = ("ours", "ours-bf16", "ours-8bit", "ours-8bit-system", "trl-fp32", "trl-bf16")
+OURS, TRL = VARIANTS[:4], VARIANTS[4:]
 STAGES = ("rollout", "teacher", "forward_backward", "optimizer", "diagnostics")
 TRAIN_PROMPTS, BATCH_SIZE, LEARNING_RATE = 64, 4, 1e-5
 HELDOUT_PROMPTS, EVAL_LENGTH, EVAL_BATCH = 32, 32, 16
@@ -78,7 +79,8 @@ def peak_rss_gb() -> float:
 # ---- the children: one variant, or the held-out evaluation, per fresh process ----------------------------
 
 def ours_config(pair: str, workdir: Path, seed: int = 0, threads: int = 2, steps: int = 10,
-                max_completion_length: int = 32, dtype: str = "fp32", moments: str = "auto") -> dict:
+                max_completion_length: int = 32, dtype: str = "fp32", moments: str = "auto",
+                allocator: str = "auto") -> dict:
     """The ``opd train`` config of the bench's work (its 64 training prompts written into ``workdir``); also what
     ``bench/step_profile.py`` profiles."""
     from opdkit.data import load_examples
@@ -87,7 +89,7 @@ def ours_config(pair: str, workdir: Path, seed: int = 0, threads: int = 2, steps
     prompts.write_text("".join(json.dumps({"messages": e.messages}) + "\n"
                                for e in load_examples(builtin(pair, "train"))[:TRAIN_PROMPTS]))
     return {
-        "seed": seed, "output_dir": str(workdir / "run"), "threads": threads,
+        "seed": seed, "output_dir": str(workdir / "run"), "threads": threads, "allocator": allocator,
         "student": {"path": f"builtin:{pair}/student", "dtype": dtype},
         "teacher": {"path": f"builtin:{pair}/teacher", "dtype": "bf16" if dtype == "bf16" else "auto"},
         "data": {"train": str(prompts)},  # no eval: no before/after evaluation inside the run
@@ -100,13 +102,13 @@ def ours_config(pair: str, workdir: Path, seed: int = 0, threads: int = 2, steps
     }
 
 
-def run_ours(args, workdir: Path, dtype: str, moments: str = "auto") -> dict:
+def run_ours(args, workdir: Path, dtype: str, moments: str = "auto", allocator: str = "auto") -> dict:
     import yaml
 
     from opdkit.cli import main as opd
 
     config = ours_config(args.pair, workdir, args.seed, args.threads, args.steps, args.max_completion_length, dtype,
-                         moments)
+                         moments, allocator)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     if opd(["train", str(workdir / "config.yaml")]) != 0:
         raise SystemExit("opd train failed")
@@ -193,7 +195,8 @@ def child(args) -> None:
     else:
         if args.variant in OURS:
             result = run_ours(args, workdir, "fp32" if args.variant == "ours" else "bf16",
-                              "8bit" if args.variant == "ours-8bit" else "auto")
+                              "8bit" if args.variant.startswith("ours-8bit") else "auto",
+                              "system" if args.variant.endswith("-system") else "auto")
         else:
             result = run_trl(args, workdir, args.variant == "trl-bf16")
         import torch
@@ -268,15 +271,15 @@ def report(runs: list[dict], summary: dict, host: dict) -> None:
     for run in runs:
         if run["variant"] == "before":
             continue
-        print(f"round {run['round']}  {run['variant']:<9}  step {run['median_step_s']:7.3f} s  "
+        print(f"round {run['round']}  {run['variant']:<16}  step {run['median_step_s']:7.3f} s  "
               f"peak RSS {run['peak_rss_gb']:5.2f} GB  held-out reverse KL after {run['reverse_kl']:.4f}  "
               f"(mean completion {run['completion_length']:.1f} tokens)")
         if run["variant"] in OURS:
             print(f"          {run['variant']} stages: " + ", ".join(f"{s} {t:.3f} s" for s, t in run["stages_s"].items()))
     print(f"\nmedians over rounds (held-out reverse KL before: {summary['before_reverse_kl']:.4f})")
-    print(f"{'variant':<10}{'step s':>10}{'RSS GB':>10}{'rev. KL':>10}")
+    print(f"{'variant':<17}{'step s':>10}{'RSS GB':>10}{'rev. KL':>10}")
     for variant, row in summary["medians"].items():
-        print(f"{variant:<10}{row['median_step_s']:>10.3f}{row['peak_rss_gb']:>10.2f}{row['reverse_kl']:>10.4f}")
+        print(f"{variant:<17}{row['median_step_s']:>10.3f}{row['peak_rss_gb']:>10.2f}{row['reverse_kl']:>10.4f}")
     for ours in [v for v in OURS if v in summary["medians"]]:
         print(f"{ours} stages: " + ", ".join(f"{s} {t:.3f} s" for s, t in summary["medians"][ours]["stages_s"].items()))
     for name, ratio in summary["ratios"].items():

@@ -75,13 +75,21 @@ def test_best_fit_merging_and_contents():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
-def test_system_or_another_device_keeps_torch_allocator():
+def test_system_or_another_device_keeps_or_restores_torch_allocator():
     script = textwrap.dedent("""
         import torch
         from opdkit.allocator import tensor_heap_usage, use_tensor_heap
         assert not use_tensor_heap("system", torch.device("cpu"))
         assert not use_tensor_heap("auto", torch.device("meta"))
         assert tensor_heap_usage() is None
+        assert use_tensor_heap("auto", torch.device("cpu"))
+        kept = torch.ones(1000)
+        assert tensor_heap_usage().in_tensors == 4000 + 32  # rounded to 64 bytes
+        assert not use_tensor_heap("system", torch.device("cpu"))  # a later run in the same process
+        other = torch.ones(1000)
+        del kept  # made in the range, returned to it
+        assert use_tensor_heap("auto", torch.device("cpu"))
+        assert tensor_heap_usage().in_tensors == 0
         print("ok")
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

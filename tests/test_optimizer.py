@@ -244,7 +244,8 @@ def test_the_kernel_built_for_this_processor_gives_the_portable_builds_bits(tmp_
 
     portable = tmp_path / "portable.so"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    assert native._compile(compiler, native.FLAGS, Path(native.__file__).with_name("adamw_bf16.c"), portable)
+    assert native._compile(compiler, native.FLAGS, Path(native.__file__).with_name("adamw_bf16.c"), portable,
+                           ["-lm"])
     slow = ctypes.CDLL(str(portable)).adamw_bf16
     slow.argtypes, slow.restype = native.ARGUMENTS["adamw_bf16"], None
     generator = torch.Generator().manual_seed(4)

@@ -19,7 +19,7 @@ import torch
 
 from .native import torch_library
 
-_installed = False
+_in_use = False
 
 
 def keep_freed_memory() -> None:
@@ -41,22 +41,21 @@ def keep_freed_memory() -> None:
 
 
 def use_tensor_heap(allocator: str, device: torch.device) -> bool:
-    """With ``allocator: auto`` on a CPU, make every CPU tensor allocated from now on come from the tensor heap (for
-    the rest of the process; tensors made before keep their memory). Call it once the run's lasting tensors exist
-    (weights, optimizer state), so that the range holds what steps make and free. False, and nothing changes, with
-    ``allocator: system``, on another device, or where no C++ compiler builds the heap."""
-    global _installed
-    if allocator == "system" or device.type != "cpu":
-        return False
-    if _installed:
-        return True
-    library = torch_library("tensor_heap")
-    if library is None:
-        return False
-    library.tensor_heap_install.argtypes = [ctypes.c_uint64]
-    # address space only, touched as used: as much as the machine's memory, which no step can exceed
-    _installed = bool(library.tensor_heap_install(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")))
-    return _installed
+    """With ``allocator: auto`` on a CPU, make every CPU tensor allocated from now on come from the tensor heap (until
+    a run asks for ``system``; tensors keep the memory they were made in). Call it once the run's lasting tensors
+    exist (weights, optimizer state), so that the range holds what steps make and free. False, with torch's own
+    allocator in use, for ``allocator: system``, on another device, or where no C++ compiler builds the heap."""
+    global _in_use
+    wanted = allocator == "auto" and device.type == "cpu"
+    library = torch_library("tensor_heap") if wanted or _in_use else None
+    if wanted and library is not None:
+        library.tensor_heap_install.argtypes = [ctypes.c_uint64]
+        # address space only, touched as used: as much as the machine's memory, which no step can exceed
+        _in_use = bool(library.tensor_heap_install(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")))
+    elif _in_use:
+        library.tensor_heap_uninstall()
+        _in_use = False
+    return _in_use
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ class HeapUsage:
 
 def tensor_heap_usage() -> HeapUsage | None:
     """The tensor heap's usage, or None where it is not in use."""
-    if not _installed:
+    if not _in_use:
         return None
     values = [ctypes.c_uint64() for _ in range(3)]
     torch_library("tensor_heap").tensor_heap_usage(*(ctypes.byref(v) for v in values))

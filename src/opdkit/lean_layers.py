@@ -7,19 +7,27 @@ backward, which costs two elementwise passes and no product. For an RMSNorm, ``w
 keeps ``x`` and the normalised ``x``; ``RMSNorm`` keeps ``x`` and ``1 / rms(x)``, one value per token. On the
 SmolLM2 student of ``bench/vs_trl.py`` that is 46 of the 158 MiB a step's forward keeps (``docs/performance.md``).
 
+An input embedding's backward makes a dense ``[V, d]`` gradient for the few rows a batch looked up, and with tied
+weights autograd holds it beside the head's ``[V, d]`` gradient until it has added the two: on that student the
+step's highest point (54 MiB each in bf16; 272 MiB each for Qwen2-0.5B's vocabulary). With ``rows_into_grad`` the
+lookup reads the weight outside autograd and adds its rows' gradients into ``weight.grad`` in place once they are
+known (``register_post_accumulate_grad_hook`` on the looked-up rows). Autograd's gradient hooks on the weight do not
+see that addition, so a run of several processes (DDP's reduction is such a hook) keeps the plain lookup.
+
 ``keep_fewer_activations`` swaps these in for the MLPs and norms of the model families whose code they reproduce,
-wherever a forward records a gradient outside an autocast; elsewhere (no gradient, an autocast, a LoRA or other
-wrapped projection) the modules' own forwards run.
+and for the input embedding, wherever a forward records a gradient outside an autocast; elsewhere (no gradient, an
+autocast, a LoRA or other wrapped projection) the modules' own forwards run.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
 import torch.nn.functional as F
 
-from .products import project, times, weight_gradient
+from .products import is_float32_arithmetic, project, times, weight_gradient
 
 # modules whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with silu, or Llama's RMSNorm
 MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
@@ -78,10 +86,16 @@ class RMSNorm(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_weight, None
 
 
-def keep_fewer_activations(model: torch.nn.Module) -> int:
+def keep_fewer_activations(model: torch.nn.Module, rows_into_grad: bool = True) -> int:
     """Give the model's SwiGLU MLPs and RMSNorms (of ``MLPS`` and ``NORMS``) forwards that keep fewer activations
-    for backward; the number of modules changed. Bound methods, so a deep copy computes with its own weights."""
+    for backward, and with ``rows_into_grad`` (one process) its input embedding a backward that adds into the
+    weight's gradient; the number of modules changed. Bound methods, so a deep copy computes with its own weights."""
     changed = 0
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if (rows_into_grad and type(embedding) is torch.nn.Embedding and embedding.max_norm is None
+            and not embedding.scale_grad_by_freq and not embedding.sparse):
+        embedding._opd_lookup, embedding.forward = embedding.forward, types.MethodType(_embedding, embedding)
+        changed += 1
     for module in model.modules():
         name = type(module).__name__
         if name in MLPS and type(module.act_fn).__name__ in ("SiLU", "SiLUActivation") and all(
@@ -110,3 +124,24 @@ def _norm(self, x: torch.Tensor) -> torch.Tensor:
     if _records_gradient(x, self.weight):
         return RMSNorm.apply(x, self.weight, self.variance_epsilon)
     return type(self).forward(self, x)
+
+
+def _embedding(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and self.weight.requires_grad):
+        return self._opd_lookup(ids)  # the forward it had (``products`` widens a bf16 table's rows)
+    rows = F.embedding(ids, self.weight.detach(), self.padding_idx)
+    rows = (rows.float() if is_float32_arithmetic(self) else rows).requires_grad_()
+    rows.register_post_accumulate_grad_hook(functools.partial(_add_rows, self.weight, ids, self.padding_idx))
+    return rows
+
+
+def _add_rows(weight: torch.nn.Parameter, ids: torch.Tensor, padding_idx: int | None, rows: torch.Tensor) -> None:
+    """``weight.grad[ids] += rows.grad`` (F.embedding's gradient, which leaves the padding row out), in place."""
+    grad, rows.grad = rows.grad.reshape(-1, rows.shape[-1]), None
+    ids = ids.reshape(-1)
+    if padding_idx is not None:
+        keep = ids != padding_idx
+        grad, ids = grad[keep], ids[keep]
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    weight.grad.index_add_(0, ids, grad.to(weight.grad.dtype))

@@ -158,7 +158,9 @@ def setup(config: Config, student_path: str | None = None) -> Run:
                        "(bf16 arithmetic, emulated where the processor has no bf16 units), or student.dtype: fp32")
     if float32_student:
         float32_arithmetic(student)
-    keep_fewer_activations(student)  # the same values and gradients, fewer activations kept for backward
+    # the same values and gradients, fewer activations kept for backward; the embedding's rows added into its
+    # gradient where no other process's reduction hooks on it
+    keep_fewer_activations(student, rows_into_grad=not processes.several)
     if config.optim.gradient_checkpointing:
         enable_gradient_checkpointing(student, config.student.disable_dropout)
     method.attach(student)

@@ -127,16 +127,21 @@ TensorHeap heap;
 
 extern "C" {
 
-// Reserve `capacity` bytes of address space and make the range torch's CPU allocator; 0 if it is refused.
+// Make the range torch's CPU allocator, reserving `capacity` bytes of address space the first time; 0 if the
+// reservation is refused.
 int tensor_heap_install(uint64_t capacity) {
-  if (range.base != nullptr) return 1;
-  void* base = mmap(nullptr, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (base == MAP_FAILED) return 0;
-  range.base = static_cast<char*>(base);
-  range.capacity = capacity;
+  if (range.base == nullptr) {
+    void* base = mmap(nullptr, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) return 0;
+    range.base = static_cast<char*>(base);
+    range.capacity = capacity;
+  }
   c10::SetCPUAllocator(&heap, /*priority=*/1);
   return 1;
 }
+
+// torch's own CPU allocator again for new tensors; the range's tensors still return to it when freed
+void tensor_heap_uninstall() { c10::SetCPUAllocator(c10::GetDefaultCPUAllocator(), /*priority=*/1); }
 
 // what the range holds now, in bytes: in blocks, in gaps below the top, and the highest top it reached
 void tensor_heap_usage(uint64_t* in_blocks, uint64_t* in_gaps, uint64_t* peak) {
