@@ -5,7 +5,7 @@ is four ``[tokens, intermediate]`` tensors: ``gate`` (for silu), ``silu(gate)`` 
 the product (for ``down``'s weight). ``SwiGLUDown`` keeps ``gate`` and ``up`` and recomputes the two others in
 backward, which costs two elementwise passes and no product. For an RMSNorm, ``weight * x / rms(x)``, autograd
 keeps ``x`` and the normalised ``x``; ``RMSNorm`` keeps ``x`` and ``1 / rms(x)``, one value per token. On the
-SmolLM2 student of ``bench/vs_trl.py`` that is 46 of the 158 MiB a step's forward keeps (``docs/performance.md``).
+SmolLM2 student of ``bench/vs_trl.py`` that is 47 of the 158 MiB a step's forward keeps (``docs/performance.md``).
 
 An input embedding's backward makes a dense ``[V, d]`` gradient for the few rows a batch looked up, and with tied
 weights autograd holds it beside the head's ``[V, d]`` gradient until it has added the two: on that student the
