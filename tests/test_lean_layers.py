@@ -55,8 +55,8 @@ def batch(seed: int = 1) -> torch.Tensor:
 def test_same_values_and_gradients_fewer_activations(dtype, tied):
     plain = model(dtype, tied)
     lean = copy.deepcopy(plain)
-    # MLPs, two norms a layer, the final norm, the input embedding
-    assert keep_fewer_activations(lean) == LAYERS + 2 * LAYERS + 1 + 1
+    # MLPs, two norms a layer, the final norm, and a tied input embedding
+    assert keep_fewer_activations(lean) == LAYERS + 2 * LAYERS + 1 + tied
     ids = batch()
     logits, grads, saved = forward_backward(plain, ids)
     lean_logits, lean_grads, lean_saved = forward_backward(lean, ids)
@@ -66,10 +66,10 @@ def test_same_values_and_gradients_fewer_activations(dtype, tied):
         tolerance = 1e-5 if dtype == torch.float32 else 2**-7  # bf16 gradients round to 8 bits
         assert (lean_grads[name].float() - grad.float()).abs().max() <= tolerance * scale, name
     # float32 activations either way; per layer the MLP keeps two [tokens, intermediate] tensors fewer (silu(gate)
-    # and the product) and each norm one [tokens, hidden] fewer (the normalised input), as does the final norm; the
-    # lookup's ids (int64) are held by its hook rather than saved
+    # and the product) and each norm one [tokens, hidden] fewer (the normalised input), as does the final norm; a
+    # tied lookup's ids (int64) are held by its hook rather than saved
     tokens = ROWS * LENGTH
-    assert saved - lean_saved == 4 * tokens * (LAYERS * (2 * INTERMEDIATE + 2 * HIDDEN) + HIDDEN) + 8 * tokens
+    assert saved - lean_saved == 4 * tokens * (LAYERS * (2 * INTERMEDIATE + 2 * HIDDEN) + HIDDEN) + 8 * tokens * tied
     if not tied:  # the padding row gets no gradient from the lookup (tied, it gets the head's)
         assert lean_grads["model.embed_tokens.weight"][PAD].abs().max() == 0
 
@@ -108,9 +108,21 @@ def test_tied_embedding_adds_into_the_gradient_without_a_dense_one(dtype):
 
 
 def test_several_processes_keep_the_plain_lookup():
-    m = model(torch.float32)
+    m = model(torch.float32, tied=True)
     assert keep_fewer_activations(m, rows_into_grad=False) == LAYERS + 2 * LAYERS + 1
     assert "forward" not in vars(m.model.embed_tokens)
+
+
+def test_a_hook_on_the_tied_weight_sees_the_whole_gradient():
+    plain = model(torch.float32, tied=True)
+    lean = copy.deepcopy(plain)
+    keep_fewer_activations(lean)
+    seen = {}
+    for name, m in (("plain", plain), ("lean", lean)):
+        m.model.embed_tokens.weight.register_hook(lambda g, name=name: seen.__setitem__(name, g.clone()))
+        m(batch()).logits.float().log_softmax(-1)[..., 3].sum().backward()
+    assert torch.equal(seen["lean"], lean.model.embed_tokens.weight.grad)  # the hook saw all of it
+    assert torch.allclose(seen["lean"], seen["plain"], rtol=0, atol=1e-5 * seen["plain"].abs().max().item())
 
 
 def test_no_gradient_or_autocast_runs_the_modules_own_forward(monkeypatch):
@@ -133,4 +145,4 @@ def test_no_gradient_or_autocast_runs_the_modules_own_forward(monkeypatch):
 def test_wrapped_projections_are_left_alone():
     m = model(torch.float32)
     m.model.layers[0].mlp.down_proj = torch.nn.Sequential(m.model.layers[0].mlp.down_proj)  # as a LoRA wrapper would
-    assert keep_fewer_activations(m) == LAYERS - 1 + 2 * LAYERS + 1 + 1
+    assert keep_fewer_activations(m) == LAYERS - 1 + 2 * LAYERS + 1

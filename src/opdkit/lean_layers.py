@@ -9,10 +9,11 @@ SmolLM2 student of ``bench/vs_trl.py`` that is 47 of the 158 MiB a step's forwar
 
 An input embedding's backward makes a dense ``[V, d]`` gradient for the few rows a batch looked up, and with tied
 weights autograd holds it beside the head's ``[V, d]`` gradient until it has added the two: on that student the
-step's highest point (54 MiB each in bf16; 272 MiB each for Qwen2-0.5B's vocabulary). With ``rows_into_grad`` the
-lookup reads the weight outside autograd and adds its rows' gradients into ``weight.grad`` in place once they are
-known (``register_post_accumulate_grad_hook`` on the looked-up rows). Autograd's gradient hooks on the weight do not
-see that addition, so a run of several processes (DDP's reduction is such a hook) keeps the plain lookup.
+step's highest point (54 MiB each in bf16; 272 MiB each for Qwen2-0.5B's vocabulary). With ``rows_into_grad`` a
+tied lookup reads the weight outside autograd and adds its rows' gradients into ``weight.grad`` in place once they
+are known (``register_post_accumulate_grad_hook`` on the looked-up rows). Gradient hooks on the weight would not see
+that addition: a forward where the weight has hooks runs the plain lookup, and so does a run of several processes
+(``rows_into_grad=False``), whose reduction (DDP's) hooks in where Python cannot see it.
 
 ``keep_fewer_activations`` swaps these in for the MLPs and norms of the model families whose code they reproduce,
 and for the input embedding, wherever a forward records a gradient outside an autocast; elsewhere (no gradient, an
@@ -92,8 +93,10 @@ def keep_fewer_activations(model: torch.nn.Module, rows_into_grad: bool = True) 
     weight's gradient; the number of modules changed. Bound methods, so a deep copy computes with its own weights."""
     changed = 0
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if (rows_into_grad and type(embedding) is torch.nn.Embedding and embedding.max_norm is None
-            and not embedding.scale_grad_by_freq and not embedding.sparse):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if (rows_into_grad and type(embedding) is torch.nn.Embedding and head is not None
+            and head.weight is embedding.weight  # tied: the gradient autograd would hold twice
+            and embedding.max_norm is None and not embedding.scale_grad_by_freq and not embedding.sparse):
         embedding._opd_lookup, embedding.forward = embedding.forward, types.MethodType(_embedding, embedding)
         changed += 1
     for module in model.modules():
@@ -127,7 +130,8 @@ def _norm(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _embedding(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-    if not (torch.is_grad_enabled() and self.weight.requires_grad):
+    hooked = self.weight._backward_hooks or getattr(self.weight, "_post_accumulate_grad_hooks", None)
+    if not (torch.is_grad_enabled() and self.weight.requires_grad) or hooked:  # hooks see the whole gradient
         return self._opd_lookup(ids)  # the forward it had (``products`` widens a bf16 table's rows)
     rows = F.embedding(ids, self.weight.detach(), self.padding_idx)
     rows = (rows.float() if is_float32_arithmetic(self) else rows).requires_grad_()
