@@ -3,9 +3,9 @@ that training steps make (``allocator: auto``).
 
 glibc's heap mixes the steps' tensors with the interpreter's and the libraries' small blocks, some of which
 outlive a step, and the next step's large tensors go above them: on the SmolLM2 pair of ``bench/vs_trl.py`` the
-heap ended 70-190 MiB above a best fit of the same allocations, by another amount in each identical run. The tensor
-heap (``native/tensor_heap.cpp``) gives tensors made after the models and the optimizer's state a range of their
-own, best fit within it, and keeps it: the step's peak is then the same in every run (``docs/performance.md``).
+peak was 0.15-0.2 GB higher than with the tensor heap, by another amount in each identical run. The tensor heap
+(``native/tensor_heap.cpp``) gives tensors made after the models and the optimizer's state a range of their own,
+best fit within it, and keeps it: the step's peak is then the same in every run (``docs/performance.md``).
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 //
 // glibc's heap holds a step's tensors among the interpreter's and the libraries' own small blocks, some of which
 // outlive the step: they split the memory the step frees, and the next step's large blocks go above them. On the
-// SmolLM2 pair that heap ended 70-190 MiB above a best fit of the same allocations, by a different amount in each
-// identical run (docs/performance.md). Here tensors alone share a range reserved once (pages are only touched,
-// and counted, when used): each block goes in the smallest free gap that holds it, a freed block merges with free
-// neighbours, and the range's top comes down when the block below it is freed. Pages once touched stay (glibc's
-// heap did the same under models.keep_freed_memory): the next step reuses them without faulting them in again.
-// A block the range cannot hold comes from glibc as before.
+// SmolLM2 pair that heap peaked 0.15-0.2 GB higher than this one, by a different amount in each identical run
+// (docs/performance.md). Here tensors alone share a range reserved once (pages are only touched, and counted, when
+// used): each block goes in the smallest free gap that holds it, a freed block merges with free neighbours, and the
+// range's top comes down when the block below it is freed. Pages once touched stay (glibc's heap does the same under
+// allocator.keep_freed_memory): the next step reuses them without faulting them in again. A block the range cannot
+// hold comes from glibc as before.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
