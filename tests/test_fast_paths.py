@@ -20,7 +20,7 @@ from opdkit.errors import OPDError
 from opdkit.llama_step import unsupported
 from opdkit.models import load_model, load_tokenizer
 from opdkit.native import kernel
-from opdkit.products import FEW_ROWS, few_rows, project
+from opdkit.products import FEW_ROWS, few_rows, float32_arithmetic, project
 from opdkit.rollout import sample
 from opdkit.teachers import LocalTeacher
 
@@ -56,6 +56,24 @@ def test_sampler_log_probs_at_a_temperature_and_top_p_equal_a_separate_forward_p
     expected = processed.log_softmax(-1).gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)
     mask = rollouts.completion_mask.bool()
     assert torch.allclose(rollouts.sampler_logprobs[mask], expected[mask], atol=1e-4)
+
+
+@pytest.mark.parametrize("bf16", [False, True])  # bf16: weights in float32 arithmetic, as a bf16 student's
+def test_hidden_states_alone_project_no_position_through_the_head(tiny, bf16):
+    """``completion_logits(logits=False)`` hands back the same hidden states with no logits, and the LM head sees
+    zero rows (a bf16 head's product widens none of its weight)."""
+    model = load_model(str(tiny / "student"))
+    if bf16:
+        float32_arithmetic(model.to(torch.bfloat16))
+    tokenizer = load_tokenizer(str(tiny / "student"))
+    torch.manual_seed(0)
+    rollouts = sample(model, tokenizer, load_examples(str(tiny / "train.jsonl"))[:4], max_completion_length=6)
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    logits, hidden = rollouts.completion_logits(model, return_hidden=True)
+    none, hidden_alone = rollouts.completion_logits(model, return_hidden=True, logits=False)
+    assert none is None and torch.equal(hidden, hidden_alone)
+    assert rows == [logits.shape[0] * (logits.shape[1] + 1), 0]
 
 
 def test_greedy_decoding_equals_transformers_generate(tiny):

@@ -35,6 +35,8 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ro
     ``(weight @ x.T).T``, and for at most ``FEW_ROWS`` float32 rows on a CPU by ``few_rows``; a bf16 ``weight`` with
     float32 ``x`` is widened (``widened``) unless an autocast decides the product (``mixed``). A fixed rule, not a
     timing: a seed gives the same bits in every run on a machine."""
+    if x.shape[0] == 0:  # a head asked for no position (``Rollouts.completion_logits`` for hidden states only)
+        return x.new_zeros(0, weight.shape[0], dtype=torch.float32 if mixed(x, weight) else x.dtype)
     out = few_rows(x, weight) if row_major else None
     if out is None and mixed(x, weight):
         out = widened(x, weight)
@@ -172,7 +174,7 @@ def _linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         out = Widened.apply(flat, self.weight, self.bias)
     else:
         out = project(flat, self.weight, self.bias, row_major=flat.shape[0] <= FEW_ROWS and not needs_grad)
-    return out.reshape(*x.shape[:-1], -1)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _embedding(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:

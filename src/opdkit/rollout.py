@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import Example, left_pad, render_completion, render_prompt, right_pad
-from .decode import decode, one_position
+from .decode import decode
 from .objectives.support import sampled_from_logits
 
 
@@ -84,14 +84,15 @@ class Rollouts:
         ``return_hidden``, the ``[B, C, d]`` last hidden states they come from).
 
         Position ids follow the attention mask, exactly as ``generate`` assigns them with left padding.
-        Only the last ``C + 1`` positions go through the LM head; with ``logits=False`` none do (beyond one)
-        and the logits come back as None, for a caller that applies the head itself in chunks.
+        Only the last ``C + 1`` positions go through the LM head; with ``logits=False`` none do (an empty index
+        for ``logits_to_keep``) and the logits come back as None, for a caller that applies the head itself in
+        chunks.
         """
         mask = self.attention_mask
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         width = self.completion_ids.shape[1]
         out = model(input_ids=self.input_ids, attention_mask=mask, position_ids=position_ids,
-                    logits_to_keep=width + 1 if logits else one_position(0), use_cache=False,
+                    logits_to_keep=width + 1 if logits else torch.zeros(0, dtype=torch.long), use_cache=False,
                     output_hidden_states=return_hidden)
         completion_logits = out.logits[:, :-1] if logits else None
         if return_hidden:
