@@ -82,7 +82,10 @@ def test_system_or_another_device_keeps_or_restores_torch_allocator():
         assert not use_tensor_heap("system", torch.device("cpu"))
         assert not use_tensor_heap("auto", torch.device("meta"))
         assert tensor_heap_usage() is None
+        from opdkit.console import allocator_line
+        assert allocator_line("system") == "torch's own allocator (allocator: system)"
         assert use_tensor_heap("auto", torch.device("cpu"))
+        assert "heap of their own" in allocator_line("auto")  # what the run's banner says
         kept = torch.ones(1000)
         assert tensor_heap_usage().in_tensors == 4000 + 32  # rounded to 64 bytes
         assert not use_tensor_heap("system", torch.device("cpu"))  # a later run in the same process

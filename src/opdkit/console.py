@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from .allocator import tensor_heap_usage
 from .evaluate import METRICS
 from .lora import is_lora
 from .models import bf16_units, machine_description
@@ -116,6 +117,7 @@ class RunView:
             ("precision", precisions(run)),
             ("decoding", decoding(run)),
             ("machine", f"{run.device.type}: {machine_description(run.amp_dtype)}"),
+            *([("memory", allocator_line(config.allocator))] if run.device.type == "cpu" else []),
             ("data", data),
             ("steps", schedule),
             ("checkpoints", f"{saving}, newest {config.checkpoint.keep} kept" + (f", best by {best}" if best else "")),
@@ -277,6 +279,15 @@ def routing_text(routing) -> str:
 
 def _following(ema: float | None) -> str:
     return "frozen at the start" if ema is None else f"an exponential moving average of it (decay {ema:g})"
+
+
+def allocator_line(allocator: str) -> str:
+    """Where the steps' CPU tensors live (``allocator``), once ``train.optimizer_and_schedule`` has chosen."""
+    if tensor_heap_usage() is not None:
+        return "the steps' tensors in a heap of their own (allocator: auto)"
+    if allocator == "auto":
+        return "torch's own allocator: no C++ compiler built the tensor heap (allocator: auto)"
+    return "torch's own allocator (allocator: system)"
 
 
 def _method_line(name: str) -> str:
