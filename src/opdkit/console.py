@@ -284,7 +284,7 @@ def _following(ema: float | None) -> str:
 def allocator_line(allocator: str) -> str:
     """Where the steps' CPU tensors live (``allocator``), once ``train.optimizer_and_schedule`` has chosen."""
     if tensor_heap_usage() is not None:
-        return "the steps' tensors in a heap of their own (allocator: auto)"
+        return "each step's tensors in a heap of their own (allocator: auto)"
     if allocator == "auto":
         return "torch's own allocator: no C++ compiler built the tensor heap (allocator: auto)"
     return "torch's own allocator (allocator: system)"
