@@ -139,7 +139,7 @@ def test_a_run_shows_banner_before_evals_and_summary_and_keeps_samples_and_final
     path = write_yaml(tiny_config, tmp_path / "c.yaml")
     assert main(["train", str(path)]) == 0
     out = capsys.readouterr().out
-    order = ["opd train", "method", "student", "teacher", "precision", "decoding", "machine", "data", "steps",
+    order = ["opd train", "method", "student", "teacher", "precision", "decoding", "machine", "memory", "data", "steps",
              "checkpoints", "output", "first prompt", "before training:", "opd step 2/4", "eval at step 2:", "saved checkpoint-2",
              "held-out, before and after 4 steps of opd", "evaluation completions", "best checkpoint:",
              "final model:", "of which training steps"]
