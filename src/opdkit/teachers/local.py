@@ -33,16 +33,23 @@ def _reduce(logits: torch.Tensor, ids: torch.Tensor, entropy: bool, top_k: int |
     top-k taken on the raw logits before any upcast; the entropy from float32 log-probs block by block (rows of
     ``BLOCK_MEMORY_MIB``), the logits less the token's logsumexp (not a log-softmax taking it again)."""
     token, lse = sampled_from_logits(logits, ids)
-    teacher_entropy = topk_ids = topk_logprobs = None
+    teacher_entropy = None
     if entropy:
         flat, flat_lse = logits.reshape(-1, logits.shape[-1]), lse.reshape(-1, 1)
         rows = chunk_rows(logits.shape[-1], BLOCK_MEMORY_MIB, live=2)
         teacher_entropy = torch.cat([full_entropy(flat[i : i + rows].float() - flat_lse[i : i + rows])
                                      for i in range(0, flat.shape[0], rows)]).view(logits.shape[:-1])
-    if top_k:
-        values, topk_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-        topk_logprobs = values.float() - lse.unsqueeze(-1)
+    topk_ids, topk_logprobs = _top_k(logits, lse, top_k)
     return token, teacher_entropy, topk_ids, topk_logprobs
+
+
+def _top_k(logits: torch.Tensor, lse: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor | None, ...]:
+    """The top-k ids of raw ``[..., V]`` logits (before any upcast) and their float32 log-probs, given the logits'
+    logsumexp; ``(None, None)`` without ``top_k``."""
+    if not top_k:
+        return None, None
+    values, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+    return ids, values.float() - lse.unsqueeze(-1)
 
 
 class HeadStats:
@@ -83,10 +90,7 @@ class HeadStats:
         """The statistics of ``positions`` from their float32 logits, which become their log-probs in place: the
         top-k on the raw logits, the entropy on the log-probs (the values of ``_reduce``, without its copy)."""
         token, lse = sampled_from_logits(logits, self.ids.reshape(-1)[positions])
-        topk_ids = topk_logprobs = None
-        if self.top_k:
-            values, topk_ids = logits.topk(self.top_k, dim=-1)
-            topk_logprobs = values - lse.unsqueeze(-1)
+        topk_ids, topk_logprobs = _top_k(logits, lse, self.top_k)
         logprobs = logits.sub_(lse.unsqueeze(-1))
         teacher_entropy = full_entropy(logprobs) if self.entropy else None
         for store, values in ((self.token, token), (self.teacher_entropy, teacher_entropy),
