@@ -28,7 +28,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .products import is_float32_arithmetic, project, times, weight_gradient
+from .products import project, times, weight_gradient
 
 # modules whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with silu, or Llama's RMSNorm
 MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
@@ -133,8 +133,8 @@ def _embedding(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     hooked = self.weight._backward_hooks or getattr(self.weight, "_post_accumulate_grad_hooks", None)
     if not (torch.is_grad_enabled() and self.weight.requires_grad) or hooked:  # hooks see the whole gradient
         return self._opd_lookup(ids)  # the forward it had (``products`` widens a bf16 table's rows)
-    rows = F.embedding(ids, self.weight.detach(), self.padding_idx)
-    rows = (rows.float() if is_float32_arithmetic(self) else rows).requires_grad_()
+    with torch.no_grad():  # the module's own lookup, outside autograd
+        rows = self._opd_lookup(ids).requires_grad_()
     rows.register_post_accumulate_grad_hook(functools.partial(_add_rows, self.weight, ids, self.padding_idx))
     return rows
 
