@@ -445,6 +445,20 @@ def _changed(section: BaseModel) -> list[str]:
     return [name for name, field in type(section).model_fields.items() if getattr(section, name) != field.default]
 
 
+class RepeatPenaltyConfig(_Strict):
+    """The teacher's target without its repeats (``objectives.repeats``): at each position, every token that would
+    repeat an ``ngram_size``-gram the completion already holds gets its teacher logit lowered by ``penalty`` before
+    the softmax. The student learns ``softmax(z_T - penalty * repeats)``: a decoding-time no-repeat-n-gram rule
+    moved onto the target, for a teacher that continues a loop once the student is in one. The held-out
+    evaluation still measures against the teacher itself. Full support only (the penalty needs the normaliser of
+    the whole vocabulary)."""
+
+    enabled: bool = Field(False, description="lower the teacher's logit of tokens that repeat an n-gram of the completion")
+    ngram_size: int = Field(4, ge=2, description="tokens in a repeat, the last one included (evaluate.loops counts 4)")
+    penalty: float = Field(5.0, gt=0, description="subtracted from the teacher's logit of each repeating token "
+                           "(5: its odds divided by about 150)")
+
+
 class ObjectiveConfig(_Strict):
     """The objective as a point on the axes of the OPD formula. ``method`` names a preset (see
     ``opdkit.methods``) whose values fill every axis the config leaves unset.
@@ -460,7 +474,8 @@ class ObjectiveConfig(_Strict):
     - credit, gates (``trust_region``, ``entropy_gate``, ``position_decay``), ``aggregation``;
     - regularizers: ``ref_kl_coef`` (k3 to the frozen initial student), ``entropy_coef``;
     - beyond the single token: ``near_future`` (a windowed return, or teacher bridges from the student's states) and
-      ``routing: cr`` (where the mass a negative reward takes from the sampled token goes: ``cr``).
+      ``routing: cr`` (where the mass a negative reward takes from the sampled token goes: ``cr``);
+    - the target: ``repeat_penalty`` (the teacher's logits of tokens that would repeat an n-gram lowered).
 
     Two temperatures: ``rollout.temperature`` shapes the student's sampling (and the importance ratio corrects
     for it); ``objective.temperature`` softens both distributions inside a top-k or full-support divergence
@@ -500,6 +515,7 @@ class ObjectiveConfig(_Strict):
     entropy_gate: EntropyGateConfig = EntropyGateConfig()
     prefix_guidance: PrefixGuidanceConfig = PrefixGuidanceConfig()
     near_future: NearFutureConfig = NearFutureConfig()
+    repeat_penalty: RepeatPenaltyConfig = RepeatPenaltyConfig()
     routing: Literal["none", "cr"] = Field("none", description="vocabulary routing of negative feedback: none "
                                            "(the policy gradient's own), or cr (counterfactual, CR-OPD)")
     cr: CounterfactualRoutingConfig = CounterfactualRoutingConfig()
@@ -687,12 +703,16 @@ class ObjectiveConfig(_Strict):
                              "window is another baseline or return), or remove credit.baseline")
 
     def _check_gates(self) -> None:
-        for name in ("trust_region", "entropy_gate", "prefix_guidance", "near_future"):
+        for name in ("trust_region", "entropy_gate", "prefix_guidance", "near_future", "repeat_penalty"):
             section = getattr(self, name)
             changed = _changed(section)
             if not section.enabled and changed:
                 raise ValueError(f"{name}.{', '.join(changed)} set while {name}.enabled is false: set "
                                  f"{name}.enabled: true, or remove them")
+        if self.repeat_penalty.enabled and self.support != "full":
+            raise ValueError(f"repeat_penalty lowers the teacher's logits of repeating tokens and renormalises over the "
+                             f"whole vocabulary, which support {self.support!r} does not see: set support: full (gkd), "
+                             "or remove repeat_penalty")
         tr = self.trust_region
         if tr.enabled:
             if not (self.policy_gradient and self.reward == "log_ratio"):

@@ -53,8 +53,8 @@ def eval_line(measured: dict) -> str:
 
 def step_line(record: dict) -> str:
     """The per-step numbers people watch: loss, the KL the step measured, the student's entropy (and the teacher's),
-    the share of sampled tokens with a negative signal, the student's mass on the teacher's top-k, lr, gradient
-    norm, length, time."""
+    the share of sampled tokens with a negative signal, the student's mass on the teacher's top-k, the positions
+    where a token would repeat an n-gram (``repeat_penalty``), lr, gradient norm, length, time."""
     parts = [f"loss {record['loss']:+.4f}"]
     for key, label in (("reverse_kl_k1", "rkl~k1"), ("reverse_kl_topk", "rkl@topk"), ("reverse_kl_full", "rkl")):
         if key in record:
@@ -65,6 +65,9 @@ def step_line(record: dict) -> str:
         parts.append(f"neg {record['signal_negative_share']:.0%}")
     if "student_topk_mass" in record:
         parts.append(f"top-k mass {record['student_topk_mass']:.0%}")
+    if record.get("repeat_positions"):  # repeat_penalty: where a token would repeat, and the teacher's p of it there
+        there = record["teacher_repeat_mass"] / record["repeat_positions"]
+        parts.append(f"repeats {record['repeat_positions']:.0%} (teacher p {there:.2f} there)")
     seconds = sum(v for k, v in record.items() if k.startswith("time_"))
     parts += [f"lr {record['lr']:.2e}", f"gnorm {record['grad_norm']:.2f}", f"len {record['completion_length']:.1f}",
               f"{seconds:.2f} s/step"]

@@ -10,6 +10,7 @@
     plus:              + entropy-gated top-k FKL + ref_kl_coef * k3(pi_ref) + entropy_coef * (-H(pi_S))
     times:             position weights; prefix (guidance) tokens get beta * (-log pi_S(y_t)) instead;
     plus, at bridge origins t:  + bridge_weight * sum_k -log pi_S(b_k | x, y_<t, b_<k)    near_future: teacher_bridge
+    target:            pi_T = softmax(z_T - penalty * [v repeats an n-gram of y_<t])          repeat_penalty
 
 States that the student did not sample (teacher samples, dataset completions) get the direct form of the
 chosen support; on the sampled token that is cross-entropy, forward KL's gradient (``ObjectiveConfig``
@@ -26,7 +27,7 @@ import torch
 
 from ..errors import OPDError
 from ..models import autocast
-from ..objectives import bridge, credit, gates, groups, regularizers, routing
+from ..objectives import bridge, credit, gates, groups, regularizers, repeats, routing
 from ..objectives.divergence import distributional, entropy, estimator, kl, phi, phi_prime
 from ..objectives.policy_gradient import policy_gradient_loss
 from ..objectives.reduce import token_mean
@@ -178,6 +179,11 @@ class Formula(Method):
         # as a local teacher computes its own (teachers.local): the same logits give a log-ratio of exactly 0
         token_logprobs = sampled_from_logits(student_logits, rollouts.completion_ids)[0]
         stats: dict[str, torch.Tensor] = {"student_entropy": entropy(logprobs.detach())}
+        if o.repeat_penalty.enabled:  # the target without its repeats, every position at once
+            every = torch.ones_like(mask, dtype=torch.bool)
+            full = teacher.logprobs.float().reshape(-1, teacher.logprobs.shape[-1]).clone()
+            penalized = self._without_repeats(lambda i, j: full[i:j], rollouts, every, stats)(0, full.shape[0])
+            teacher = dataclasses.replace(teacher, logprobs=penalized.log_softmax(-1).view_as(teacher.logprobs))
         scalars: dict[str, float] = {}
         value_loss = None
 
@@ -232,12 +238,40 @@ class Formula(Method):
         else:
             teacher_rows = teacher.logprobs[keep]
             teacher_logits = lambda i, j: teacher_rows[i:j].clone()  # noqa: E731 (chunked_full overwrites it)
+        logged: dict[str, torch.Tensor] = {}
+        if o.repeat_penalty.enabled:  # lowered logits are normalised again by the blocks
+            teacher_logits, normalised = self._without_repeats(teacher_logits, rollouts, keep, logged), False
         per_token, student_entropy, reverse_kl = chunked_full(
             hidden[keep], self.head, teacher_logits, o.divergence, beta=o.beta, alpha=o.alpha,
             temperature=o.temperature, chunk_size=o.vocab_chunk_size, memory_mib=o.chunk_memory_mib,
             teacher_logprobs=normalised)
         scatter = lambda values: torch.zeros_like(mask, dtype=values.dtype).masked_scatter(keep, values)  # noqa: E731
-        return scatter(per_token), {"student_entropy": scatter(student_entropy), "reverse_kl_full": scatter(reverse_kl)}
+        logged.update(student_entropy=scatter(student_entropy), reverse_kl_full=scatter(reverse_kl))
+        return scatter(per_token), logged
+
+    def _without_repeats(self, teacher_logits, rollouts: Rollouts, keep: torch.Tensor, stats: dict):
+        """``teacher_logits(i, j)`` (rows ``i:j`` of the ``keep`` positions, in order) as float32 with
+        ``repeat_penalty`` applied (``objectives.repeats``). Adds two ``[B, C]`` stats, filled as the blocks pass:
+        ``repeat_positions`` (1 where some token would repeat) and ``teacher_repeat_mass`` (the teacher's own
+        probability of those tokens, before the penalty)."""
+        rp = self.objective.repeat_penalty
+        positions, tokens = repeats.repeat_targets(rollouts.completion_ids, rollouts.completion_mask, rp.ngram_size)
+        rows, tokens = repeats.as_rows(positions, tokens, keep)
+        kept = keep.reshape(-1).nonzero().squeeze(-1)  # row -> flat position
+        repeating = torch.zeros(keep.shape, device=keep.device)
+        repeating.view(-1)[kept[rows]] = 1.0
+        mass = stats["teacher_repeat_mass"] = torch.zeros(keep.shape, device=keep.device)
+        stats["repeat_positions"] = repeating
+
+        def lowered(i: int, j: int) -> torch.Tensor:
+            logits = teacher_logits(i, j).float()
+            block_rows, block_tokens = repeats.in_block(rows, tokens, i, j)
+            if block_rows.numel():  # assigned, not added: a backward that recomputes a block asks for it again
+                p = (logits[block_rows, block_tokens] - logits[block_rows].logsumexp(-1)).exp()
+                mass.view(-1)[kept[i:j]] = logits.new_zeros(j - i).index_add_(0, block_rows, p)
+            return repeats.penalize(logits, block_rows, block_tokens, rp.penalty)
+
+        return lowered
 
     def _distributional(self, student_logits, logprobs, teacher: TeacherSignal, stats) -> torch.Tensor:
         """``D(pi_T, pi_S)`` over the support, both sides at ``objective.temperature`` (no tail then: config)."""
