@@ -8,7 +8,7 @@ picks; ``--temperature T`` (with ``--top-p``) samples instead, ``--samples K`` a
 0 to K-1, the same for every model). SmolLM2-135M-Instruct's model card decodes at ``--temperature 0.2 --top-p
 0.9``. Per model: the share of answers that loop (``opdkit.evaluate.looping``: one run of four tokens three times
 or more), pooled over the samples and per sample, the share that end (emit the end token within the length) and the
-mean length. The models: the teacher, ``builtin:smollm2/student-20`` (the plain cut),
+mean length. The models (``--runs-only``: the runs' alone): the teacher, ``builtin:smollm2/student-20`` (the plain cut),
 ``builtin:smollm2/student-20-bridge`` (the same cut with its linear bridge, untrained),
 ``builtin:smollm2/student-24-bridge`` (the milder bridged cut, untrained), then the ``final`` folder of each run
 folder given. ``--show N`` prints N prompts' answers.
@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--samples", type=int, default=1, help="answers per prompt when sampling (seeds 0..K-1)")
     parser.add_argument("--show", type=int, default=3)
+    parser.add_argument("--runs-only", action="store_true",
+                        help="measure only the runs given, not the teacher and the untrained cuts")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     args.samples = args.samples if args.temperature else 1  # greedy answers are the same every time
@@ -63,10 +65,11 @@ def main() -> None:
     config = load_config(shipped_config("smollm2-heal.yaml"), [])
     run = setup(config)
     examples = load_examples(config.data.eval)
-    models = {"teacher": run.teacher.model,
-              **{path: load_model(path) for path in ("builtin:smollm2/student-20", "builtin:smollm2/student-20-bridge",
-                                                              "builtin:smollm2/student-24-bridge")},
-              **{str(folder): load_model(str(folder / "final")) for folder in args.runs}}
+    references = {} if args.runs_only else {
+        "teacher": run.teacher.model,
+        **{path: load_model(path) for path in ("builtin:smollm2/student-20", "builtin:smollm2/student-20-bridge",
+                                               "builtin:smollm2/student-24-bridge")}}
+    models = {**references, **{str(folder): load_model(str(folder / "final")) for folder in args.runs}}
     console.print(f"machine: {machine_description(run.amp_dtype)}")
     measured = {}
     for name, model in models.items():
