@@ -8,10 +8,10 @@ picks; ``--temperature T`` (with ``--top-p``) samples instead, ``--samples K`` a
 0 to K-1, the same for every model). SmolLM2-135M-Instruct's model card decodes at ``--temperature 0.2 --top-p
 0.9``. Per model: the share of answers that loop (``opdkit.evaluate.looping``: one run of four tokens three times
 or more), pooled over the samples and per sample, the share that end (emit the end token within the length) and the
-mean length. The models (``--runs-only``: the runs' alone): the teacher, ``builtin:smollm2/student-20`` (the plain cut),
+mean length. The models: the teacher, ``builtin:smollm2/student-20`` (the plain cut),
 ``builtin:smollm2/student-20-bridge`` (the same cut with its linear bridge, untrained),
 ``builtin:smollm2/student-24-bridge`` (the milder bridged cut, untrained), then the ``final`` folder of each run
-folder given. ``--show N`` prints N prompts' answers.
+folder given (``--runs-only``: those alone). ``--show N`` prints N prompts' answers.
 """
 
 from __future__ import annotations
