@@ -5,8 +5,10 @@
 - decoding, in the precision a run would use (``auto``: bf16 autocast where the processor has bf16 units): ms per
   new token of ``opdkit.decode.decode`` (one token and its log-prob per step, few-row products in the form
   ``decode.row_major`` picks, the student's layers through ``opdkit.llama_step``, in float32 arithmetic a layer per
-  call of ``native/decode_layer.c``); of the same with each layer through ``llama_step``'s torch operators (before
-  that kernel); of the same with every few-row product as ``W @ x.T`` whatever the dtype (the rule before
+  call of ``native/decode_layer.c``, and so too under a bf16 autocast where ``decode.float32_steps`` says so:
+  float32 arithmetic on the weights rounded to bf16); of the same with each layer through ``llama_step``'s torch
+  operators (before that kernel; where ``float32_steps`` applies, in the autocast's bf16 products, before it); of
+  the same with every few-row product as ``W @ x.T`` whatever the dtype, in the autocast's dtype (the rule before
   ``row_major`` took the processor's bf16 units into account); of the same loop over ``transformers``' forward
   (what ``decode`` does for a model ``llama_step`` does not support); and of ``transformers``'
   ``generate(output_scores=True)`` followed by the ``[B, C, V]`` float32 log-softmax that the rollout used to read
@@ -63,12 +65,22 @@ def decoding(args) -> dict:
 
     rule = opdkit.decode.row_major
 
+    steps_rule = opdkit.decode.float32_steps
+
     def ours_always_row_major():  # the rule before bench/step_profile.py: W @ x.T for any few-row CPU step
         opdkit.decode.row_major = lambda rows, device, dtype: device.type == "cpu" and rows <= opdkit.decode.ROW_MAJOR_ROWS
+        opdkit.decode.float32_steps = lambda rows, device, dtype: False  # the products in the autocast's dtype
         try:
             decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
         finally:
-            opdkit.decode.row_major = rule
+            opdkit.decode.row_major, opdkit.decode.float32_steps = rule, steps_rule
+
+    def ours_bf16_products():  # under a bf16 autocast, bf16 products in llama_step's torch operators
+        opdkit.decode.float32_steps = lambda rows, device, dtype: False
+        try:
+            decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
+        finally:
+            opdkit.decode.float32_steps = steps_rule
 
     native = LlamaStep._native
 
@@ -91,11 +103,15 @@ def decoding(args) -> dict:
         scores = torch.stack(out.scores, dim=1).float().log_softmax(-1)
         scores.gather(-1, out.sequences[:, ids.shape[1]:].unsqueeze(-1))
 
-    variants = {"ours": ours, "ours, layers in torch operators": ours_layers_in_torch,
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    before = ({"ours, bf16 products": ours_bf16_products}  # what the layers in torch operators are here
+              if steps_rule(args.batch, torch.device("cpu"), precision)
+              else {"ours, layers in torch operators": ours_layers_in_torch})
+    variants = {"ours": ours, **before,
                 "ours, W @ x.T at any dtype": ours_always_row_major,
                 "ours over transformers' forward": ours_over_transformers, "generate": generate}
     times: dict[str, list[float]] = {name: [] for name in variants}
-    with torch.no_grad(), autocast(torch.device("cpu"), resolve_precision(args.precision, torch.device("cpu"))):
+    with torch.no_grad(), autocast(torch.device("cpu"), precision):
         for fn in variants.values():  # warm-up
             fn()
         for _ in range(3):

@@ -107,6 +107,11 @@ def test_few_row_products_take_the_form_that_reads_weights_faster_on_the_process
         assert not opdkit.decode.row_major(4, cuda, torch.bfloat16)
         # bf16: W @ x.T with AMX tiles (and emulated), x @ W.T with AVX512-BF16 dot products alone
         assert opdkit.decode.row_major(ROW_MAJOR_ROWS, cpu, torch.bfloat16) == (units != "AVX512-BF16")
+        # under a bf16 autocast on AVX512-BF16 alone, a few rows step in float32 on bf16 weights
+        assert opdkit.decode.float32_steps(ROW_MAJOR_ROWS, cpu, torch.bfloat16) == (units == "AVX512-BF16")
+        assert not opdkit.decode.float32_steps(ROW_MAJOR_ROWS + 1, cpu, torch.bfloat16)
+        assert not opdkit.decode.float32_steps(4, cpu, torch.float32)
+        assert not opdkit.decode.float32_steps(4, cuda, torch.bfloat16)
 
 
 @pytest.mark.skipif(kernel("rows_matmul") is None, reason="no C compiler to build the kernel")
@@ -211,11 +216,30 @@ def test_the_decode_layer_kernel_steps_as_llama_steps_torch_operators(family, we
             assert torch.allclose(ours, theirs, atol=1e-5)
 
 
-@pytest.mark.parametrize("transposed", [True, False], ids=["W @ x.T", "x @ W.T"])
-def test_llama_step_under_bf16_autocast_stays_close_to_the_models_forward(transposed, monkeypatch):
-    monkeypatch.setattr(opdkit.decode, "row_major", lambda rows, device, dtype: transposed)  # both forms, any CPU
+@pytest.mark.parametrize("form", ["W @ x.T", "x @ W.T", "float32 steps"])
+def test_llama_step_under_bf16_autocast_stays_close_to_the_models_forward(form, monkeypatch):
+    """Each form a decode under a bf16 autocast can take, on any CPU: bf16 products either way round, or float32
+    arithmetic on the bf16-rounded weights through the decode-layer kernel (``decode.float32_steps``)."""
+    monkeypatch.setattr(opdkit.decode, "row_major", lambda rows, device, dtype: form == "W @ x.T")
+    monkeypatch.setattr(opdkit.decode, "float32_steps", lambda rows, device, dtype: form == "float32 steps")
+    if form == "float32 steps" and kernel("decode_layer") is None:
+        pytest.skip("no C compiler to build the kernel")
     model = _family("llama")
     ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11]], pad_id=0)
+    positions = torch.cat([(mask.cumsum(1) - 1).clamp(min=0), torch.tensor([[5], [2]]) + torch.arange(12)], 1)
+    step = opdkit.decode.stepper(model, positions, torch.bfloat16, form == "W @ x.T")
+    floats = form == "float32 steps"  # then a float32 cache for the kernel's new tokens, after a bf16 prefill
+    assert (step.native is not None, step.keys[0].dtype) == (floats, torch.float32 if floats else torch.bfloat16)
+    assert {w.dtype for w, _ in step.layers[0][1:4]} == {torch.bfloat16}  # the weights rounded to bf16 in each form
+    if floats:  # the prompt exactly as the bf16 form takes it: its cache, held in float32, the same values
+        from opdkit.llama_step import LlamaStep
+
+        bf16_step = LlamaStep(model, positions, torch.bfloat16, False)
+        key_mask = torch.cat([mask, mask.new_ones(2, 12)], 1)
+        with torch.no_grad():
+            assert torch.equal(step.prefill(ids, key_mask), bf16_step.prefill(ids, key_mask))
+        caches = zip(step.keys + step.values, bf16_step.keys + bf16_step.values)
+        assert all(torch.equal(ours.bfloat16(), theirs) for ours, theirs in caches)
     torch.manual_seed(3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tokens, logprobs = decode(model, ids, mask, 12, eos_id=-1, pad_id=0)

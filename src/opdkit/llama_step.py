@@ -13,7 +13,9 @@ In float32 arithmetic on a CPU (float32 weights, or bf16 ones in ``products.floa
 through each layer in one call of ``native/decode_layer.c`` instead: the same arithmetic, summed in another order,
 its products by the few-row loops of ``products.c``. Those 25 operators and 7 product calls a layer were a third of
 a step: a whole decode of the SmolLM2 student, 4 rows, 2 cores of an AMD EPYC Zen 3, takes 12.4 ms per new token
-against 16.4 with bf16 weights and 15.8 against 19.8 with float32 ones (``bench/step_parts.py``).
+against 16.4 with bf16 weights and 15.8 against 19.8 with float32 ones (``bench/step_parts.py``). Under a bf16
+autocast on AVX512-BF16 alone (``decode.float32_steps``) the new tokens take that kernel too, in float32 on the
+weights rounded to bf16, after a prefill in bf16 products: 10.3 ms per token against 16.9-18.7 (AMD EPYC Zen 4).
 
 It applies to Llama, Mistral, Qwen2 and Qwen3 models made of plain ``nn.Linear`` projections with full
 attention (``unsupported`` names anything else, and ``decode.decode`` then keeps ``transformers``' forward):
@@ -69,9 +71,12 @@ class LlamaStep:
     ``dtype``: what the products compute in (bf16 under a bf16 autocast, else the weights' dtype), the weights
     cast once; the residual stream, the norms and the rotary embedding stay float32, as ``transformers`` keeps
     them under autocast. ``row_major``: every product as ``W @ x.T`` (``project``), as ``decode`` computes the
-    model's own projections for a CPU batch of few rows."""
+    model's own projections for a CPU batch of few rows. ``float32_steps`` (``decode.float32_steps``): the prompt
+    in ``dtype`` (bf16), but each new token in float32 arithmetic on those bf16 weights through the decode-layer
+    kernel, over a float32 KV cache."""
 
-    def __init__(self, model: PreTrainedModel, positions: torch.Tensor, dtype: torch.dtype, row_major: bool):
+    def __init__(self, model: PreTrainedModel, positions: torch.Tensor, dtype: torch.dtype, row_major: bool,
+                 float32_steps: bool = False):
         decoder, config = model.get_decoder(), model.config
         self.dtype, self.row_major = dtype, row_major
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -98,10 +103,11 @@ class LlamaStep:
         batch, length = positions.shape
         cos, sin = decoder.rotary_emb(torch.zeros(1, device=positions.device), positions)  # any rope type it knows
         self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, L, hd] float32
-        shape = (batch, self.kv_heads, length, self.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=positions.device) for _ in self.layers]
-        self.values = [torch.zeros(shape, dtype=dtype, device=positions.device) for _ in self.layers]
-        self.native = self._native(batch, length, config) if row_major and dtype == torch.float32 else None
+        shape, cache = (batch, self.kv_heads, length, self.head_dim), torch.float32 if float32_steps else dtype
+        self.keys = [torch.zeros(shape, dtype=cache, device=positions.device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=cache, device=positions.device) for _ in self.layers]
+        native = (row_major and dtype == torch.float32) or float32_steps
+        self.native = self._native(batch, length, config) if native else None
 
     def _native(self, batch: int, length: int, config) -> tuple | None:
         """The arguments of ``native/decode_layer.c``, one call per layer for a new token (the weights, biases,
@@ -148,7 +154,7 @@ class LlamaStep:
             for pointers, constants in calls:
                 layer_kernel(x.data_ptr(), pointers, dims.data_ptr(), constants, mask.data_ptr(), column,
                              torch.get_num_threads())
-            return self._linear(self._norm(x, self.final_norm), self.head)
+            return project(self._norm(x, self.final_norm), *self.head, row_major=True)  # float32 few rows
 
     def _linear(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         return project(x, *weights, self.row_major)
@@ -187,7 +193,8 @@ class LlamaStep:
                 keys[:, :, columns] = self._rotate(k, columns)
                 values[:, :, columns] = self._linear(h, v_proj).reshape(batch, width, self.kv_heads, hd).transpose(1, 2)
                 q = self._rotate(q, columns).to(dtype).reshape(batch, self.kv_heads, self.groups * width, hd)
-                attended = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=visible,
+                seen_keys, seen_values = keys[:, :, :end].to(dtype), values[:, :, :end].to(dtype)  # float32_steps: cast
+                attended = F.scaled_dot_product_attention(q, seen_keys, seen_values, attn_mask=visible,
                                                           scale=self.scaling)  # [B, kv heads, groups * T, hd]
                 attended = attended.reshape(batch, self.heads, width, hd).transpose(1, 2).reshape(batch * width, -1)
                 x += self._linear(attended, o_proj)
