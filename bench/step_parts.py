@@ -39,6 +39,9 @@ def student():
 
 
 def decoding(args) -> dict:
+    import contextlib
+    from unittest import mock
+
     import torch
     from transformers import GenerationConfig
 
@@ -58,45 +61,21 @@ def decoding(args) -> dict:
     mask = torch.ones_like(ids)
     config = GenerationConfig(max_new_tokens=args.tokens, do_sample=True, top_k=0, return_dict_in_generate=True,
                               output_scores=True, pad_token_id=0, eos_token_id=None)
-    supported = opdkit.decode.unsupported
 
-    def ours():
-        decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
+    def ours(*patches):
+        """``decode`` with each ``(object, attribute, value)`` of ``patches`` in place (an earlier rule or path)."""
 
-    rule = opdkit.decode.row_major
+        def run():
+            with contextlib.ExitStack() as stack:
+                for target, name, value in patches:
+                    stack.enter_context(mock.patch.object(target, name, value))
+                decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
+        return run
 
-    steps_rule = opdkit.decode.float32_steps
-
-    def ours_always_row_major():  # the rule before bench/step_profile.py: W @ x.T for any few-row CPU step
-        opdkit.decode.row_major = lambda rows, device, dtype: device.type == "cpu" and rows <= opdkit.decode.ROW_MAJOR_ROWS
-        opdkit.decode.float32_steps = lambda rows, device, dtype: False  # the products in the autocast's dtype
-        try:
-            decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
-        finally:
-            opdkit.decode.row_major, opdkit.decode.float32_steps = rule, steps_rule
-
-    def ours_bf16_products():  # under a bf16 autocast, bf16 products in llama_step's torch operators
-        opdkit.decode.float32_steps = lambda rows, device, dtype: False
-        try:
-            decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
-        finally:
-            opdkit.decode.float32_steps = steps_rule
-
-    native = LlamaStep._native
-
-    def ours_layers_in_torch():  # every layer through llama_step's torch operators, no decode_layer kernel
-        LlamaStep._native = lambda self, *args: None
-        try:
-            decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
-        finally:
-            LlamaStep._native = native
-
-    def ours_over_transformers():
-        opdkit.decode.unsupported = lambda model: "measured without llama_step"
-        try:
-            decode(model, ids, mask, args.tokens, eos_id=-1, pad_id=0)
-        finally:
-            opdkit.decode.unsupported = supported
+    no_float32_steps = (opdkit.decode, "float32_steps", lambda rows, device, dtype: False)
+    # the rule before bench/step_profile.py: W @ x.T for any few-row CPU step, in the autocast's dtype
+    always_row_major = (opdkit.decode, "row_major",
+                        lambda rows, device, dtype: device.type == "cpu" and rows <= opdkit.decode.ROW_MAJOR_ROWS)
 
     def generate():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
@@ -104,12 +83,14 @@ def decoding(args) -> dict:
         scores.gather(-1, out.sequences[:, ids.shape[1]:].unsqueeze(-1))
 
     precision = resolve_precision(args.precision, torch.device("cpu"))
-    before = ({"ours, bf16 products": ours_bf16_products}  # what the layers in torch operators are here
-              if steps_rule(args.batch, torch.device("cpu"), precision)
-              else {"ours, layers in torch operators": ours_layers_in_torch})
-    variants = {"ours": ours, **before,
-                "ours, W @ x.T at any dtype": ours_always_row_major,
-                "ours over transformers' forward": ours_over_transformers, "generate": generate}
+    before = ({"ours, bf16 products": ours(no_float32_steps)}  # what the layers in torch operators are here
+              if opdkit.decode.float32_steps(args.batch, torch.device("cpu"), precision)
+              else {"ours, layers in torch operators": ours((LlamaStep, "_native", lambda self, *args: None))})
+    variants = {"ours": ours(), **before,
+                "ours, W @ x.T at any dtype": ours(always_row_major, no_float32_steps),
+                "ours over transformers' forward": ours((opdkit.decode, "unsupported",
+                                                         lambda model: "measured without llama_step")),
+                "generate": generate}
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad(), autocast(torch.device("cpu"), precision):
         for fn in variants.values():  # warm-up

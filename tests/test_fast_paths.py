@@ -17,7 +17,7 @@ from opdkit.config import ObjectiveConfig, load_config
 from opdkit.data import PromptSampler, left_pad, load_examples, render_prompt
 from opdkit.decode import ROW_MAJOR_ROWS, _fast_projections, choose, decode
 from opdkit.errors import OPDError
-from opdkit.llama_step import unsupported
+from opdkit.llama_step import LlamaStep, unsupported
 from opdkit.models import load_model, load_tokenizer
 from opdkit.native import kernel
 from opdkit.products import FEW_ROWS, few_rows, float32_arithmetic, project
@@ -192,16 +192,13 @@ def test_llama_step_samples_log_probs_equal_to_the_models_own_forward(family):
 def test_the_decode_layer_kernel_steps_as_llama_steps_torch_operators(family, weights):
     """``native/decode_layer.c`` (a whole layer per call, float32 arithmetic) against ``LlamaStep``'s operators for
     the same new tokens: biases, grouped-query attention, q/k norms, left padding, float32 and bf16 weights."""
-    from opdkit.llama_step import LlamaStep
     from opdkit.products import float32_arithmetic
 
     model = _family(family.split("-")[0], **FAMILIES[family])
     if weights == "bf16":
         float32_arithmetic(model.to(torch.bfloat16))
     ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], pad_id=0)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, 7)], 1)  # as decode numbers them
-    key_mask = torch.cat([mask, mask.new_ones(3, 6)], 1)
+    positions, key_mask = opdkit.decode.columns(mask, 6)  # as decode numbers them
     native, plain = (LlamaStep(model, positions, torch.float32, row_major=True) for _ in range(2))
     plain.native = None  # LlamaStep's torch operators
     assert native.native is not None  # the kernel built, so the step below is its
@@ -226,16 +223,13 @@ def test_llama_step_under_bf16_autocast_stays_close_to_the_models_forward(form, 
         pytest.skip("no C compiler to build the kernel")
     model = _family("llama")
     ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11]], pad_id=0)
-    positions = torch.cat([(mask.cumsum(1) - 1).clamp(min=0), torch.tensor([[5], [2]]) + torch.arange(12)], 1)
-    step = opdkit.decode.stepper(model, positions, torch.bfloat16, form == "W @ x.T")
+    positions, key_mask = opdkit.decode.columns(mask, 12)
     floats = form == "float32 steps"  # then a float32 cache for the kernel's new tokens, after a bf16 prefill
+    step = LlamaStep(model, positions, torch.bfloat16, form == "W @ x.T", floats)  # as decode builds it in each form
     assert (step.native is not None, step.keys[0].dtype) == (floats, torch.float32 if floats else torch.bfloat16)
     assert {w.dtype for w, _ in step.layers[0][1:4]} == {torch.bfloat16}  # the weights rounded to bf16 in each form
     if floats:  # the prompt exactly as the bf16 form takes it: its cache, held in float32, the same values
-        from opdkit.llama_step import LlamaStep
-
         bf16_step = LlamaStep(model, positions, torch.bfloat16, False)
-        key_mask = torch.cat([mask, mask.new_ones(2, 12)], 1)
         with torch.no_grad():
             assert torch.equal(step.prefill(ids, key_mask), bf16_step.prefill(ids, key_mask))
         caches = zip(step.keys + step.values, bf16_step.keys + bf16_step.values)

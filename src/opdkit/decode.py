@@ -109,17 +109,14 @@ def float32_steps(rows: int, device: torch.device, dtype: torch.dtype) -> bool:
             and bf16_units() == "AVX512-BF16")
 
 
-def stepper(model: PreTrainedModel, positions: torch.Tensor, dtype: torch.dtype, transposed: bool) -> LlamaStep | None:
-    """``LlamaStep`` for the decode, or None where it does not run the model: with its new tokens in float32 on
-    bf16 weights through the decode-layer kernel where ``float32_steps`` says so and the kernel builds, else all
-    in ``dtype``."""
-    if unsupported(model) is not None:
-        return None
-    if float32_steps(positions.shape[0], positions.device, dtype):
-        step = LlamaStep(model, positions, dtype, transposed, float32_steps=True)
-        if step.native is not None:
-            return step
-    return LlamaStep(model, positions, dtype, transposed)
+def columns(prompt_mask: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positions [B, L], key_mask [B, L])`` of every column a decode can reach, ``L = P + max_new_tokens``: the
+    left-padded prompt's (positions following its mask, as ``Rollouts.completion_logits`` assigns them), then one
+    per new token."""
+    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    new = positions[:, -1:] + torch.arange(1, max_new_tokens + 1, device=positions.device)
+    ones = prompt_mask.new_ones(prompt_mask.shape[0], max_new_tokens)
+    return torch.cat([positions, new], 1), torch.cat([prompt_mask, ones], 1)
 
 
 @contextlib.contextmanager
@@ -171,17 +168,15 @@ def decode(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.
     (``choose``)."""
     all_ended = LOCKSTEP.get() or (lambda ended: ended)
     batch, width = prompt_ids.shape
-    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    # every column the decode can reach: the prompt's, then one per new token (as Rollouts.completion_logits)
-    positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, max_new_tokens + 1, device=positions.device)], 1)
-    key_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], dim=1)
+    positions, key_mask = columns(prompt_mask, max_new_tokens)
     ended = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     tokens, logprobs = [], []
     was_training = model.training
     model.eval()  # no dropout while sampling
     dtype = compute_dtype(model)
     transposed = row_major(batch, prompt_ids.device, dtype)
-    steps = stepper(model, positions, dtype, transposed)
+    steps = None if unsupported(model) else LlamaStep(model, positions, dtype, transposed,
+                                                      float32_steps(batch, prompt_ids.device, dtype))
     with _fast_projections(model, transposed and steps is None):
         if steps is not None:
             logits = steps.prefill(prompt_ids, key_mask)

@@ -73,7 +73,8 @@ class LlamaStep:
     them under autocast. ``row_major``: every product as ``W @ x.T`` (``project``), as ``decode`` computes the
     model's own projections for a CPU batch of few rows. ``float32_steps`` (``decode.float32_steps``): the prompt
     in ``dtype`` (bf16), but each new token in float32 arithmetic on those bf16 weights through the decode-layer
-    kernel, over a float32 KV cache."""
+    kernel, over a float32 KV cache (where the kernel does not build, new tokens too in ``dtype``, reading that
+    cache cast)."""
 
     def __init__(self, model: PreTrainedModel, positions: torch.Tensor, dtype: torch.dtype, row_major: bool,
                  float32_steps: bool = False):
