@@ -213,6 +213,35 @@ def test_the_decode_layer_kernel_steps_as_llama_steps_torch_operators(family, we
             assert torch.allclose(ours, theirs, atol=1e-5)
 
 
+@pytest.mark.skipif(kernel("decode_layer") is None, reason="no C compiler to build the kernel")
+def test_the_decode_layer_kernel_gives_the_same_bits_on_any_number_of_threads():
+    """Each output column of a product, and each query head of a row's attention, is one task summed in one order,
+    whichever thread takes it: a decode does not depend on ``threads``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3", vocab_size=40, hidden_size=96, intermediate_size=160, head_dim=16,
+                                  num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                  max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], pad_id=0)
+    positions, key_mask = opdkit.decode.columns(mask, 6)
+    before, steps = torch.get_num_threads(), []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            steps.append(LlamaStep(model, positions, torch.float32, row_major=True))
+            assert steps[-1].native is not None
+    finally:
+        torch.set_num_threads(before)
+    one, three = steps
+    with torch.no_grad():
+        assert torch.equal(one.prefill(ids, key_mask), three.prefill(ids, key_mask))
+        for column in range(ids.shape[1], key_mask.shape[1]):
+            tokens = torch.tensor([column % 40, 3, 7])
+            assert torch.equal(one.step(tokens, column, key_mask), three.step(tokens, column, key_mask))
+
+
 @pytest.mark.parametrize("form", ["W @ x.T", "x @ W.T", "float32 steps"])
 def test_llama_step_under_bf16_autocast_stays_close_to_the_models_forward(form, monkeypatch):
     """Each form a decode under a bf16 autocast can take, on any CPU: bf16 products either way round, or float32
@@ -239,6 +268,47 @@ def test_llama_step_under_bf16_autocast_stays_close_to_the_models_forward(form, 
         tokens, logprobs = decode(model, ids, mask, 12, eos_id=-1, pad_id=0)
     expected = _forward_logprobs(model, ids, mask, tokens)
     assert (logprobs - expected).abs().max() < 0.05  # bf16 products: about 3 significant digits
+
+
+def test_a_bf16_students_attention_is_float32_while_it_trains_where_the_rule_says(tiny_config, monkeypatch):
+    """``attention.float32_training_attention``: where it applies (SDPA, a CPU whose bf16 units are AVX512-BF16
+    alone; ``opd train`` gives it to the student), transformers' SDPA takes float32 query, key and value while a
+    gradient is recorded and its output is rounded back to bf16; without a gradient it is that SDPA bit for bit. The
+    loss and gradients stay within bf16's rounding of those of a float32 model holding the same values."""
+    from opdkit import attention
+    from opdkit.config import Config
+    from opdkit.train import setup
+
+    cpu = torch.device("cpu")
+    for units, expected in (("AVX512-BF16", True), ("AMX", False), (None, False)):
+        monkeypatch.setattr(attention, "bf16_units", lambda units=units: units)
+        assert attention.applies(_family("llama"), cpu) == expected
+    assert not attention.applies(_family("llama"), torch.device("cuda"))
+    monkeypatch.setattr(attention, "bf16_units", lambda: "AVX512-BF16")
+    assert not attention.applies(_family("llama", attn_implementation="eager"), cpu)
+    assert setup(Config.model_validate(tiny_config)).student.config._attn_implementation == attention.IMPLEMENTATION
+
+    model = _family("llama").to(torch.bfloat16)
+    sdpa, reference = copy.deepcopy(model), copy.deepcopy(model).float()
+    assert attention.float32_training_attention(model, cpu)
+    seen = []
+    real = attention.sdpa_attention_forward
+    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda module, q, *rest, **kw: seen.append(q.dtype)
+                        or real(module, q, *rest, **kw))
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11]], pad_id=0)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, sdpa(input_ids=ids, attention_mask=mask).logits)
+    assert set(seen) == {torch.bfloat16}
+    seen.clear()
+    losses, grads = [], []
+    for each in (model, reference):
+        loss = each(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)[..., 3].mean()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(each.model.layers[0].self_attn.q_proj.weight.grad.float())
+    assert set(seen) == {torch.float32}  # the trained model's layers, in float32
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+    assert torch.allclose(grads[0], grads[1], atol=3e-2 * grads[1].abs().max().item())
 
 
 def test_llama_step_names_what_it_cannot_run(tiny):

@@ -227,6 +227,32 @@ def test_chunked_full_vocabulary_equals_unchunked(name, bias, rows, T, chunk_siz
     assert torch.allclose(reverse_kl, kl(student.detach(), teacher.detach()), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd"])
+@pytest.mark.parametrize("rows", ["same", "weighted"])
+@pytest.mark.parametrize("chunk_size", [8, 64], ids=["several blocks", "one block"])
+def test_chunked_full_vocabulary_of_a_bf16_head_takes_its_gradients_as_a_bf16_linear_would(name, rows, chunk_size):
+    """bf16 hidden states through a bf16 head: the logits' gradient meets the head in bf16 products, as autograd
+    takes a plain bf16 linear's backward; losses and gradients within bf16's rounding of the whole computation's,
+    the gradients in the dtypes of what they are the gradients of."""
+    g = torch.Generator().manual_seed(8)
+    head, teacher_head = torch.nn.Linear(64, 300, bias=True).bfloat16(), torch.nn.Linear(24, 300)
+    hidden = torch.randn(37, 64, generator=g).bfloat16().requires_grad_()
+    teacher_hidden = torch.randn(37, 24, generator=g)
+    upstream = torch.full((37,), 0.3) if rows == "same" else torch.rand(37, generator=g)
+    fn = lambda s, t: distributional(name, s, t, beta=0.5, alpha=0.1)  # noqa: E731
+    student, teacher = head(hidden).float().log_softmax(-1), teacher_head(teacher_hidden).log_softmax(-1)
+    plain = fn(student, teacher)
+    params = [hidden, head.weight, head.bias]
+    grads_plain = torch.autograd.grad((plain * upstream).sum(), params)
+    chunked, _, _ = chunked_full(hidden, head, lambda i, j: teacher_head(teacher_hidden[i:j]), name,
+                                 beta=0.5, alpha=0.1, chunk_size=chunk_size)
+    grads_chunked = torch.autograd.grad((chunked * upstream).sum(), params)
+    assert torch.allclose(plain, chunked, atol=1e-5)
+    for a, b in zip(grads_plain, grads_chunked):
+        assert b.dtype == a.dtype == torch.bfloat16
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2 * a.float().abs().max().item())
+
+
 # ---- credit and gates --------------------------------------------------------------------------------
 
 def test_gae_special_cases():

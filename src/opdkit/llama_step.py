@@ -125,7 +125,8 @@ class LlamaStep:
         self.cos, self.sin = self.cos.contiguous(), self.sin.contiguous()  # [B, 1, L, hd]: rows, columns, dims
         dims = torch.tensor([batch, config.hidden_size, self.heads, self.kv_heads, self.head_dim,
                              config.intermediate_size, length, dtypes == {torch.bfloat16}], dtype=torch.int64)
-        scratch = torch.empty(scratch_size(dims.data_ptr()), dtype=torch.float32)
+        threads = torch.get_num_threads()  # every step's: the scratch holds a row of attention scores per thread
+        scratch = torch.empty(scratch_size(dims.data_ptr(), threads), dtype=torch.float32)
         held, calls = [dims, scratch], []  # what the addresses point into, kept alive with this step
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             norm_in, q_proj, k_proj, v_proj, q_norm, k_norm, o_proj, norm_post, gate, up, down = layer
@@ -140,7 +141,7 @@ class LlamaStep:
                                       k_norm[1] if k_norm else 0.0, self.scaling], dtype=torch.float32)
             held += [biases, pointers, constants]
             calls.append((pointers.data_ptr(), constants.data_ptr()))
-        return layer_kernel, dims, calls, held
+        return layer_kernel, dims, calls, threads, held
 
     def prefill(self, ids: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         return self._forward(ids, 0, key_mask)
@@ -148,13 +149,12 @@ class LlamaStep:
     def step(self, tokens: torch.Tensor, column: int, key_mask: torch.Tensor) -> torch.Tensor:
         if self.native is None:
             return self._forward(tokens.unsqueeze(1), column, key_mask)
-        layer_kernel, dims, calls, _ = self.native
+        layer_kernel, dims, calls, threads, _ = self.native
         with torch.autocast(tokens.device.type, enabled=False):
             x = self.embed(tokens).float().contiguous()  # [B, d], the residual stream, updated in place
             mask = key_mask.to(torch.int64).contiguous()
             for pointers, constants in calls:
-                layer_kernel(x.data_ptr(), pointers, dims.data_ptr(), constants, mask.data_ptr(), column,
-                             torch.get_num_threads())
+                layer_kernel(x.data_ptr(), pointers, dims.data_ptr(), constants, mask.data_ptr(), column, threads)
             return project(self._norm(x, self.final_norm), *self.head, row_major=True)  # float32 few rows
 
     def _linear(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:

@@ -100,14 +100,24 @@ def times(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def weight_gradient(g: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``g [N, V].T @ x [N, d]`` (the gradient of a weight ``[V, d]``) computed in float32 and returned in ``dtype``;
-    a narrower ``dtype`` is written ``WIDEN_ROWS`` rows at a time, so no float32 ``[V, d]`` copy of it exists."""
-    if dtype == torch.float32:
+def weight_gradient(g: torch.Tensor, x: torch.Tensor, dtype: torch.dtype,
+                    total: torch.Tensor | None = None) -> torch.Tensor:
+    """``g [N, V].T @ x [N, d]`` (the gradient of a weight ``[V, d]``), its products in ``g``'s dtype (``x`` cast to
+    it), returned in ``dtype`` or, with ``total``, added into it in place. Where the result's dtype is not the
+    products' it is written ``WIDEN_ROWS`` rows at a time, so no whole ``[V, d]`` exists in the other dtype: no
+    float32 copy of a bf16 head's gradient, no bf16 temporary of a float32 sum of blocks."""
+    x = x.to(g.dtype)
+    if total is not None and total.dtype == g.dtype:
+        return total.addmm_(g.T, x)
+    if total is None and dtype == g.dtype:
         return g.T @ x
-    out = torch.empty(g.shape[1], x.shape[1], dtype=dtype, device=g.device)
+    out = torch.empty(g.shape[1], x.shape[1], dtype=dtype, device=g.device) if total is None else total
     for start in range(0, g.shape[1], WIDEN_ROWS):
-        out[start : start + WIDEN_ROWS] = g[:, start : start + WIDEN_ROWS].T @ x
+        part = g[:, start : start + WIDEN_ROWS].T @ x
+        if total is None:
+            out[start : start + WIDEN_ROWS] = part
+        else:
+            out[start : start + WIDEN_ROWS] += part
     return out
 
 

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from . import checkpoint, detectors, version
 from .allocator import keep_freed_memory, use_tensor_heap
+from .attention import float32_training_attention
 from .config import Config, dump_config
 from .console import RunView
 from .data import PromptSampler, load_examples, read_jsonl, validate_lengths
@@ -161,6 +162,7 @@ def setup(config: Config, student_path: str | None = None) -> Run:
     # the same values and gradients, fewer activations kept for backward; the embedding's rows added into its
     # gradient where no other process's reduction hooks on it
     keep_fewer_activations(student, rows_into_grad=not processes.several)
+    float32_training_attention(student, device)  # where torch's bf16 attention backward is slow (AVX512-BF16)
     if config.optim.gradient_checkpointing:
         enable_gradient_checkpointing(student, config.student.disable_dropout)
     method.attach(student)

@@ -42,7 +42,7 @@ ARGUMENTS = {  # each kernel's C signature, for ctypes
     "bf16_rows_matmul": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4,
     "bf16_to_float": [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2,
     "decode_layer": [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2,
-    "decode_layer_scratch": [ctypes.c_void_p],
+    "decode_layer_scratch": [ctypes.c_void_p, ctypes.c_int64],
 }
 RESULTS = {"decode_layer_scratch": ctypes.c_int64}  # else void
 SOURCES = {"rows_matmul": "products", "bf16_rows_matmul": "products", "bf16_to_float": "products",

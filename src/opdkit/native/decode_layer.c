@@ -6,16 +6,22 @@
  *   x += o_proj(attended); h = rms_norm(x); x += down(silu(gate(h)) * up(h)).
  * In torch operators this is about 25 operator calls and 7 product calls a layer, whose overhead was a third of a
  * SmolLM2 student's decode step on 2 cores; here the products are columns.h's loops split over OpenMP threads (the
- * runtime torch loaded) and the rest runs on one thread between barriers. The arithmetic is llama_step's, summed in
- * another order: results differ from it by float rounding (tests/test_fast_paths.py).
+ * runtime torch loaded), the rotary embedding and the attention a head of a row per task, the norms on one thread
+ * between barriers. The arithmetic is llama_step's, summed in another order: results differ from it by float
+ * rounding (tests/test_fast_paths.py); they do not depend on the number of threads.
  *
  * pointers (addresses, int64): 0 input norm weight; 1-7 the q, k, v, o, gate, up, down weights [n, k] (all float32,
  * or all bf16 where dims[7] is 1); 8-14 their float32 biases or 0; 15 post-attention norm weight; 16, 17 the q
  * and k norm weights or 0; 18, 19 cos and sin [rows, length, head_dim]; 20, 21 this layer's keys and values
- * [rows, kv_heads, length, head_dim]; 22 scratch, float32, decode_layer_scratch(dims) elements.
+ * [rows, kv_heads, length, head_dim]; 22 scratch, float32, decode_layer_scratch(dims, threads) elements.
  * dims: rows, hidden, heads, kv_heads, head_dim, intermediate, length, bf16.
  * constants: the epsilons of the input, post-attention, q and k norms, the attention's scale. */
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+#endif
 #include <stdint.h>
 #include "columns.h"
 
@@ -52,9 +58,21 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t head_di
     }
 }
 
-int64_t decode_layer_scratch(const int64_t *dims) {
+/* a dot product in 8 independent lanes, summed at the end: vectorized without reassociating any sum */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float lanes[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) lanes[l] += a[i + l] * b[i + l];
+    float s = 0;
+    for (int l = 0; l < 8; l++) s += lanes[l];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+int64_t decode_layer_scratch(const int64_t *dims, int64_t threads) {
     int64_t rows = dims[0], hidden = dims[1], q = dims[2] * dims[4], kv = dims[3] * dims[4], ffn = dims[5];
-    return rows * (2 * hidden + 2 * q + 2 * kv + 2 * ffn) + dims[6];
+    return rows * (2 * hidden + 2 * q + 2 * kv + 2 * ffn) + threads * dims[6];  /* a row of scores per thread */
 }
 
 void decode_layer(float *x, const int64_t *pointers, const int64_t *dims, const float *constants,
@@ -79,45 +97,49 @@ void decode_layer(float *x, const int64_t *pointers, const int64_t *dims, const 
         project(pointers, bf16, K, h, k, rows, kv_dim, hidden);
         project(pointers, bf16, V, h, v, rows, kv_dim, hidden);
         #pragma omp barrier
-        #pragma omp single
-        for (int64_t r = 0; r < rows; r++) {
+        /* q and k normed (Qwen3) and rotated at the row's position, k and v written into the cache: a head per task */
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < rows * (heads + kv_heads); t++) {
+            int64_t r = t / (heads + kv_heads), head = t % (heads + kv_heads);
             const float *row_cos = cos + (r * length + column) * head_dim;
             const float *row_sin = sin + (r * length + column) * head_dim;
-            for (int64_t head = 0; head < heads; head++) {
+            if (head < heads) {
                 float *qh = q + r * q_dim + head * head_dim;
                 if (q_norm) rms_norm(qh, q_norm, constants[2], qh, head_dim);
                 rotate(qh, row_cos, row_sin, head_dim);
+                continue;
             }
-            for (int64_t head = 0; head < kv_heads; head++) {
-                float *kh = k + r * kv_dim + head * head_dim;
-                if (k_norm) rms_norm(kh, k_norm, constants[3], kh, head_dim);
-                rotate(kh, row_cos, row_sin, head_dim);
-                int64_t at = ((r * kv_heads + head) * length + column) * head_dim;
-                memcpy(keys + at, kh, head_dim * sizeof(float));
-                memcpy(values + at, v + r * kv_dim + head * head_dim, head_dim * sizeof(float));
+            head -= heads;
+            float *kh = k + r * kv_dim + head * head_dim;
+            if (k_norm) rms_norm(kh, k_norm, constants[3], kh, head_dim);
+            rotate(kh, row_cos, row_sin, head_dim);
+            int64_t at = ((r * kv_heads + head) * length + column) * head_dim;
+            memcpy(keys + at, kh, head_dim * sizeof(float));
+            memcpy(values + at, v + r * kv_dim + head * head_dim, head_dim * sizeof(float));
+        }
+        /* softmax over the columns the row holds, and its own: a query head of a row per task */
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < rows * heads; t++) {
+            int64_t r = t / heads, head = t % heads;
+            float *row_scores = scores + omp_get_thread_num() * length;
+            const float *qh = q + r * q_dim + head * head_dim;
+            const float *kh = keys + (r * kv_heads + head / groups) * length * head_dim;
+            const float *vh = values + (r * kv_heads + head / groups) * length * head_dim;
+            float top = -INFINITY, total = 0;
+            for (int64_t c = 0; c <= column; c++) {
+                if (!key_mask[r * length + c] && c != column) continue;
+                row_scores[c] = dot(qh, kh + c * head_dim, head_dim) * scaling;
+                if (row_scores[c] > top) top = row_scores[c];
             }
-            for (int64_t head = 0; head < heads; head++) {  /* softmax over the columns the row holds, and its own */
-                const float *qh = q + r * q_dim + head * head_dim;
-                const float *kh = keys + (r * kv_heads + head / groups) * length * head_dim;
-                const float *vh = values + (r * kv_heads + head / groups) * length * head_dim;
-                float top = -INFINITY, total = 0;
-                for (int64_t c = 0; c <= column; c++) {
-                    if (!key_mask[r * length + c] && c != column) continue;
-                    float s = 0;
-                    for (int64_t i = 0; i < head_dim; i++) s += qh[i] * kh[c * head_dim + i];
-                    scores[c] = s * scaling;
-                    if (scores[c] > top) top = scores[c];
-                }
-                float *a = attended + r * q_dim + head * head_dim;
-                memset(a, 0, head_dim * sizeof(float));
-                for (int64_t c = 0; c <= column; c++) {
-                    if (!key_mask[r * length + c] && c != column) continue;
-                    float p = expf(scores[c] - top);
-                    total += p;
-                    for (int64_t i = 0; i < head_dim; i++) a[i] += p * vh[c * head_dim + i];
-                }
-                for (int64_t i = 0; i < head_dim; i++) a[i] /= total;
+            float *a = attended + r * q_dim + head * head_dim;
+            memset(a, 0, head_dim * sizeof(float));
+            for (int64_t c = 0; c <= column; c++) {
+                if (!key_mask[r * length + c] && c != column) continue;
+                float p = expf(row_scores[c] - top);
+                total += p;
+                for (int64_t i = 0; i < head_dim; i++) a[i] += p * vh[c * head_dim + i];
             }
+            for (int64_t i = 0; i < head_dim; i++) a[i] /= total;
         }
         project(pointers, bf16, O, attended, out, rows, hidden, q_dim);
         #pragma omp barrier
@@ -129,7 +151,7 @@ void decode_layer(float *x, const int64_t *pointers, const int64_t *dims, const 
         project(pointers, bf16, GATE, h, gate, rows, ffn, hidden);
         project(pointers, bf16, UP, h, up, rows, ffn, hidden);
         #pragma omp barrier
-        #pragma omp single
+        #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows * ffn; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
         project(pointers, bf16, DOWN, gate, out, rows, hidden, ffn);
         #pragma omp barrier

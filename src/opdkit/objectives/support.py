@@ -163,15 +163,6 @@ def _add(total: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor:
     return block if total is None else total.add_(block)
 
 
-def _add_weight_gradient(total: torch.Tensor | None, logits_grad: torch.Tensor, hidden: torch.Tensor,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``total + logits_grad.T @ hidden`` in place; the first block becomes the total, in ``dtype``: float32 where
-    blocks are summed, the weight's own dtype where one block is the whole gradient, written a slice at a time
-    (``products.weight_gradient``), so a bf16 head holds no float32 ``[V, d]``."""
-    hidden = hidden.to(logits_grad.dtype)
-    return weight_gradient(logits_grad, hidden, dtype) if total is None else total.addmm_(logits_grad.T, hidden)
-
-
 def _head_grads(weight_grad, bias_grad, weight, bias):
     """The summed head gradients, zeros where no block contributed (no rows)."""
     if weight_grad is None:
@@ -191,24 +182,29 @@ class _FusedHeadDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, block: _Block):
-        ctx.block = block
+        # the logits' gradient meets the head in the dtype their product ran in: bf16 where hidden states and head
+        # are both bf16, as a plain bf16 linear's backward would (twice float32's rate where bf16 units exist);
+        # float32 otherwise (a float32 head, or a bf16 one widened to float32 hidden states)
+        product = weight.dtype if hidden.dtype == weight.dtype else torch.float32
+        ctx.block, ctx.product = block, product
         ctx.autocast = torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type)
         n = hidden.shape[0]
         loss, entropy, reverse_kl = (hidden.new_zeros(n, dtype=torch.float32) for _ in range(3))
         hidden_grad = torch.zeros(n, weight.shape[1], dtype=torch.float32, device=hidden.device)
         weight_grad = bias_grad = logits_grad = None  # [V, d]: the first block's, then a sum in float32
-        # one block of fewer rows than the head's width: keep its [rows, V] logits' gradient (float32) for backward
+        # one block of fewer rows than the head's width: keep its [rows, V] logits' gradient (`product`) for backward
         # to scale by the rows' upstream gradients and take the head's from, rather than a [V, d] one held from here
         # to there (and the block computed again for row weights)
-        deferred = n <= block.size and n * 4 < weight.shape[1] * weight.element_size()
+        deferred = n <= block.size and n * product.itemsize < weight.shape[1] * weight.element_size()
         accumulate = weight.dtype if n <= block.size else torch.float32
         for i, j, block_loss, logits_grad, block_entropy, block_kl in _FusedHeadDivergence._blocks(block, hidden, weight, bias):
             loss[i:j], entropy[i:j], reverse_kl[i:j] = block_loss, block_entropy, block_kl
+            logits_grad = logits_grad.to(product)
             hidden_grad[i:j] = times(logits_grad, weight)  # the [rows, V] block cast, never the [V, d] head
             if not deferred:
-                weight_grad = _add_weight_gradient(weight_grad, logits_grad, hidden[i:j], accumulate)
+                weight_grad = weight_gradient(logits_grad, hidden[i:j], accumulate, weight_grad)
                 if bias is not None:
-                    bias_grad = _add(bias_grad, logits_grad.sum(0))
+                    bias_grad = _add(bias_grad, logits_grad.sum(0, dtype=torch.float32))
         if not deferred:
             weight_grad, bias_grad, logits_grad = *_head_grads(weight_grad, bias_grad, weight, bias), None
         ctx.save_for_backward(hidden, weight, bias, hidden_grad, weight_grad, bias_grad, logits_grad)
@@ -220,10 +216,10 @@ class _FusedHeadDivergence(torch.autograd.Function):
         hidden, weight, bias, hidden_grad, weight_grad, bias_grad, logits_grad = ctx.saved_tensors
         grads = [(upstream.unsqueeze(-1) * hidden_grad).to(hidden.dtype), None, None]
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            if logits_grad is not None:  # the one block's gradient, each row scaled, then the head's taken once
-                logits_grad.mul_(upstream.unsqueeze(-1))
-                grads[1] = _add_weight_gradient(None, logits_grad, hidden, weight.dtype) if ctx.needs_input_grad[1] else None
-                grads[2] = logits_grad.sum(0) if ctx.needs_input_grad[2] else None
+            if logits_grad is not None:  # the one block's gradient, the head's taken once: (u G).T h = G.T (u h)
+                scaled = hidden * upstream.unsqueeze(-1)  # each row's upstream gradient on [N, d], not on [N, V]
+                grads[1] = weight_gradient(logits_grad, scaled, weight.dtype) if ctx.needs_input_grad[1] else None
+                grads[2] = logits_grad.T.float() @ upstream if ctx.needs_input_grad[2] else None
             elif upstream.numel() and bool((upstream == upstream[0]).all()):  # one scale for every row
                 grads[1] = weight_grad.mul_(upstream[0]) if ctx.needs_input_grad[1] else None  # in place: no copy
                 grads[2] = bias_grad.mul_(upstream[0]) if ctx.needs_input_grad[2] else None
@@ -231,9 +227,9 @@ class _FusedHeadDivergence(torch.autograd.Function):
                 weight_grad = bias_grad = None
                 with torch.autocast(hidden.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
                     for i, j, _, logits_grad, *_ in _FusedHeadDivergence._blocks(ctx.block, hidden, weight, bias, upstream):
-                        weight_grad = _add_weight_gradient(weight_grad, logits_grad, hidden[i:j])
+                        weight_grad = weight_gradient(logits_grad.to(ctx.product), hidden[i:j], torch.float32, weight_grad)
                         if bias is not None:
-                            bias_grad = _add(bias_grad, logits_grad.sum(0))
+                            bias_grad = _add(bias_grad, logits_grad.sum(0, dtype=torch.float32))
                 grads[1], grads[2] = _head_grads(weight_grad, bias_grad, weight, bias)
         grads[1] = None if grads[1] is None else grads[1].to(weight.dtype)
         grads[2] = None if grads[2] is None else grads[2].to(bias.dtype)
