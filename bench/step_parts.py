@@ -1,4 +1,4 @@
-"""Two parts of a step measured against what they replaced, on the SmolLM2 student, in one process.
+"""Three parts of a step measured against what they replaced, on the SmolLM2 student, in one process.
 
     .venv/bin/python bench/step_parts.py [--threads 2] [--batch 4] [--tokens 32] [--precision auto] [--weights fp32]
 
@@ -14,6 +14,11 @@
   ``generate(output_scores=True)`` followed by the ``[B, C, V]`` float32 log-softmax that the rollout used to read
   one log-prob per position from; alternated, medians of 3. ``--weights bf16``: the student's weights in bf16,
   computing in float32 on them where the precision is float32 (``student.dtype: bf16``);
+- the trained student's attention (``opdkit.attention``): ms of a forward and backward of the student's decoder
+  layers over ``--batch`` rows of 71 positions (the vs_trl work's 284; the first row left-padded by 5), with
+  transformers' SDPA attention in bf16 (before) and with ``opdkit_sdpa``'s float32 attention, bf16 weights
+  (``student.dtype: bf16``) and float32 weights under a bf16 autocast; alternated, medians of 5. Where
+  ``attention.applies`` is false on this machine a run does not take it, and the bench says so;
 - the optimizer: seconds and extra peak memory of one AdamW step over the student's parameters, torch's ``fused``
   against ``foreach`` and the per-parameter loop on float32 weights, and opdkit's on bf16 ones
   (``student.dtype: bf16``) and with 8-bit moments on either (``optim.moments: 8bit``), each in a fresh process
@@ -103,6 +108,35 @@ def decoding(args) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def training_attention(args) -> dict:
+    import torch
+
+    from opdkit.attention import IMPLEMENTATION
+
+    ids = torch.randint(0, 49152, (args.batch, 71), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    times: dict[str, list[float]] = {}
+    for weights in ("bf16 weights", "float32 weights, bf16 autocast"):
+        model = student().to(torch.bfloat16) if weights == "bf16 weights" else student()
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=weights != "bf16 weights")
+
+        def run(implementation: str) -> float:
+            model.set_attn_implementation(implementation)
+            start = time.perf_counter()
+            with autocast:
+                hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden.float().square().mean().backward()
+            return (time.perf_counter() - start) * 1000
+
+        for implementation in ("sdpa", IMPLEMENTATION):
+            run(implementation)  # warm-up
+        for _ in range(5):
+            for implementation, name in (("sdpa", "bf16 SDPA (before)"), (IMPLEMENTATION, "float32 attention")):
+                times.setdefault(f"{weights}, {name}", []).append(run(implementation))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def optimizer_step(mode: str) -> dict:
     import torch
 
@@ -154,6 +188,12 @@ def main() -> None:
           "(ratio to ours):")
     for name, value in ms.items():
         print(f"  {name:34s} {value:6.1f}  ({value / ms['ours']:.2f}x)")
+    from opdkit.attention import applies
+
+    print(f"the trained student's decoder layers, forward and backward, {args.batch} x 71 positions, ms"
+          + ("" if applies(student(), torch.device("cpu")) else " (a run here does not take opdkit_sdpa)") + ":")
+    for name, value in training_attention(args).items():
+        print(f"  {name:58s} {value:7.1f}")
     for mode in ("fused", "foreach", "loop", "opdkit-bf16", "opdkit-fp32-8bit", "opdkit-bf16-8bit"):
         out = subprocess.run([sys.executable, __file__, "--optimizer", mode, "--threads", str(args.threads)],
                              capture_output=True, text=True, check=True)
