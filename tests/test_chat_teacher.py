@@ -175,6 +175,11 @@ def test_chat_teacher_and_chunk_opd_go_together():
         load_config(base={**base, "teacher": chat})
     with pytest.raises(OPDError, match="needs a text-only teacher"):
         load_config(base={**base, "teacher": {"path": "t"}}, overrides=["objective.method=chunk_opd"])
+    # SFT on its answers reads no log-prob: seqkd takes a chat teacher, unless something reads the teacher's signal
+    assert load_config(base={**base, "teacher": chat}, overrides=["objective.method=seqkd"]).objective.states == "teacher"
+    for refused in (["objective.method=opd"], ["objective.method=seqkd", "objective.entropy_gate.enabled=true"]):
+        with pytest.raises(OPDError, match="works with objective.method chunk_opd, and seqkd"):
+            load_config(base={**base, "teacher": chat}, overrides=refused)
     with pytest.raises(OPDError, match=r"unknown key 'teacher.chunk_lenght' \(did you mean 'chunk_length'\?\)"):
         load_config(base={**base, "teacher": {**chat, "chunk_lenght": 4}}, overrides=["objective.method=chunk_opd"])
 
@@ -193,3 +198,22 @@ def test_training_against_our_server_in_chat_mode(tiny, tiny_config):
         assert record["teacher_requests"] == record["teacher_forks"] > 0 and record["teacher_completion_tokens"] > 0
         assert 0 < record["audited"] <= 1
     assert result["teacher"]["accuracy"] is not None and "reverse_kl" not in result["after"]
+
+
+def test_seqkd_from_a_chat_teacher_learns_its_answers_without_forks_or_probe(tiny, tiny_config):
+    """SFT on a text-only teacher's answers: each step asks it for one answer per prompt (the only calls, counted),
+    cuts nothing and probes nothing, and the student's cross-entropy on those answers falls."""
+    model, tokenizer = load_model(str(tiny / "teacher")), load_tokenizer(str(tiny / "teacher"))
+    with serve_in_thread(create_app(model, tokenizer, "t")) as url:
+        tiny_config["teacher"] = {"kind": "chat", "base_url": url, "model": "t"}
+        tiny_config["objective"] = {"method": "seqkd"}
+        tiny_config["optim"].update(steps=6, learning_rate=3e-3)
+        result = train(setup(load_config(base=tiny_config)))
+    steps = [json.loads(line) for line in open(f"{tiny_config['output_dir']}/metrics.jsonl") if '"loss"' in line]
+    assert len(steps) == 6
+    batch = tiny_config["rollout"]["batch_size"]
+    for record in steps:
+        assert record["teacher_requests"] == batch and record["teacher_completion_tokens"] > 0
+        assert "teacher_forks" not in record
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert result["teacher"]["accuracy"] is not None

@@ -212,7 +212,7 @@ class ChatTeacherSpec(_RemoteTeacherSpec, _OwnView):
     cache_dir: str | None = Field(None, description="cache identical requests here (default: none)")
     prefix_probe: int = Field(4, ge=0, description="before training, the teacher continues its greedy answers to this "
                               "many training prompts from cuts after each student token; the run log warns when it "
-                              "reproduces them from under 90% of cuts (0: skip)")
+                              "reproduces them from under 90% of cuts (0: skip; chunk_opd only: seqkd cuts nothing)")
     fork_snap: bool = Field(False, description="move each fork back to the nearest cut whose context (the kinds of "
                             "the characters around it) the prefix probe found the teacher reads right: for a teacher "
                             "whose tokenizer splits text unlike the student's")
@@ -1120,10 +1120,14 @@ class Config(_Strict):
         return self
 
     def _spec_fits_method(self, spec) -> None:
-        chat, chunk = spec.kind == "chat", self.objective.reward == "teacher"
-        if chat and not chunk:
+        o = self.objective
+        chat, chunk = spec.kind == "chat", o.reward == "teacher"
+        # the cross-entropy of text the student did not write (seqkd: the teacher's answers) reads no teacher signal
+        on_text = o.states == "teacher" and o.support == "sampled" and not o.entropy_gate.enabled
+        if chat and not (chunk or on_text):
             raise ValueError("teacher.kind 'chat' gives text only (no log-probs): it works with objective.method "
-                             "chunk_opd; for log-prob objectives use teacher.kind server or local")
+                             "chunk_opd, and seqkd (SFT on its answers); for log-prob objectives use teacher.kind "
+                             "server or local")
         if chunk and not chat:
             raise ValueError("objective.method chunk_opd needs a text-only teacher: set teacher.kind: chat")
         if getattr(spec, "prompt", None) is not None and self.objective.teacher_bridge:

@@ -172,8 +172,9 @@ def setup(config: Config, student_path: str | None = None) -> Run:
                  .requires_grad_(False) if config.objective.ref_kl_coef else None)
     teacher = build_teachers(config, data.tokenizer, student.config, device, amp_dtype,
                              method.top_k if method.teacher_support == "topk" else 1, student=student)
+    forks = config.objective.reward == "teacher"  # chunk_opd cuts the student's text; seqkd asks whole answers
     for each in getattr(teacher, "teachers", {None: teacher}).values():  # text-only ones: do they read our cuts?
-        if hasattr(each, "check_prefixes"):
+        if forks and hasattr(each, "check_prefixes"):
             each.check_prefixes(data.train, config.rollout.max_completion_length)
     if store is not None:
         teacher = StoredTeacher(teacher, store, data.tokenizer, device)

@@ -1,4 +1,5 @@
-"""A text-only chat teacher (no log-probs at all) for the logit-free chunk-level method (``chunk_opd``).
+"""A text-only chat teacher (no log-probs at all) for the logit-free chunk-level method (``chunk_opd``), and for
+``seqkd`` (supervised fine-tuning on its answers, which needs no log-prob either).
 
 Per student rollout (OmniOPD-style speculative verification; the paper's exact recipe is not public, so
 every choice here is a named option of the ``chat`` teacher spec, see docs and ``/work/shared`` notes):
@@ -159,9 +160,15 @@ class ChatTeacher:
 
     def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None,
               entropy: bool = False) -> TeacherSignal:
+        """Chunk rewards for the student's rollouts (``chunk_opd``). Rows the student did not write (the teacher's
+        own answers for ``seqkd``, dataset completions) have nothing to audit: an empty signal, with the calls and
+        tokens since the last one (the answers' sampling)."""
         if support != "token":
-            raise OPDError("a chat teacher returns text only, no log-probs: use objective.method chunk_opd "
+            raise OPDError("a chat teacher returns text only, no log-probs: use objective.method chunk_opd or seqkd "
                            "(or a teacher of kind server/local for log-prob objectives)")
+        mask = rollouts.completion_mask
+        if rollouts.source != "student":
+            return TeacherSignal(torch.zeros_like(mask), usage=self.client.take_usage())
         spec, tok = self.spec, self.tokenizer
         forks, moved = self.forks(rollouts)
         asks, places = [], []
@@ -187,7 +194,6 @@ class ChatTeacher:
         usage.update(forks=float(len(places)), audited_tokens=float(sum(w for _, _, w, _, _ in places)))
         if spec.fork_snap:
             usage["forks_moved"] = float(moved)
-        mask = rollouts.completion_mask
         return TeacherSignal(torch.zeros_like(mask), token_advantages=advantages.to(mask.device) * mask, usage=usage)
 
     def continuations(self, asks: list[tuple[Example, str]], n: int, temperature: float) -> list[list[tuple[str, bool]]]:
