@@ -217,3 +217,24 @@ def test_seqkd_from_a_chat_teacher_learns_its_answers_without_forks_or_probe(tin
         assert "teacher_forks" not in record
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert result["teacher"]["accuracy"] is not None
+
+
+def test_rollout_temperature_0_asks_the_teacher_for_greedy_answers_and_only_the_teacher(tiny_config, monkeypatch):
+    """``rollout.temperature: 0`` is for the teacher's states (seqkd): each step asks for its greedy answers;
+    a method whose states are the student's is refused at load."""
+    import random
+
+    from opdkit import train as train_module
+
+    with pytest.raises(OPDError, match="rollout.temperature 0 asks for greedy states"):
+        load_config(base={**tiny_config, "rollout": {**tiny_config["rollout"], "temperature": 0}})
+    tiny_config["objective"] = {"method": "seqkd"}
+    tiny_config["rollout"]["temperature"] = 0
+    run = setup(load_config(base=tiny_config))
+    asked = []
+    real = run.teacher.sample
+    monkeypatch.setattr(run.teacher, "sample", lambda *a, **kw: asked.append(kw.get("greedy")) or real(*a, **kw))
+    batch = train_module.collect(run, random.Random(0), 0)
+    assert asked == [True] and batch.source == "teacher"
+    again = real(batch.examples, tiny_config["rollout"]["max_completion_length"], greedy=True)
+    assert torch.equal(batch.completion_ids, again.completion_ids)  # the greedy answers, drawn again alike

@@ -305,8 +305,9 @@ class RolloutConfig(_Strict):
     scored at temperature 1 on the exact sampled ids. ``engine: server`` draws the student's rollouts from an
     OpenAI-compatible server that serves the student (``server``), its LoRA adapter kept in sync after each step."""
 
-    temperature: float = Field(1.0, gt=0, description="the student's sampling temperature (the importance ratio "
-                               "corrects for it)")
+    temperature: float = Field(1.0, ge=0, description="the student's sampling temperature (the importance ratio "
+                               "corrects for it); where the teacher writes the states (objective.states: teacher, "
+                               "as in seqkd), the teacher's: 0 for its greedy answers")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling of the student's rollouts")
     max_completion_length: int = Field(32, ge=1, description="new tokens per rollout at most; longer ones are truncated")
     batch_size: int = Field(32, ge=1, description="prompts per micro-batch")
@@ -1091,6 +1092,14 @@ class Config(_Strict):
                              f"model's raw log-probs; they equal the sampler's only at temperature 1 and top_p 1 (got "
                              f"temperature {rollout.temperature}, top_p {rollout.top_p}): set both to 1, or "
                              "rollout.engine: hf")
+        return self
+
+    @model_validator(mode="after")
+    def _greedy_states_are_the_teachers(self) -> "Config":
+        if self.rollout.temperature == 0 and self.objective.states != "teacher":
+            raise ValueError("rollout.temperature 0 asks for greedy states, which only the teacher's answers may be "
+                             "(objective.states: teacher, as in seqkd): the student samples its own states at a "
+                             "temperature above 0")
         return self
 
     @model_validator(mode="after")
