@@ -5,10 +5,10 @@ SmolLM2 student of ``bench/vs_trl.py`` (4 rows of 71 positions, 9 heads of 64) t
 bf16 and 3.2 ms with query, key and value widened to float32 and the output rounded back (AMD EPYC Zen 4, 2 threads;
 ``docs/performance.md``). ``float32_training_attention(model)`` gives such a model ``IMPLEMENTATION``, registered with
 ``transformers``' attention and mask interfaces: its own SDPA attention, computed in float32 from bf16 inputs
-whenever a gradient is recorded (bf16 weights, or a bf16 autocast). Without a gradient (decoding, scoring, evaluation) and for other dtypes it is that
-SDPA unchanged. Flash attention keeps no ``[heads, T, T]`` tensor in either dtype, so the memory of a long sequence
-is unchanged; the products are float32's, more exact than bf16's. Not applied on AMX processors, where this was not
-measured, nor on CUDA.
+whenever a gradient is recorded (bf16 weights, or a bf16 autocast). Without a gradient (decoding, scoring,
+evaluation) and for other dtypes it is that SDPA unchanged. Flash attention keeps no ``[heads, T, T]`` tensor in
+either dtype, so the memory of a long sequence is unchanged; the products are float32's, more exact than bf16's. Not
+applied on AMX processors, where this was not measured, nor on CUDA.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     device = query.device.type
     # bf16 where the model computes in bf16: its weights, or an autocast that would cast these inputs to bf16
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
-    if not (torch.is_grad_enabled() and dtype == torch.bfloat16 and query.requires_grad):
+    trained = any(t.requires_grad for t in (query, key, value))
+    if not (torch.is_grad_enabled() and dtype == torch.bfloat16 and trained):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     with torch.autocast(device, enabled=False):
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
