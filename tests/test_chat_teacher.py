@@ -233,7 +233,8 @@ def test_rollout_temperature_0_asks_the_teacher_for_greedy_answers_and_only_the_
     run = setup(load_config(base=tiny_config))
     asked = []
     real = run.teacher.sample
-    monkeypatch.setattr(run.teacher, "sample", lambda *a, **kw: asked.append(kw.get("greedy")) or real(*a, **kw))
+    greedy_ask = lambda a, kw: kw.get("greedy", False) or a[2] == 0  # noqa: E731 (temperature 0 is greedy)
+    monkeypatch.setattr(run.teacher, "sample", lambda *a, **kw: asked.append(greedy_ask(a, kw)) or real(*a, **kw))
     batch = train_module.collect(run, random.Random(0), 0)
     assert asked == [True] and batch.source == "teacher"
     again = real(batch.examples, tiny_config["rollout"]["max_completion_length"], greedy=True)

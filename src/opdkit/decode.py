@@ -51,12 +51,13 @@ def choose(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, g
            rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token [B], log mu(token) [B])`` from ``logits [B, V]``: the argmax, or a draw from the
     distribution after temperature and nucleus (top-p) truncation, whose log-prob is returned (0 for greedy).
+    Temperature 0 is greedy, as OpenAI-compatible servers read it, so every caller may pass a config's 0 as it is.
 
     Top-p keeps the smallest set of most likely tokens whose mass reaches ``top_p`` (at least one), as
     ``transformers``' ``TopPLogitsWarper`` does. ``rows = (offset, total)``: these are rows ``offset`` onward of a
     batch of ``total`` shared among processes; the uniforms of all ``total`` rows are drawn and this share's kept,
     so that each row draws what it would in one process holding the whole batch."""
-    if greedy:
+    if greedy or temperature == 0:
         return logits.argmax(-1), torch.zeros(logits.shape[0], device=logits.device)
     scores = logits.float() / temperature
     if top_p < 1.0:

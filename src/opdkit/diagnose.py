@@ -115,9 +115,8 @@ def score_prompts(config: Config, student_path: str, count: int, batch_size: int
         for i in range(0, len(examples), batch_size):
             with autocast(device, amp_dtype):
                 rollouts = sample(student, data.tokenizer, examples[i:i + batch_size],
-                                  max_completion_length=rollout.max_completion_length,
-                                  temperature=rollout.temperature or 1.0, top_p=rollout.top_p,
-                                  greedy=rollout.temperature == 0)  # 0: a seqkd config's greedy teacher answers
+                                  max_completion_length=rollout.max_completion_length, temperature=rollout.temperature,
+                                  top_p=rollout.top_p)
             with torch.no_grad():
                 with autocast(device, amp_dtype):
                     logits = rollouts.completion_logits(student)

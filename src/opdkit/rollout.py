@@ -170,6 +170,7 @@ def sample(
     ``rows = (offset, total)``: these examples are rows ``offset`` onward of a batch of ``total`` shared among
     processes, each row drawn as in one process holding the whole batch (``decode.choose``).
     """
+    greedy = greedy or temperature == 0  # as decode.choose reads it: no sampler log-probs to keep
     device = next(model.parameters()).device
     rendered, starts = starts_of(tokenizer, examples, prefixes)
     prompt_ids, prompt_mask = left_pad(starts, tokenizer.pad_token_id)

@@ -72,8 +72,7 @@ def score_teacher(config: Config, out: str | Path, source: str | None = None, to
         for start in range(0, len(examples), rollout.batch_size):
             batch = examples[start : start + rollout.batch_size]
             states = (from_dataset(data.tokenizer, batch, rollout.max_completion_length) if source == "dataset" else
-                      teacher.sample(batch, rollout.max_completion_length, rollout.temperature, rollout.top_p,
-                                     greedy=rollout.temperature == 0))
+                      teacher.sample(batch, rollout.max_completion_length, rollout.temperature, rollout.top_p))
             writer.add(states, teacher.score(states, "topk", k, entropy=entropy))
             progress.advance(task, len(batch))
     manifest = writer.close({**manifest, "teacher_path": getattr(config.teacher, "path", None),

@@ -230,9 +230,8 @@ class Engine:
         job0 = members[0][0]
         tok = self.tokenizer
         ids, mask = left_pad([job.prompt_ids for job, _ in members], tok.pad_token_id)
-        greedy = job0.temperature == 0
         out, _ = decode(model, ids.to(self.device), mask.to(self.device), max(job.max_tokens for job, _ in members),
-                        tok.eos_token_id, tok.pad_token_id, 1.0 if greedy else job0.temperature, job0.top_p, greedy)
+                        tok.eos_token_id, tok.pad_token_id, job0.temperature, job0.top_p)
         for (job, seq), row in zip(members, out.tolist()):
             new, reason = row[: job.max_tokens], "length"
             if tok.eos_token_id in new:

@@ -250,8 +250,7 @@ def collect(run: Run, rng: random.Random, step: int) -> Rollouts:
     if source == "dataset":
         return from_dataset(run.tokenizer, examples, cfg.max_completion_length)
     if source == "teacher":
-        return run.teacher.sample(examples, cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                                  greedy=cfg.temperature == 0)
+        return run.teacher.sample(examples, cfg.max_completion_length, cfg.temperature, cfg.top_p)
     group = None
     if cfg.num_samples > 1:
         examples, group = grouped(examples, cfg.num_samples)

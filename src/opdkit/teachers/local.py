@@ -172,7 +172,7 @@ class LocalTeacher:
         eos = self.tokenizer.eos_token_id
         with autocast(self.device, self.amp_dtype):
             out, _ = decode(self.model, ids.to(self.device), mask.to(self.device), max_new_tokens, eos,
-                            self.tokenizer.pad_token_id, temperature or 1.0, greedy=temperature == 0)
+                            self.tokenizer.pad_token_id, temperature)
         return [row[: row.index(eos) + 1] if eos in row else row for row in out.tolist()]
 
     def take_usage(self) -> dict[str, float]:
