@@ -1,6 +1,7 @@
 """Resident memory while a model loads: ``from_pretrained`` (its safetensors mapped) against ``models.from_folder``
 (read with ``pread`` where the stored dtype is converted, mapped as ``from_pretrained`` where it is not), each in a
-fresh process, resident memory sampled every half millisecond.
+fresh process: the peak of resident memory as the kernel counts it (VmHWM, restarted before loading), its anonymous
+and file-backed parts where sampling every half millisecond saw the highest resident memory.
 
     .venv/bin/python bench/load_memory.py                                   # the SmolLM2 teacher, in bf16
     .venv/bin/python bench/load_memory.py --model builtin:smollm2/teacher --dtype fp32
@@ -25,8 +26,9 @@ from opdkit.models import from_folder, resolve_model_path
 torch.set_num_threads(int(sys.argv[4]))
 def status():
     text = Path("/proc/self/status").read_text()
-    return {k: int(text.split(k + ":")[1].split()[0]) / 2**20 for k in ("VmRSS", "RssAnon", "RssFile")}  # GB
+    return {k: int(text.split(k + ":")[1].split()[0]) / 2**20 for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}  # GB
 folder, dtype = Path(resolve_model_path(sys.argv[1])), {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[3]]
+Path("/proc/self/clear_refs").write_text("5")  # the kernel's peak of resident memory (VmHWM) restarts from here
 before, peak, done = status(), {"VmRSS": 0.0}, threading.Event()
 def watch():
     while not done.is_set():
@@ -44,6 +46,7 @@ else:
 seconds = time.perf_counter() - start
 done.set()
 watcher.join()
+peak["VmRSS"] = status()["VmHWM"]  # exact, where sampling can miss a short peak; its parts are the sampled peak's
 print(json.dumps({"before": before, "peak": peak, "after": status(), "seconds": seconds}))
 """
 

@@ -41,7 +41,7 @@ def test_it_loads_what_from_pretrained_loads(llama, folder, dtype):
 
 def test_loading_in_bf16_does_not_hold_the_float32_file_in_resident_memory(llama):
     """A mapped file's pages count in the process's resident memory until loading ends; read ones do not. Loading the
-    54 MB float32 file in bf16 (resident memory sampled every half millisecond, above where it stood before): the
+    54 MB float32 file in bf16 (the peak of resident memory as the kernel counts it, above where it stood before): the
     mapped load holds the file beside the 27 MB bf16 copy, ours the copy and a tensor in float32 at a time."""
     measure = load_bench("load_memory").measure  # the bench's own measurement (GB)
     loads = {how: measure(str(llama / "whole"), how, "bf16", 1) for how in ("mmap", "pread")}
