@@ -457,7 +457,9 @@ class RepeatPenaltyConfig(_Strict):
     enabled: bool = Field(False, description="lower the teacher's logit of tokens that repeat an n-gram of the completion")
     ngram_size: int = Field(4, ge=2, description="tokens in a repeat, the last one included (evaluate.loops counts 4)")
     penalty: float = Field(5.0, gt=0, description="subtracted from the teacher's logit of each repeating token "
-                           "(5: its odds divided by about 150)")
+                           "(5: its odds divided by about 150). It must exceed the log-odds the teacher gives a loop's "
+                           "next token (about 2 at p 0.9) to change the target's mode: 2 left loops as they were "
+                           "(docs/results.md)")
 
 
 class ObjectiveConfig(_Strict):
