@@ -51,8 +51,8 @@ else:
 seconds = time.perf_counter() - start
 done.set()
 watcher.join()
-if exact:  # where sampling can miss a short peak; its parts stay the sampled peak's
-    peak["VmRSS"] = max(peak["VmRSS"], status()["VmHWM"])
+if exact:  # at least every sampled VmRSS since the restart, where sampling can miss a short peak; its parts stay
+    peak["VmRSS"] = status()["VmHWM"]  # the sampled peak's
 print(json.dumps({"before": before, "peak": peak, "after": status(), "seconds": seconds}))
 """
 

@@ -262,8 +262,9 @@ class StoredTeacher:
     def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
                greedy: bool = False) -> Rollouts:
         """The stored sample of each prompt when the store holds the teacher's samples at these settings."""
+        greedy = greedy or temperature == 0  # as decode.choose reads it; a store at temperature 0 holds greedy answers
         stored = (self.source["kind"] == "teacher" and (0.0 if greedy else temperature) == self.source["temperature"]
-                  and (greedy or top_p == self.source["top_p"])  # a store at temperature 0 holds greedy answers
+                  and (greedy or top_p == self.source["top_p"])
                   and max_completion_length == self.source["max_completion_length"])
         if not stored:
             return self.live.sample(examples, max_completion_length, temperature, top_p, greedy)
