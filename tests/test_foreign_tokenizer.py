@@ -72,17 +72,39 @@ def test_the_prefix_probe_tells_a_teacher_that_misreads_cuts_from_one_that_does_
     foreign.save_pretrained(tmp_path / "foreign")
     examples = load_examples(str(tiny / "train.jsonl"))
     student = load_tokenizer(str(tiny / "student"))
-    found = {}
+    found, answers = {}, {}
     for name, folder in (("same", tiny / "teacher"), ("foreign", tmp_path / "foreign")):
         with serve_in_thread(create_app(load_model(str(folder)), load_tokenizer(str(folder)), "t")) as url:
             spec = ChatTeacherSpec(kind="chat", base_url=url, model="t", chunk_length=4, prefix_probe=3)
             teacher = ChatTeacher(spec, student)
             teacher.check_prefixes(examples, max_completion_length=12)
-            found[name] = teacher.findings
-    assert found["same"].prompts == 3 and found["same"].cuts > 10 and found["same"].consistent == 1.0
+            found[name], answers[name] = teacher.findings, teacher.answers(examples[:3], 12, greedy=True)
+    # every token end of the three answers is a cut (one token a character, fewer than CUTS), the last ones included: cut
+    # by max_completion_length, an answer's rest there is shorter than the continuation, which is no misreading
+    assert any(not ended and len(text) == 12 for text, ended in answers["same"])
+    assert found["same"].cuts == sum(len(text) - 1 for text, _ in answers["same"])
+    assert found["same"].prompts == 3 and found["same"].consistent == 1.0
     assert found["same"].lines()[0].startswith("prefix probe: OK")
     assert found["foreign"].consistent < 0.9 and found["foreign"].examples
     assert "LOW" in found["foreign"].lines()[0] and "continuation: instruct" in found["foreign"].lines()[1]
+
+
+def test_a_cut_is_read_right_when_the_continuation_reproduces_the_answer_as_far_as_both_go():
+    from opdkit.teachers.prefix_probe import CUTS, cuts, reproduces
+
+    # (rest of the answer, it ended), (continuation, it ended): a side that ended is matched to its end, a side cut by
+    # its token limit only as far as it goes
+    assert reproduces(" libraries", True, " libraries", True)
+    assert not reproduces(" libraries", True, " libraries and their", True)  # the answer stopped, the teacher not
+    assert reproduces(" libraries and their uses.", True, " libraries and", False)  # cut by chunk_length
+    assert reproduces(" libraries", False, " libraries and their", False)  # the answer cut by max_completion_length
+    assert reproduces(" libraries", False, " libraries and their uses.", True)
+    assert not reproduces(" libraries and", False, " libraries.", True)  # stopped where the answer goes on
+    assert reproduces(" libraries and their", False, " libraries", False)
+    assert not reproduces(" libraries", False, " books", False) and not reproduces(" libraries", True, "", False)
+    # cuts spread from an answer's first token end to its last, whatever its length
+    assert cuts(12) == list(range(1, 12)) and cuts(2) == [1] and cuts(1) == []
+    assert len(cuts(97)) == CUTS and cuts(97)[0] == 1 and cuts(97)[-1] == 96
 
 
 def test_fork_snap_moves_forks_back_to_cuts_the_teacher_reads_right():

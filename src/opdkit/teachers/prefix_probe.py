@@ -10,8 +10,8 @@ chunk-level OPD against it took the student from 43% to 9%).
 Measured without a verifier and without the teacher's tokenizer: the teacher's greedy answers to a few training
 prompts, each cut after every student token (at most ``CUTS`` cuts per answer, evenly spaced), continued greedily for
 ``chunk_length`` tokens, as a fork would be. A cut is consistent when the continuation reproduces the answer's next
-characters: a teacher that is deterministic at temperature 0 reproduces them from every cut unless the cut itself
-changes what it reads.
+characters as far as both go (``reproduces``): a teacher that is deterministic at temperature 0 reproduces them from
+every cut unless the cut itself changes what it reads.
 
 The probe also keeps the share per context, the kinds of the two characters around the cut (``digit|letter``, ...):
 a tokenizer's boundaries follow such kinds (digits grouped, a space before or after a word), so ``teacher.fork_snap``
@@ -77,22 +77,41 @@ def context(prefix: str, rest: str) -> str:
     return f"{kind(prefix[-1])}|{kind(rest[0])}"
 
 
+def reproduces(rest: str, rest_ended: bool, got: str, got_ended: bool) -> bool:
+    """Whether a continuation ``got`` reproduces the rest of the answer, ``rest``, as far as both go. A side that ended
+    (the teacher stopped) is matched to its end; a side cut by its token limit (the continuation by ``chunk_length``,
+    the answer by ``max_completion_length``) only as far as it goes."""
+    if rest_ended and got_ended:
+        return got == rest
+    if rest_ended:
+        return got != "" and rest.startswith(got)
+    if got_ended:
+        return got.startswith(rest)
+    return got != "" and (rest.startswith(got) or got.startswith(rest))
+
+
+def cuts(length: int) -> list[int]:
+    """At most ``CUTS`` token ends of an answer of ``length`` tokens, evenly spaced from the first to the last."""
+    ends = range(1, length)
+    n = min(CUTS, len(ends))
+    return sorted({ends[round(i * (len(ends) - 1) / max(1, n - 1))] for i in range(n)})
+
+
 def probe_prefixes(teacher, examples: list[Example], max_completion_length: int) -> PrefixProbe:
     """Ask ``teacher`` (a ``ChatTeacher``) for its greedy answers to ``examples`` and to continue each from its cuts."""
     tok = teacher.tokenizer
     asks, expected = [], []
-    for example, (text, _) in zip(examples, teacher.answers(examples, max_completion_length, greedy=True)):
+    for example, (text, ended) in zip(examples, teacher.answers(examples, max_completion_length, greedy=True)):
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        ends = range(1, len(ids))
-        for end in sorted({ends[round(i * (len(ends) - 1) / max(1, CUTS - 1))] for i in range(min(CUTS, len(ends)))}):
+        for end in cuts(len(ids)):
             prefix = tok.decode(ids[:end], skip_special_tokens=True)
             if not text.startswith(prefix):  # a cut inside a character the student's tokenizer splits: no fork there
                 continue
             asks.append((example, prefix))
-            expected.append((prefix, text[len(prefix):]))
+            expected.append((prefix, text[len(prefix):], ended))
     consistent, wrong, contexts = 0, [], {}
-    for (prefix, rest), [(got, ended)] in zip(expected, teacher.continuations(asks, n=1, temperature=0.0)):
-        right = got == rest if ended else (got != "" and rest.startswith(got))
+    for (prefix, rest, rest_ended), [(got, ended)] in zip(expected, teacher.continuations(asks, n=1, temperature=0.0)):
+        right = reproduces(rest, rest_ended, got, ended)
         consistent += right
         if not right:
             wrong.append({"prefix_end": prefix[-8:], "expected": rest[: max(1, len(got))], "got": got})
