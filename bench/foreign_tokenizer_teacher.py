@@ -97,8 +97,8 @@ def describe(folder: Path, examples) -> dict:
     tok, model = load_tokenizer(str(folder)), load_model(str(folder))
     student_tok, shipped = load_tokenizer("builtin:arith/student"), load_model("builtin:arith/teacher")
     with torch.no_grad():
-        texts = sample(model, tok, examples, max_completion_length=32, greedy=True).texts(tok)
-        shipped_texts = sample(shipped, student_tok, examples, max_completion_length=32, greedy=True).texts(student_tok)
+        texts = sample(model, tok, examples, max_completion_length=32, temperature=0.0).texts(tok)
+        shipped_texts = sample(shipped, student_tok, examples, max_completion_length=32, temperature=0.0).texts(student_tok)
     correct = [is_correct(t, e.answer) for t, e in zip(texts, examples)]
 
     # Continue each correct answer from every cut, as the server does with continue_final_message: the prompt

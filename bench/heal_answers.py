@@ -40,8 +40,8 @@ def answers(model, tokenizer, examples, length: int, amp_dtype, temperature: flo
     for seed in range(samples):
         torch.manual_seed(seed)  # every model samples from the same generator states
         with torch.no_grad(), autocast(torch.device("cpu"), amp_dtype):
-            drawn.append(sample(model, tokenizer, examples, max_completion_length=length, greedy=temperature == 0,
-                                temperature=temperature or 1.0, top_p=top_p))
+            drawn.append(sample(model, tokenizer, examples, max_completion_length=length,
+                                temperature=temperature, top_p=top_p))
     return {"looping": looping(drawn), "looping_per_sample": [looping([r]) for r in drawn],
             "ended": 1 - torch.cat([r.truncated for r in drawn]).float().mean().item(),
             "mean_length": torch.cat([r.lengths() for r in drawn]).float().mean().item(),

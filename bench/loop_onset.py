@@ -61,7 +61,7 @@ def classes(ids: list[int]) -> list[str | None]:
 
 def measure(model, teacher, tokenizer, examples, length: int, amp_dtype) -> dict:
     with torch.no_grad(), autocast(torch.device("cpu"), amp_dtype):
-        rollouts = sample(model, tokenizer, examples, max_completion_length=length, greedy=True)
+        rollouts = sample(model, tokenizer, examples, max_completion_length=length, temperature=0.0)
         logits = rollouts.completion_logits(teacher).float()
     probs = logits.softmax(-1)
     chosen = probs.gather(-1, rollouts.completion_ids.unsqueeze(-1)).squeeze(-1)

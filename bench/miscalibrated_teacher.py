@@ -65,15 +65,15 @@ def make(alpha: float, out: Path, source: str, prompts: int) -> None:
     def accuracy(rollouts) -> float:
         return sum(is_correct(t, e.answer) for t, e in zip(rollouts.texts(tok), examples)) / len(examples)
 
-    def draw(model, greedy: bool):
+    def draw(model, temperature: float):
         torch.manual_seed(0)
-        return sample(model, tok, examples, max_completion_length=32, temperature=1.0, greedy=greedy)
+        return sample(model, tok, examples, max_completion_length=32, temperature=temperature)
 
     with torch.no_grad():
-        greedy, scaled_greedy = draw(original, True), draw(scaled, True)
+        greedy, scaled_greedy = draw(original, 0.0), draw(scaled, 0.0)
         z0, z1 = greedy.completion_logits(original), greedy.completion_logits(scaled)
         mask = greedy.completion_mask.bool()
-        hot0, hot1 = draw(original, False), draw(scaled, False)
+        hot0, hot1 = draw(original, 1.0), draw(scaled, 1.0)
     print(json.dumps({
         "alpha": alpha, "out": str(out), "prompts": len(examples),
         "max_relative_error_of_logits_vs_alpha_z": float((z1 - alpha * z0).abs().max() / z0.abs().max()),

@@ -35,7 +35,7 @@ from opdkit.train import setup
 @torch.no_grad()
 def block_influence(model, tokenizer, examples, length: int) -> list[float]:
     """Per decoder layer, one minus the mean cosine similarity of its input and output at every real token."""
-    rollouts = sample(model, tokenizer, examples, max_completion_length=length, greedy=True)
+    rollouts = sample(model, tokenizer, examples, max_completion_length=length, temperature=0.0)
     mask = rollouts.attention_mask.bool()
     hidden = model(rollouts.input_ids, attention_mask=rollouts.attention_mask, output_hidden_states=True).hidden_states
     return [1 - torch.cosine_similarity(a[mask], b[mask], dim=-1).mean().item() for a, b in zip(hidden, hidden[1:])]

@@ -237,5 +237,5 @@ def test_rollout_temperature_0_asks_the_teacher_for_greedy_answers_and_only_the_
     monkeypatch.setattr(run.teacher, "sample", lambda *a, **kw: asked.append(greedy_ask(a, kw)) or real(*a, **kw))
     batch = train_module.collect(run, random.Random(0), 0)
     assert asked == [True] and batch.source == "teacher"
-    again = real(batch.examples, tiny_config["rollout"]["max_completion_length"], greedy=True)
+    again = real(batch.examples, tiny_config["rollout"]["max_completion_length"], temperature=0.0)
     assert torch.equal(batch.completion_ids, again.completion_ids)  # the greedy answers, drawn again alike

@@ -80,7 +80,7 @@ def test_greedy_decoding_equals_transformers_generate(tiny):
     model, tokenizer = load_model(str(tiny / "teacher")), load_tokenizer(str(tiny / "teacher"))
     examples = load_examples(str(tiny / "train.jsonl"))[:8]
     ids, mask = left_pad([render_prompt(tokenizer, e.messages) for e in examples], tokenizer.pad_token_id)
-    ours, _ = decode(model, ids, mask, 12, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    ours, _ = decode(model, ids, mask, 12, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=0.0)
     config = GenerationConfig(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id)
     theirs = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]

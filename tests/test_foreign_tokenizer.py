@@ -78,7 +78,7 @@ def test_the_prefix_probe_tells_a_teacher_that_misreads_cuts_from_one_that_does_
             spec = ChatTeacherSpec(kind="chat", base_url=url, model="t", chunk_length=4, prefix_probe=3)
             teacher = ChatTeacher(spec, student)
             teacher.check_prefixes(examples, max_completion_length=12)
-            found[name], answers[name] = teacher.findings, teacher.answers(examples[:3], 12, greedy=True)
+            found[name], answers[name] = teacher.findings, teacher.answers(examples[:3], 12, temperature=0.0)
     # every token end of the three answers is a cut (one token a character, fewer than CUTS), the last ones included: cut
     # by max_completion_length, an answer's rest there is shorter than the continuation, which is no misreading
     assert any(not ended and len(text) == 12 for text, ended in answers["same"])

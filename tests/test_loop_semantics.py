@@ -84,7 +84,7 @@ def test_guidance_asks_the_teacher_once_per_prompt_and_uses_its_answer(tiny_conf
     batches = [collect(run, rng, step) for step in range(20)]  # 20 x 4 prompts out of 64: some come twice
     assert len(asked) == len(set(asked)) and len(asked) == len(run.guidance_answers) < 80
     assert run.guidance_tokens == sum(decoded) > 0  # what the step's record logs as teacher_guidance_tokens
-    teacher_answer = sample(batches[0].examples, 12, greedy=True)  # the teacher's own greedy answer
+    teacher_answer = sample(batches[0].examples, 12, temperature=0.0)  # the teacher's own greedy answer
     eos = run.tokenizer.eos_token_id
     for row in range(4):
         answer = [t for t, m in zip(teacher_answer.completion_ids[row].tolist(), teacher_answer.completion_mask[row].tolist())

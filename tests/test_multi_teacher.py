@@ -135,9 +135,9 @@ def test_mixture_draws_each_example_once_by_weight(two_teachers, routed_data):
     first = route(routing, ["a", "b"], 7, examples)
     assert first == route(routing, ["a", "b"], 7, examples[::-1])[::-1]  # by example, not by position in the batch
     assert 0.6 < first.count("a") / len(first) < 0.9
-    rollouts = multi.sample(examples[:6], 6, greedy=True)  # each example's own teacher writes its completion
+    rollouts = multi.sample(examples[:6], 6, temperature=0.0)  # each example's own teacher writes its completion
     for i, example in enumerate(examples[:6]):
-        own = teachers[first[i]].sample([example], 6, greedy=True)
+        own = teachers[first[i]].sample([example], 6, temperature=0.0)
         assert rollouts.texts(tokenizer)[i] == own.texts(tokenizer)[0]
 
 

@@ -54,7 +54,7 @@ def test_a_privileged_context_changes_the_teachers_logprobs_of_the_same_tokens_a
     assert torch.equal(view.completion_ids, batch.completion_ids)
 
     # teacher-written answers (guidance, evaluation) are written in its view and handed back after the student's prompt
-    answers = run.teacher.sample(batch.examples[:2], 4, greedy=True)
+    answers = run.teacher.sample(batch.examples[:2], 4, temperature=0.0)
     student_ids, _ = left_pad([render_prompt(run.tokenizer, e.messages) for e in batch.examples[:2]],
                               run.tokenizer.pad_token_id)
     assert torch.equal(answers.prompt_ids, student_ids) and answers.examples == batch.examples[:2]
@@ -148,11 +148,11 @@ def test_a_served_teacher_scores_in_its_own_view_as_the_local_one_does(tiny, tin
         mask = batch.completion_mask.bool()
         expected = local.teacher.score(batch).token_logprobs[mask]
         assert torch.allclose(served.teacher.score(batch).token_logprobs[mask], expected, atol=1e-4)
-        answers = served.teacher.sample(batch.examples[:2], 4, greedy=True)
+        answers = served.teacher.sample(batch.examples[:2], 4, temperature=0.0)
     student_ids, _ = left_pad([render_prompt(served.tokenizer, e.messages) for e in batch.examples[:2]],
                               served.tokenizer.pad_token_id)
     assert torch.equal(answers.prompt_ids, student_ids)
-    assert answers.texts(served.tokenizer) == local.teacher.sample(batch.examples[:2], 4, greedy=True).texts(local.tokenizer)
+    assert answers.texts(served.tokenizer) == local.teacher.sample(batch.examples[:2], 4, temperature=0.0).texts(local.tokenizer)
 
 
 def test_a_chat_teacher_is_asked_in_its_own_view(tiny_config):

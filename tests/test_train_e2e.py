@@ -40,7 +40,7 @@ def test_an_answer_loops_when_four_tokens_recur_three_times(tiny_config):
     assert loops(garden * 3) and not loops(garden * 2) and not loops(list(range(40))) and not loops([])
     assert not loops([1, 2, 3] * 3)  # three tokens three times: too short to count
     run = setup(load_config(base=tiny_config))
-    rollouts = sample(run.student, run.tokenizer, run.prompts.examples[:4], max_completion_length=12, greedy=True)
+    rollouts = sample(run.student, run.tokenizer, run.prompts.examples[:4], max_completion_length=12, temperature=0.0)
     rows = rollouts.completions()
     assert [len(r) for r in rows] == rollouts.lengths().tolist()
     assert looping([rollouts]) == sum(map(loops, rows)) / 4

@@ -47,17 +47,18 @@ def one_position(index: int) -> torch.Tensor:
     return torch.tensor([index])
 
 
-def choose(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+def choose(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
            rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(token [B], log mu(token) [B])`` from ``logits [B, V]``: the argmax, or a draw from the
-    distribution after temperature and nucleus (top-p) truncation, whose log-prob is returned (0 for greedy).
-    Temperature 0 is greedy, as OpenAI-compatible servers read it, so every caller may pass a config's 0 as it is.
+    distribution after temperature and nucleus (top-p) truncation, whose log-prob is returned (0 at temperature 0).
+    Temperature 0 is greedy (the argmax, whatever ``top_p``), as OpenAI-compatible servers read it: the one way to
+    ask for greedy decoding here and through every teacher, so a config's 0 passes as it is.
 
     Top-p keeps the smallest set of most likely tokens whose mass reaches ``top_p`` (at least one), as
     ``transformers``' ``TopPLogitsWarper`` does. ``rows = (offset, total)``: these are rows ``offset`` onward of a
     batch of ``total`` shared among processes; the uniforms of all ``total`` rows are drawn and this share's kept,
     so that each row draws what it would in one process holding the whole batch."""
-    if greedy or temperature == 0:
+    if temperature == 0:
         return logits.argmax(-1), torch.zeros(logits.shape[0], device=logits.device)
     scores = logits.float() / temperature
     if top_p < 1.0:
@@ -160,7 +161,7 @@ def lockstep(all_true: Callable[[bool], bool]):
 @torch.no_grad()
 def decode(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
            eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-           greedy: bool = False, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(completion_ids [B, C], sampler_logprobs [B, C])`` continuing left-padded prompts, ``C <= max_new_tokens``.
 
     Rows that have emitted ``eos_id`` get ``pad_id`` after it (log-prob 0); decoding stops when every row has
@@ -186,7 +187,7 @@ def decode(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.
                         use_cache=True, logits_to_keep=one_position(width - 1))
             logits = out.logits[:, -1]
         for step in range(max_new_tokens):
-            token, logprob = choose(logits, temperature, top_p, greedy, rows)
+            token, logprob = choose(logits, temperature, top_p, rows)
             token = token.masked_fill(ended, pad_id)
             tokens.append(token)
             logprobs.append(logprob.masked_fill(ended, 0.0))

@@ -92,7 +92,7 @@ class Evaluator:
 
     def _greedy(self, model) -> list[Rollouts]:
         with autocast(next(model.parameters()).device, self.amp_dtype):
-            return [sample(model, self.tokenizer, batch, max_completion_length=self.max_completion_length, greedy=True)
+            return [sample(model, self.tokenizer, batch, max_completion_length=self.max_completion_length, temperature=0.0)
                     for batch in _batches(self.examples, self.batch_size)]
 
     def _accuracy(self, rollouts: list[Rollouts]) -> float | None:
@@ -104,7 +104,7 @@ class Evaluator:
     @property
     def teacher_greedy(self) -> list[Rollouts]:
         if self._teacher_greedy is None:
-            self._teacher_greedy = [self.teacher.sample(batch, self.max_completion_length, greedy=True)
+            self._teacher_greedy = [self.teacher.sample(batch, self.max_completion_length, temperature=0.0)
                                     for batch in _batches(self.examples, self.batch_size)]
             self.teacher.take_usage()  # evaluation calls are not a training step's
         return self._teacher_greedy

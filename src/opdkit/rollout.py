@@ -158,7 +158,6 @@ def sample(
     max_completion_length: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    greedy: bool = False,
     source: str = "student",
     prefixes: list[list[int]] | None = None,
     rows: tuple[int, int] | None = None,
@@ -170,17 +169,16 @@ def sample(
     ``rows = (offset, total)``: these examples are rows ``offset`` onward of a batch of ``total`` shared among
     processes, each row drawn as in one process holding the whole batch (``decode.choose``).
     """
-    greedy = greedy or temperature == 0  # as decode.choose reads it: no sampler log-probs to keep
     device = next(model.parameters()).device
     rendered, starts = starts_of(tokenizer, examples, prefixes)
     prompt_ids, prompt_mask = left_pad(starts, tokenizer.pad_token_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     completion_ids, sampler_logprobs = decode(model, prompt_ids, prompt_mask, max_completion_length,
                                               tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, top_p,
-                                              greedy, rows)
+                                              rows)
     completion_mask, truncated = _completion_mask(completion_ids, tokenizer.eos_token_id)
     return _assemble(examples, rendered, prefixes, prompt_ids, prompt_mask, completion_ids, completion_mask, truncated,
-                     None if greedy else sampler_logprobs, source, tokenizer.pad_token_id)
+                     None if temperature == 0 else sampler_logprobs, source, tokenizer.pad_token_id)
 
 
 def starts_of(tokenizer: PreTrainedTokenizerBase, examples: list[Example],

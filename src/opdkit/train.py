@@ -291,7 +291,7 @@ def guidance_answers(run: Run, examples) -> list[list[int]]:
     keys = [json.dumps(e.messages, sort_keys=True) for e in examples]
     missing = {k: e for k, e in zip(keys, examples) if k not in run.guidance_answers}
     if missing:
-        answers = run.teacher.sample(list(missing.values()), length, greedy=True)
+        answers = run.teacher.sample(list(missing.values()), length, temperature=0.0)
         run.guidance_answers.update(zip(missing, ids(answers)))
         run.guidance_tokens += float(answers.completion_mask.sum())
     return [run.guidance_answers[k] for k in keys]

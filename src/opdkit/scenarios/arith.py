@@ -101,7 +101,7 @@ def accuracy(model, tokenizer, examples: list[Example], batch_size: int = 256) -
     correct = 0
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        texts = sample(model, tokenizer, batch, max_completion_length=32, greedy=True).texts(tokenizer)
+        texts = sample(model, tokenizer, batch, max_completion_length=32, temperature=0.0).texts(tokenizer)
         correct += sum(arithmetic.is_correct(t, e.answer) for t, e in zip(texts, batch))
     return correct / len(examples)
 

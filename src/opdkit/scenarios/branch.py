@@ -52,7 +52,7 @@ def fork_report(model, tokenizer, examples, batch_size: int = 256) -> dict:
     forced = {name: 0 for name in forks}
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        greedy = sample(model, tokenizer, batch, max_completion_length=MAX_LENGTH, greedy=True)
+        greedy = sample(model, tokenizer, batch, max_completion_length=MAX_LENGTH, temperature=0.0)
         with torch.no_grad():
             fork_logits = greedy.completion_logits(model)[:, 0].float()
         p_direct += fork_logits.softmax(-1)[:, forks["direct"]].tolist()
@@ -60,7 +60,7 @@ def fork_report(model, tokenizer, examples, batch_size: int = 256) -> dict:
             taken.append(branching.branch(text))
             correct.append(branching.is_correct(text, e.answer))
         for name, token in forks.items():
-            texts = sample(model, tokenizer, batch, max_completion_length=MAX_LENGTH, greedy=True,
+            texts = sample(model, tokenizer, batch, max_completion_length=MAX_LENGTH, temperature=0.0,
                            prefixes=[[token]] * len(batch)).texts(tokenizer)
             forced[name] += sum(branching.is_correct(t, e.answer) for t, e in zip(texts, batch))
     n = len(examples)

@@ -128,7 +128,7 @@ def calibration_answers(teacher, tokenizer, examples):
     is fitted on (``linear_bridge``); decoded once and shared by every block fitted on them."""
     from ..rollout import sample
 
-    return sample(teacher, tokenizer, examples, max_completion_length=CALIBRATION_LENGTH, greedy=True)
+    return sample(teacher, tokenizer, examples, max_completion_length=CALIBRATION_LENGTH, temperature=0.0)
 
 
 @torch.no_grad()

@@ -96,8 +96,10 @@ class Teacher(Protocol):
         has the whole distribution (a local model; None from a server, which gives only a top-k)."""
         ...
 
-    def sample(self, examples: list, max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
-               greedy: bool = False) -> Rollouts: ...
+    def sample(self, examples: list, max_completion_length: int, temperature: float = 1.0,
+               top_p: float = 1.0) -> Rollouts:
+        """The teacher's answers to the prompts, after the student's prompts; greedy at temperature 0."""
+        ...
 
     def continue_ids(self, prefixes: list[list[int]], max_new_tokens: int, temperature: float = 0.0) -> list[list[int]]:
         """The teacher's continuation (token ids, through its end token if it ends) of each unpadded prefix of ids

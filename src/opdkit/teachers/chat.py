@@ -214,11 +214,11 @@ class ChatTeacher:
                 for answer in self.client.map("/chat/completions", requests, check)]
 
     def answers(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
-                top_p: float = 1.0, greedy: bool = False) -> list[tuple[str, bool]]:
-        """The teacher's answer to each prompt (asked in the teacher's view; greedy: temperature 0) as
+                top_p: float = 1.0) -> list[tuple[str, bool]]:
+        """The teacher's answer to each prompt (asked in the teacher's view; greedy at temperature 0) as
         ``(text, ended)``."""
         payloads = [{"model": self.spec.model, "messages": self._view(e), "max_tokens": max_completion_length,
-                     "temperature": 0.0 if greedy else temperature, "top_p": 1.0 if greedy else top_p} for e in examples]
+                     "temperature": temperature, "top_p": 1.0 if temperature == 0 else top_p} for e in examples]
 
         def check(body: dict) -> None:
             if len(body["choices"]) != 1 or not isinstance(body["choices"][0]["message"]["content"], str):
@@ -228,8 +228,8 @@ class ChatTeacher:
                 for a in self.client.map("/chat/completions", payloads, check)]
 
     def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
-               top_p: float = 1.0, greedy: bool = False) -> Rollouts:
+               top_p: float = 1.0) -> Rollouts:
         """Teacher answers to the prompts (``answers``), tokenized by the student after the student's prompts."""
-        answers = self.answers(examples, max_completion_length, temperature, top_p, greedy)
+        answers = self.answers(examples, max_completion_length, temperature, top_p)
         return rollouts_from_texts(self.tokenizer, examples, [text for text, _ in answers],
                                    [ended for _, ended in answers], max_completion_length)

@@ -156,13 +156,13 @@ class LocalTeacher:
         return TeacherSignal(token * mask, entropy=teacher_entropy, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
 
     def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
-               top_p: float = 1.0, greedy: bool = False) -> Rollouts:
+               top_p: float = 1.0) -> Rollouts:
         """Teacher completions of the prompts (teacher states, guidance prefixes, greedy teacher accuracy), written
         in the teacher's view and returned after the student's prompts."""
         seen = examples if self.context is None else self.context.examples(examples)
         with autocast(self.device, self.amp_dtype):
             rollouts = sample(self.model, self.tokenizer, seen, max_completion_length=max_completion_length,
-                              temperature=temperature, top_p=top_p, greedy=greedy, source="teacher")
+                              temperature=temperature, top_p=top_p, source="teacher")
         return rollouts if self.context is None else self.context.student_view(rollouts, examples)
 
     @torch.no_grad()

@@ -159,18 +159,18 @@ class MultiTeacher:
             signal.entropy = -(mixture.exp() * mixture).sum(-1)
         return signal
 
-    def sample(self, examples: list, max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
-               greedy: bool = False) -> Rollouts:
+    def sample(self, examples: list, max_completion_length: int, temperature: float = 1.0,
+               top_p: float = 1.0) -> Rollouts:
         """Each example's teacher writes its completion (``combine``: the primary teacher writes all)."""
         if self.routing.rule == "combine":
-            return self.teachers[self.primary].sample(examples, max_completion_length, temperature, top_p, greedy)
+            return self.teachers[self.primary].sample(examples, max_completion_length, temperature, top_p)
         chosen = route(self.routing, self.names, self.seed, examples)
         parts = []
         for name in self.names:
             rows = [i for i, c in enumerate(chosen) if c == name]
             if rows:
                 parts.append((rows, self.teachers[name].sample([examples[i] for i in rows], max_completion_length,
-                                                                temperature, top_p, greedy)))
+                                                                temperature, top_p)))
         return join_rows(parts, self.pad_id)
 
     def continue_ids(self, prefixes: list[list[int]], max_new_tokens: int, temperature: float = 0.0) -> list[list[int]]:

@@ -101,7 +101,7 @@ def probe_prefixes(teacher, examples: list[Example], max_completion_length: int)
     """Ask ``teacher`` (a ``ChatTeacher``) for its greedy answers to ``examples`` and to continue each from its cuts."""
     tok = teacher.tokenizer
     asks, expected = [], []
-    for example, (text, ended) in zip(examples, teacher.answers(examples, max_completion_length, greedy=True)):
+    for example, (text, ended) in zip(examples, teacher.answers(examples, max_completion_length, temperature=0.0)):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         for end in cuts(len(ids)):
             prefix = tok.decode(ids[:end], skip_special_tokens=True)

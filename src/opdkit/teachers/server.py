@@ -511,14 +511,14 @@ class ServerTeacher:
         return out
 
     def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
-               top_p: float = 1.0, greedy: bool = False) -> Rollouts:
+               top_p: float = 1.0) -> Rollouts:
         """Teacher completions of the prompts (for teacher-state methods and greedy teacher accuracy), written in the
         teacher's view and returned after the student's prompts."""
         seen = examples if self.context is None else self.context.examples(examples)
         prompts = [render_prompt(self.tokenizer, e.messages) for e in seen]
         payloads = [{"model": self.spec.model, "prompt": self.tokenizer.decode(p) if self.prompt_as == "text" else p,
-                     "max_tokens": max_completion_length, "temperature": 0.0 if greedy else temperature,
-                     "top_p": 1.0 if greedy else top_p} for p in prompts]
+                     "max_tokens": max_completion_length, "temperature": temperature,
+                     "top_p": 1.0 if temperature == 0 else top_p} for p in prompts]
         answers = self.client.map("/completions", payloads, _one_choice)
         texts = [a["choices"][0]["text"] for a in answers]
         stopped = [a["choices"][0].get("finish_reason") == "stop" for a in answers]

@@ -259,15 +259,14 @@ class StoredTeacher:
             return self.live.score(rollouts, support, top_k, entropy)
         return self.store.signal(rollouts, top_k if support == "topk" else None, entropy)
 
-    def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0,
-               greedy: bool = False) -> Rollouts:
+    def sample(self, examples: list[Example], max_completion_length: int, temperature: float = 1.0,
+               top_p: float = 1.0) -> Rollouts:
         """The stored sample of each prompt when the store holds the teacher's samples at these settings."""
-        greedy = greedy or temperature == 0  # as decode.choose reads it; a store at temperature 0 holds greedy answers
-        stored = (self.source["kind"] == "teacher" and (0.0 if greedy else temperature) == self.source["temperature"]
-                  and (greedy or top_p == self.source["top_p"])
+        stored = (self.source["kind"] == "teacher" and temperature == self.source["temperature"]
+                  and (temperature == 0 or top_p == self.source["top_p"])  # greedy: top_p plays no part
                   and max_completion_length == self.source["max_completion_length"])
         if not stored:
-            return self.live.sample(examples, max_completion_length, temperature, top_p, greedy)
+            return self.live.sample(examples, max_completion_length, temperature, top_p)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         prompt_ids, prompt_mask = left_pad([render_prompt(self.tokenizer, e.messages) for e in examples], pad)
         completions = [self.store.completion(e.index) for e in examples]
