@@ -177,8 +177,9 @@ def sample(
                                               tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, top_p,
                                               rows)
     completion_mask, truncated = _completion_mask(completion_ids, tokenizer.eos_token_id)
+    greedy = temperature == 0  # decode.choose took the argmax: no sampler whose log-probs to keep
     return _assemble(examples, rendered, prefixes, prompt_ids, prompt_mask, completion_ids, completion_mask, truncated,
-                     None if temperature == 0 else sampler_logprobs, source, tokenizer.pad_token_id)
+                     None if greedy else sampler_logprobs, source, tokenizer.pad_token_id)
 
 
 def starts_of(tokenizer: PreTrainedTokenizerBase, examples: list[Example],
