@@ -104,11 +104,17 @@ def test_a_local_teachers_full_support_gives_the_same_topk_and_entropy_as_its_lo
 
 
 # ---- detectors -------------------------------------------------------------------------------------------
+BEFORE = {"reverse_kl": 0.5, "accuracy": 0.4, "token_agreement": 0.6}  # the evaluation before training
+
+
 def healthy(step: int) -> dict:
-    return {"step": step, "truncation_rate": 0.1, "completion_length": 20.0 + step % 3, "repeated_ngram_share": 0.02,
-            "student_entropy": 1.5 - 0.01 * step, "signal_negative_share": 0.6, "log_ratio_abs_p999": 4.0 + step % 2,
-            "grad_norm": 1.0, "student_topk_mass": 0.97, "topk_overlap": 0.8,
-            "by_position": {"edges": [0, 8, 16], "teacher_entropy": [1.0, 1.2]}}
+    record = {"step": step, "truncation_rate": 0.1, "completion_length": 20.0 + step % 3, "repeated_ngram_share": 0.02,
+              "student_entropy": 1.5 - 0.01 * step, "signal_negative_share": 0.6, "log_ratio_abs_p999": 4.0 + step % 2,
+              "grad_norm": 1.0, "student_topk_mass": 0.97, "topk_overlap": 0.8,
+              "by_position": {"edges": [0, 8, 16], "teacher_entropy": [1.0, 1.2]}}
+    if step % 10 == 0:  # an evaluation every 10 steps, each better than the last
+        record["eval"] = {"reverse_kl": 0.5 - 0.005 * step, "accuracy": 0.4 + 0.002 * step, "token_agreement": 0.6}
+    return record
 
 
 def run_detectors(history: list[dict], cfg=DetectorsConfig()) -> list[str]:
@@ -116,7 +122,7 @@ def run_detectors(history: list[dict], cfg=DetectorsConfig()) -> list[str]:
     seen, names = [], []
     for record in history:
         seen.append(record)
-        alerts = detectors.check(seen, cfg, max_completion_length=32)
+        alerts = detectors.check(seen, cfg, max_completion_length=32, before=BEFORE, metric="reverse_kl")
         if alerts:
             record["alerts"] = [a.as_record() for a in alerts]
             names += [a.detector for a in alerts]
@@ -136,6 +142,7 @@ def test_clean_logs_trigger_no_detector():
     ("signal_spike", lambda r, s: r.update(log_ratio_abs_p999=40.0 if s == 20 else 4.0)),
     ("teacher_confidence_decay", lambda r, s: r["by_position"].update(teacher_entropy=[1.0, 2.5 if s > 15 else 1.2])),
     ("incompatible_teacher", lambda r, s: r.update(student_topk_mass=0.3, topk_overlap=0.1)),
+    ("heldout_regression", lambda r, s: "eval" in r and r["eval"].update(reverse_kl=0.6)),
 ])
 def test_each_detector_fires_once_on_logs_built_to_trigger_it(detector, change):
     history = []
@@ -155,6 +162,35 @@ def test_a_threshold_of_null_turns_its_detector_off_and_missing_keys_are_not_gue
     assert run_detectors(history, DetectorsConfig(truncation_rate=None)) == []
     bare = [{"step": s, "completion_length": 10.0} for s in range(1, 21)]  # a run that logged no diagnostics
     assert run_detectors(bare) == []
+
+
+def test_a_heldout_regression_needs_two_evaluations_in_a_row_past_the_margin_and_watches_accuracy_too():
+    def with_evals(evals: dict[int, dict]) -> list[dict]:
+        history = [healthy(s) for s in range(1, 41)]
+        for record in history:
+            record.pop("eval", None)
+            if record["step"] in evals:
+                record["eval"] = {**BEFORE, **evals[record["step"]]}
+        return history
+
+    assert run_detectors(with_evals({10: {"reverse_kl": 0.7}, 20: {"reverse_kl": 0.4}, 30: {"reverse_kl": 0.7}})) == []
+    assert run_detectors(with_evals({10: {"reverse_kl": 0.505}, 20: {"reverse_kl": 0.505}})) == []  # within 2%
+    # a collapse the tracked KL calls an improvement: the verifier's accuracy falls
+    history = with_evals({10: {"reverse_kl": 0.3, "accuracy": 0.2}, 20: {"reverse_kl": 0.2, "accuracy": 0.05}})
+    assert run_detectors(history) == ["heldout_regression"]
+    alert = history[19]["alerts"][0]
+    assert alert["step"] == 20 and "held-out accuracy is worse than before training" in alert["message"]
+    assert "0.4 at step 0, then 0.2, 0.05" in alert["message"]
+    # the agreement a chat teacher's run tracks (results.md: chunk_opd on smollm2-heal-24, 65.3% -> 59.5%, 60.1%)
+    history = with_evals({35: {"token_agreement": 0.5946}, 40: {"token_agreement": 0.6008}})
+    seen = []
+    for record in history:
+        seen.append(record)
+        alerts = detectors.check(seen, DetectorsConfig(), 32, before={"token_agreement": 0.6528},
+                                 metric="token_agreement")
+    assert [a.detector for a in alerts] == ["heldout_regression"] and "token_agreement" in alerts[0].message
+    assert run_detectors(with_evals({10: {"reverse_kl": 0.7}, 20: {"reverse_kl": 0.7}}),
+                         DetectorsConfig(heldout_regression=None)) == []
 
 
 def test_a_positive_one_sided_signal_says_so():

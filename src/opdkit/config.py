@@ -861,6 +861,10 @@ class DetectorsConfig(_Strict):
                                                  "multiple of the first bucket's (needs a local teacher)")
     topk_mass: float | None = Field(0.5, gt=0, lt=1, description="incompatible teacher: recent student mass on the "
                                     "teacher's top-k below this (healthy pairs share 97-99%)")
+    heldout_regression: float | None = Field(0.02, gt=0, description="held-out regression: the tracked metric "
+                                             "(checkpoint.best_metric) or the verifier's accuracy worse than before "
+                                             "training at two evaluations in a row, by at least this fraction of its "
+                                             "value before")
 
 
 class DiagnosticsConfig(_Strict):

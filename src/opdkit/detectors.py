@@ -13,6 +13,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from .checkpoint import LOWER_IS_BETTER
+
 
 @dataclass
 class Alert:
@@ -191,9 +193,39 @@ def incompatible_teacher(history, cfg, context) -> Alert | None:
                  "support, or TrOPD prefix guidance", mass, cfg.topk_mass)
 
 
+def heldout_regression(history, cfg, context) -> Alert | None:
+    """The tracked held-out metric (``checkpoint.best_metric``), or the verifier's accuracy, worse than before
+    training at each of the last ``EVALUATIONS`` evaluations, by at least ``cfg.heldout_regression`` of its value."""
+    evals = [r["eval"] for r in history if "eval" in r][-EVALUATIONS:]
+    if cfg.heldout_regression is None or "eval" not in history[-1] or len(evals) < EVALUATIONS:
+        return None
+    for metric in dict.fromkeys(m for m in (context.get("metric"), "accuracy") if m):
+        before = context.get("before", {}).get(metric)
+        values = [e.get(metric) for e in evals]
+        if before is None or None in values:
+            continue
+        sign = 1 if metric in LOWER_IS_BETTER else -1
+        losses = [sign * (v - before) for v in values]
+        if min(losses) < cfg.heldout_regression * abs(before):
+            continue
+        return Alert("heldout_regression", history[-1]["step"],
+                     f"held-out {metric} is worse than before training at the last {EVALUATIONS} evaluations: "
+                     f"{before:.4g} at step 0, then " + ", ".join(f"{v:.4g}" for v in values),
+                     "the updates carry the student away from its teacher: a per-step signal that is mostly noise at "
+                     "this batch (chunk rewards from few forks, say: Adam moves the weights at the learning rate's pace "
+                     "whatever the gradient's size), a learning rate too high, or an objective whose optimum is not "
+                     "this metric (a falling KL with a falling accuracy)",
+                     "lower optim.learning_rate, draw more rollouts per step (rollout.batch_size) or, for chunk_opd, "
+                     "more teacher.samples_per_fork; the best checkpoint (checkpoint.best_metric) keeps the best "
+                     "student so far", min(losses) / abs(before) if before else float("inf"), cfg.heldout_regression)
+    return None
+
+
+EVALUATIONS = 2  # held-out regression: evaluations in a row worse than before training
+
 DETECTORS: dict[str, Callable] = {f.__name__: f for f in (
     truncation, length_inflation, repetition, entropy_collapse, one_sided_signal, signal_spike,
-    teacher_confidence_decay, incompatible_teacher)}
+    teacher_confidence_decay, incompatible_teacher, heldout_regression)}
 
 
 def fired(history: list[dict]) -> set[str]:
@@ -201,9 +233,11 @@ def fired(history: list[dict]) -> set[str]:
     return {alert["detector"] for record in history for alert in record.get("alerts", [])}
 
 
-def check(history: list[dict], cfg, max_completion_length: int) -> list[Alert]:
-    """The detectors that fire at the last record of ``history`` for the first time."""
+def check(history: list[dict], cfg, max_completion_length: int, before: dict | None = None,
+          metric: str | None = None) -> list[Alert]:
+    """The detectors that fire at the last record of ``history`` for the first time. ``before``: the evaluation
+    before training; ``metric``: the one ``checkpoint.best_metric`` tracks."""
     done = fired(history)
-    context = {"max_completion_length": max_completion_length}
+    context = {"max_completion_length": max_completion_length, "before": before or {}, "metric": metric}
     alerts = [detector(history, cfg, context) for name, detector in DETECTORS.items() if name not in done]
     return [a for a in alerts if a is not None]

@@ -578,7 +578,8 @@ def train_loop(run: Run, console: Console | None = None, resume: bool = False) -
                 if evaluates:
                     record["eval"] = evaluate(step)
                 run.history.append(record)
-                alerts = detectors.check(run.history, config.diagnostics.detectors, config.rollout.max_completion_length)
+                alerts = detectors.check(run.history, config.diagnostics.detectors, config.rollout.max_completion_length,
+                                         loop.before, config.checkpoint.best_metric)
                 if alerts:
                     record["alerts"] = [a.as_record() for a in alerts]
                 write(metrics_path, record)
