@@ -10,11 +10,18 @@ evaluation's length (runs that logged it), the teacher's seconds per step (scori
 for SeqKD, whose teacher writes the completions) and the wall time. ``--cut`` names runs whose reverse KL before
 training is the gap compression left (the plain cut's, for students that start from a bridged one): the table
 then also gives the share of that gap recovered, per seed against the cut's run of the same seed.
+
+A run whose teacher measured no reverse KL during training (a chat teacher gives text only) is measured afterwards
+against the local teacher, and the table reads those files in its folder in place of its own evaluations:
+
+    opd eval configs/smollm2-heal-24.yaml --untouched --set seed=$s | tail -1 > RUN/eval-before.json
+    opd eval configs/smollm2-heal-24.yaml --checkpoint RUN/final --set seed=$s | tail -1 > RUN/eval-after.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
@@ -22,10 +29,16 @@ from opdkit.report import read_arm
 from opdkit.sweep import paired, plot, spread
 
 
+def measured(log, when: str, own: dict) -> dict:
+    """``own`` (the run's evaluation before or after training), or ``RUN/eval-{when}.json`` where it has no KL."""
+    path = log.run_dir / f"eval-{when}.json"
+    return json.loads(path.read_text()) if "reverse_kl" not in own and path.exists() else own
+
+
 def summary(log) -> dict:
     """A finished run (``report.RunLog``): its held-out figures and its teacher's seconds."""
-    after = log.final["eval"]
-    return {"seed": log.config.seed, "steps": len(log.steps), "before": log.before["reverse_kl"], "evals": log.evals,
+    before, after = measured(log, "before", log.before), measured(log, "after", log.final["eval"])
+    return {"seed": log.config.seed, "steps": len(log.steps), "before": before["reverse_kl"], "evals": log.evals,
             "reverse_kl": after["reverse_kl"], "agreement": after["token_agreement"], "looping": after.get("looping"),
             "teacher_s": statistics.median(log.teacher_seconds[1:]), "wall_min": log.final["wall_s"] / 60}
 
