@@ -175,6 +175,11 @@ def test_a_heldout_regression_needs_two_evaluations_in_a_row_past_the_margin_and
 
     assert run_detectors(with_evals({10: {"reverse_kl": 0.7}, 20: {"reverse_kl": 0.4}, 30: {"reverse_kl": 0.7}})) == []
     assert run_detectors(with_evals({10: {"reverse_kl": 0.505}, 20: {"reverse_kl": 0.505}})) == []  # within 2%
+    stuck = with_evals({10: {"accuracy": 0.0}, 20: {"accuracy": 0.0}})  # no better, and no worse, than 0 before
+    seen = []
+    for record in stuck:
+        seen.append(record)
+        assert detectors.check(seen, DetectorsConfig(), 32, before={**BEFORE, "accuracy": 0.0}, metric="accuracy") == []
     # a collapse the tracked KL calls an improvement: the verifier's accuracy falls
     history = with_evals({10: {"reverse_kl": 0.3, "accuracy": 0.2}, 20: {"reverse_kl": 0.2, "accuracy": 0.05}})
     assert run_detectors(history) == ["heldout_regression"]

@@ -206,7 +206,7 @@ def heldout_regression(history, cfg, context) -> Alert | None:
             continue
         sign = 1 if metric in LOWER_IS_BETTER else -1
         losses = [sign * (v - before) for v in values]
-        if min(losses) < cfg.heldout_regression * abs(before):
+        if min(losses) <= 0 or min(losses) < cfg.heldout_regression * abs(before):  # a metric stuck at 0 is no regression
             continue
         return Alert("heldout_regression", history[-1]["step"],
                      f"held-out {metric} is worse than before training at the last {EVALUATIONS} evaluations: "
