@@ -201,7 +201,8 @@ class Engine:
         for job, seq in rows:
             if job.max_tokens > 0:
                 alone = id(job) if job.seed is not None else None
-                key = (job.adapter, alone, job.temperature == 0, job.temperature, job.top_p)
+                # greedy jobs share a batch whatever their top_p, which decode.choose ignores at temperature 0
+                key = (job.adapter, alone, job.temperature, job.top_p if job.temperature else None)
                 groups.setdefault(key, []).append((job, seq))
         for members in groups.values():
             job0 = members[0][0]

@@ -218,7 +218,7 @@ class ChatTeacher:
         """The teacher's answer to each prompt (asked in the teacher's view; greedy at temperature 0) as
         ``(text, ended)``."""
         payloads = [{"model": self.spec.model, "messages": self._view(e), "max_tokens": max_completion_length,
-                     "temperature": temperature, "top_p": 1.0 if temperature == 0 else top_p} for e in examples]
+                     "temperature": temperature, "top_p": top_p} for e in examples]
 
         def check(body: dict) -> None:
             if len(body["choices"]) != 1 or not isinstance(body["choices"][0]["message"]["content"], str):

@@ -517,8 +517,8 @@ class ServerTeacher:
         seen = examples if self.context is None else self.context.examples(examples)
         prompts = [render_prompt(self.tokenizer, e.messages) for e in seen]
         payloads = [{"model": self.spec.model, "prompt": self.tokenizer.decode(p) if self.prompt_as == "text" else p,
-                     "max_tokens": max_completion_length, "temperature": temperature,
-                     "top_p": 1.0 if temperature == 0 else top_p} for p in prompts]
+                     "max_tokens": max_completion_length, "temperature": temperature, "top_p": top_p}
+                    for p in prompts]
         answers = self.client.map("/completions", payloads, _one_choice)
         texts = [a["choices"][0]["text"] for a in answers]
         stopped = [a["choices"][0].get("finish_reason") == "stop" for a in answers]
