@@ -24,6 +24,7 @@ with ``cache_dir``, identical requests are answered from disk. Calls and tokens 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 
 import torch
 from rich.console import Console
@@ -84,6 +85,19 @@ def chunk_similarity(student: str, student_ended: bool, teacher: str, teacher_en
         return similarity(s, t[: len(s)], kind)
     n = min(len(s), len(t))
     return similarity(s[:n], t[:n], kind) if n else 0.0
+
+
+@dataclass
+class Chunk:
+    """An audited chunk: tokens ``start : start + width`` of row ``row``'s completion, their ``text``, whether the
+    answer ends within them, and the student's ``prefix`` text the teacher continues."""
+
+    row: int
+    start: int
+    width: int
+    text: str
+    ended: bool
+    prefix: str
 
 
 def dirichlet_preference(similarities: list[float], prior: tuple[float, float]) -> float:
@@ -158,6 +172,25 @@ class ChatTeacher:
             t -= 1
         return t
 
+    def chunks(self, rollouts: Rollouts) -> tuple[list[Chunk], int]:
+        """The chunks to audit in the student's rollouts, in row order, and how many forks ``fork_snap`` moved."""
+        forks, moved = self.forks(rollouts)
+        tok, out = self.tokenizer, []
+        for row, ts in enumerate(forks):
+            ids = rollouts.completion_ids[row, : int(rollouts.completion_mask[row].sum())].tolist()
+            for t in ts:
+                chunk = ids[t : t + self.spec.chunk_length]
+                out.append(Chunk(row, t, len(chunk), tok.decode(chunk, skip_special_tokens=True),
+                                 tok.eos_token_id in chunk, tok.decode(ids[:t], skip_special_tokens=True)))
+        return out, moved
+
+    def similarities(self, rollouts: Rollouts, chunks: list[Chunk]) -> list[list[float]]:
+        """Each chunk's similarity to each of the teacher's ``samples_per_fork`` continuations of its prefix."""
+        spec = self.spec
+        asks = [(rollouts.examples[c.row], c.prefix) for c in chunks]
+        return [[chunk_similarity(c.text, c.ended, text, stopped, spec.similarity) for text, stopped in continued]
+                for c, continued in zip(chunks, self.continuations(asks, spec.samples_per_fork, spec.temperature))]
+
     def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None,
               entropy: bool = False) -> TeacherSignal:
         """Chunk rewards for the student's rollouts (``chunk_opd``). Rows the student did not write (the teacher's
@@ -169,29 +202,18 @@ class ChatTeacher:
         mask = rollouts.completion_mask
         if rollouts.source != "student":
             return TeacherSignal(torch.zeros_like(mask), usage=self.client.take_usage())
-        spec, tok = self.spec, self.tokenizer
-        forks, moved = self.forks(rollouts)
-        asks, places = [], []
-        for b, (ts, example) in enumerate(zip(forks, rollouts.examples)):
-            ids = rollouts.completion_ids[b, : int(rollouts.completion_mask[b].sum())].tolist()
-            for t in ts:
-                asks.append((example, tok.decode(ids[:t], skip_special_tokens=True)))
-                chunk = ids[t : t + spec.chunk_length]
-                places.append((b, t, len(chunk), tok.decode(chunk, skip_special_tokens=True), tok.eos_token_id in chunk))
-        preferences = []
-        for continued, (_, _, _, chunk, ended) in zip(self.continuations(asks, spec.samples_per_fork, spec.temperature),
-                                                      places):
-            sims = [chunk_similarity(chunk, ended, text, stopped, spec.similarity) for text, stopped in continued]
-            preferences.append(dirichlet_preference(sims, spec.prior))
+        spec = self.spec
+        chunks, moved = self.chunks(rollouts)
+        preferences = [dirichlet_preference(sims, spec.prior) for sims in self.similarities(rollouts, chunks)]
         if spec.baseline == "batch":
             baseline = sum(preferences) / len(preferences) if preferences else 0.0
         else:
             baseline = spec.prior[0] / sum(spec.prior)
         advantages = torch.zeros(rollouts.completion_ids.shape)
-        for (b, t, width, _, _), p in zip(places, preferences):
-            advantages[b, t : t + width] = p - baseline
+        for c, p in zip(chunks, preferences):
+            advantages[c.row, c.start : c.start + c.width] = p - baseline
         usage = self.client.take_usage()
-        usage.update(forks=float(len(places)), audited_tokens=float(sum(w for _, _, w, _, _ in places)))
+        usage.update(forks=float(len(chunks)), audited_tokens=float(sum(c.width for c in chunks)))
         if spec.fork_snap:
             usage["forks_moved"] = float(moved)
         return TeacherSignal(torch.zeros_like(mask), token_advantages=advantages.to(mask.device) * mask, usage=usage)
