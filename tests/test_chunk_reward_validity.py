@@ -34,15 +34,19 @@ def test_the_bench_measures_a_chat_teachers_chunks_against_its_log_probs(tiny, t
               "objective": {"method": "chunk_opd"}}
     path = tmp_path / "chunk.yaml"
     path.write_text(yaml.safe_dump(config))
-    monkeypatch.setattr(sys, "argv", ["chunk_reward_validity", str(path), str(tiny / "teacher"), "--prompts", "6"])
+    monkeypatch.setattr(sys, "argv", ["chunk_reward_validity", str(path), str(tiny / "teacher"), "--prompts", "6",
+                                      "--similarities", "char", "token_f1"])
     bench.main()
     found = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < found["chunks"] <= 2 * 6 and found["samples_per_fork"] == 2 and found["chunk_length"] == 3
+    for kind in ("char", "token_f1"):  # both on the same continuations
+        assert 0 <= found[kind]["mean_similarity"] <= 1 and found[kind]["lowest_p"] and found[kind]["highest_p"]
+    # the tiny teacher's words rarely match the student's (token_f1 is 0 for nearly every chunk); its characters do
     for key in ("log_ratio", "teacher_mean_logprob"):
-        value, low, high = found["validity"][key]
-        assert -1 <= low <= high <= 1 and (np.isnan(value) or -1 <= value <= 1)
-    assert set(found["reliability"]) == {"one_draw", "pooled"}  # two independent draws at temperature 1
-    assert 0 <= found["mean_similarity"] <= 1 and found["lowest_p"] and found["highest_p"]
+        value, low, high = found["char"]["validity"][key]
+        assert -1 <= low <= high <= 1 and -1 <= value <= 1
+    assert set(found["char"]["reliability"]) == {"one_draw", "pooled"}  # two independent draws at temperature 1
+    assert bench.with_interval(np.arange(5.0), np.ones(5)) is None  # a constant has no order to correlate
 
 
 def test_a_teacher_on_another_tokenizer_is_refused_before_any_sampling(tiny, tmp_path, monkeypatch):

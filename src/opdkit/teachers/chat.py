@@ -10,8 +10,9 @@ every choice here is a named option of the ``chat`` teacher spec, see docs and `
 2. at fork ``t`` the student's draft chunk is ``y[t : t+L]``; the teacher is sent the prompt and the
    student's text ``y[:t]`` (as an assistant prefix to continue, or an instruction) and writes
    ``samples_per_fork`` continuations of at most ``L`` tokens;
-3. each continuation scores ``s_k = sim(chunk, continuation) in [0, 1]`` over the same span of text (an
-   answer that ends is marked with an end symbol on both sides, so stopping early or late counts);
+3. each continuation scores ``s_k = sim(chunk, continuation) in [0, 1]`` over the same span of text
+   (``teachers.similarity``: characters, words or sentence embeddings; an answer that ends is marked with an end
+   symbol on both sides, so stopping early or late counts);
 4. Dirichlet-multinomial smoothing of the soft match votes, ``p = (a1 + sum_k s_k) / (a1 + a0 + K)``,
    so a few samples cannot give a +-1 reward; the chunk's reward ``r = p - b`` (``b``: the batch mean
    of ``p``, or the prior mean ``a1 / (a0 + a1)``) is the advantage of each of its tokens; unaudited
@@ -23,7 +24,6 @@ with ``cache_dir``, identical requests are answered from disk. Calls and tokens 
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +36,7 @@ from . import Support, TeacherSignal
 from .context import TeacherContext
 from .prefix_probe import PrefixProbe, probe_prefixes
 from .server import ApiClient, Malformed, rollouts_from_texts
-
-END = "\u2403"  # marks "the answer ends here" in compared texts
-
+from .similarity import Similarity
 
 def smooth(values: list[float], window: int) -> list[float]:
     """Centred moving average, shrinking at the edges."""
@@ -63,28 +61,6 @@ def pick_forks(surprisal: list[float], chunk_length: int, max_forks: int, quanti
         if all(abs(i - j) >= chunk_length for j in chosen):
             chosen.append(i)
     return sorted(chosen)
-
-
-def similarity(a: str, b: str, kind: str) -> float:
-    """``char``: difflib ratio ``2 M / (|a| + |b|)``; ``token_f1``: F1 of whitespace-token multisets."""
-    if not a and not b:
-        return 1.0
-    if kind == "char":
-        return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
-    ta, tb = a.replace(END, f" {END} ").split(), b.replace(END, f" {END} ").split()
-    common = sum(min(ta.count(w), tb.count(w)) for w in set(ta))
-    return 0.0 if common == 0 else 2 * common / (len(ta) + len(tb))
-
-
-def chunk_similarity(student: str, student_ended: bool, teacher: str, teacher_ended: bool, kind: str) -> float:
-    """Compare over the same span: the student's chunk against the teacher's text cut to its length, or
-    both cut to the teacher's length when the teacher ran out of tokens without ending."""
-    s = student + (END if student_ended else "")
-    t = teacher + (END if teacher_ended else "")
-    if teacher_ended:
-        return similarity(s, t[: len(s)], kind)
-    n = min(len(s), len(t))
-    return similarity(s[:n], t[:n], kind) if n else 0.0
 
 
 @dataclass
@@ -116,6 +92,7 @@ class ChatTeacher:
         self.spec, self.tokenizer = spec, tokenizer
         self.client = ApiClient(spec, cache_dir=spec.cache_dir, console=console)
         self.context = context  # teacher.prompt: the conversation the teacher is asked in (teachers.context)
+        self.similarity = Similarity(spec.similarity, spec.embedding_model)
         self.findings: PrefixProbe | None = None  # check_prefixes', for the run log
 
     def check_prefixes(self, examples: list[Example], max_completion_length: int) -> None:
@@ -184,12 +161,21 @@ class ChatTeacher:
                                  tok.eos_token_id in chunk, tok.decode(ids[:t], skip_special_tokens=True)))
         return out, moved
 
-    def similarities(self, rollouts: Rollouts, chunks: list[Chunk]) -> list[list[float]]:
-        """Each chunk's similarity to each of the teacher's ``samples_per_fork`` continuations of its prefix."""
-        spec = self.spec
+    def asked(self, rollouts: Rollouts, chunks: list[Chunk]) -> list[list[tuple[str, bool]]]:
+        """The teacher's ``samples_per_fork`` continuations of each chunk's prefix, as ``(text, ended)``."""
         asks = [(rollouts.examples[c.row], c.prefix) for c in chunks]
-        return [[chunk_similarity(c.text, c.ended, text, stopped, spec.similarity) for text, stopped in continued]
-                for c, continued in zip(chunks, self.continuations(asks, spec.samples_per_fork, spec.temperature))]
+        return self.continuations(asks, self.spec.samples_per_fork, self.spec.temperature)
+
+    def similarities(self, chunks: list[Chunk], continued: list[list[tuple[str, bool]]],
+                     similarity: Similarity | None = None) -> list[list[float]]:
+        """Each chunk's similarity to each of its continuations, by ``teacher.similarity`` (or ``similarity``)."""
+        measure = similarity or self.similarity
+        flat = measure([(c.text, c.ended, text, ended) for c, texts in zip(chunks, continued) for text, ended in texts])
+        out, at = [], 0
+        for texts in continued:
+            out.append(flat[at : at + len(texts)])
+            at += len(texts)
+        return out
 
     def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None,
               entropy: bool = False) -> TeacherSignal:
@@ -204,7 +190,8 @@ class ChatTeacher:
             return TeacherSignal(torch.zeros_like(mask), usage=self.client.take_usage())
         spec = self.spec
         chunks, moved = self.chunks(rollouts)
-        preferences = [dirichlet_preference(sims, spec.prior) for sims in self.similarities(rollouts, chunks)]
+        similarities = self.similarities(chunks, self.asked(rollouts, chunks))
+        preferences = [dirichlet_preference(sims, spec.prior) for sims in similarities]
         if spec.baseline == "batch":
             baseline = sum(preferences) / len(preferences) if preferences else 0.0
         else:
