@@ -87,16 +87,22 @@ class Embedding:
         return [max(0.0, float(vectors[a] @ vectors[b])) for a, b in pairs]
 
 
+PAIRWISE = {"char": char, "token_f1": token_f1}
+
+
 class Similarity:
     """``teacher.similarity`` over many ``(student chunk, it ends, teacher text, it ends)`` at once."""
 
     def __init__(self, kind: str, embedding_model: str | None = None):
         self.kind = kind
-        self.pairwise = Embedding(embedding_model) if kind == "embedding" else (
-            lambda pairs, f={"char": char, "token_f1": token_f1}[kind]: [f(a, b) for a, b in pairs])
+        self.embedding = Embedding(embedding_model) if kind == "embedding" else None
+
+    def _scores(self, pairs: list[tuple[str, str]]) -> list[float]:
+        if self.embedding is not None:
+            return self.embedding(pairs)
+        return [PAIRWISE[self.kind](a, b) for a, b in pairs]
 
     def __call__(self, compared: list[tuple[str, bool, str, bool]]) -> list[float]:
         both = [spans(*c) for c in compared]
-        asked = [pair for pair in both if pair is not None and (pair[0] or pair[1])]
-        scores = iter(self.pairwise(asked))
+        scores = iter(self._scores([pair for pair in both if pair is not None and (pair[0] or pair[1])]))
         return [0.0 if pair is None else 1.0 if not (pair[0] or pair[1]) else next(scores) for pair in both]
