@@ -215,9 +215,11 @@ def heldout_regression(history, cfg, context) -> Alert | None:
                      "this batch (chunk rewards from few forks, say: Adam moves the weights at the learning rate's pace "
                      "whatever the gradient's size), a learning rate too high, or an objective whose optimum is not "
                      "this metric (a falling KL with a falling accuracy)",
-                     "lower optim.learning_rate, draw more rollouts per step (rollout.batch_size) or, for chunk_opd, "
-                     "more teacher.samples_per_fork; the best checkpoint (checkpoint.best_metric) keeps the best "
-                     "student so far", min(losses) / abs(before) if before else float("inf"), cfg.heldout_regression)
+                     "lower optim.learning_rate or draw more rollouts per step (rollout.batch_size); for chunk_opd, "
+                     "first measure whether its chunk rewards rank chunks as the teacher does at all "
+                     "(bench/chunk_reward_validity.py, with the teacher also loaded locally): on open text they may "
+                     "not, whatever teacher.samples_per_fork; the best checkpoint (checkpoint.best_metric) keeps the "
+                     "best student so far", min(losses) / abs(before) if before else float("inf"), cfg.heldout_regression)
     return None
 
 
